@@ -1,0 +1,258 @@
+"""The agent: one per host. Spawns one worker per CPU, pins it, restarts it when it dies, and
+renews the heartbeat and the workers' leases in Redis. It never runs job code, so a worker busy
+in numpy for minutes keeps its lease, while a stopped (SIGSTOP) or dead one loses it.
+
+Signals (deploy/ follows these):
+- SIGTERM or SIGINT: graceful stop. Workers finish the batch they hold (up to ``stop_grace_s``,
+  then they are killed and what they held is reissued); the agent unregisters and exits 0.
+- a second SIGTERM or SIGINT: immediate stop; workers are killed, their units reissued.
+- the ``shutdown`` key in Redis (``cluster down``): graceful stop.
+- Redis unreachable for longer than ``redis_grace_s``: workers are stopped and the agent exits 3,
+  so a torn-down cluster leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psutil
+import redis
+
+from . import __version__, codec
+from .broker import Broker
+from .credentials import Credentials
+from .errors import ExitCode, RedisUnavailable, UsageError
+
+log = logging.getLogger("cluster.agent")
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                    "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    cpus: tuple[int, ...]
+    host: str = field(default_factory=socket.gethostname)
+    threads: int = 1
+    heartbeat_s: float = 0.5
+    redis_grace_s: float = 60.0
+    stop_grace_s: float = 10.0
+    log_level: str = "INFO"
+
+
+@dataclass
+class Slot:
+    """One CPU and the worker process that currently runs on it."""
+
+    cpu: int
+    gen: int = 0
+    wid: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+    restart_at: float = 0.0
+    deaths: int = 0
+
+
+def parse_cpus(spec: str) -> tuple[int, ...]:
+    """``"0-3,8"`` -> (0, 1, 2, 3, 8)."""
+    cpus: list[int] = []
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            cpus.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise UsageError(f"bad CPU list {spec!r}: expected e.g. 0-3,8-11") from None
+    if not cpus or len(set(cpus)) != len(cpus):
+        raise UsageError(f"bad CPU list {spec!r}: empty or repeated CPUs")
+    return tuple(cpus)
+
+
+def available_cpus() -> tuple[int, ...]:
+    try:
+        return tuple(psutil.Process().cpu_affinity())  # type: ignore[no-untyped-call]
+    except (AttributeError, psutil.Error):
+        return tuple(range(os.cpu_count() or 1))
+
+
+def choose_cpus(cpus: str | None, cores: int | None) -> tuple[int, ...]:
+    if cpus:
+        return parse_cpus(cpus)
+    everything = available_cpus()
+    if cores is not None:
+        if not 1 <= cores <= len(everything):
+            raise UsageError(f"--cores {cores}: this host has {len(everything)} usable CPUs")
+        return everything[:cores]
+    return everything
+
+
+def pin(pid: int, cpu: int) -> bool:
+    """Pin a process to one CPU; False (and a warning) where the OS cannot."""
+    try:
+        psutil.Process(pid).cpu_affinity([cpu])  # type: ignore[no-untyped-call]
+        return True
+    except AttributeError:
+        log.warning("CPU affinity is not supported on this OS: workers run unpinned")
+    except (psutil.Error, ValueError, OSError) as exc:
+        log.warning("cannot pin pid %d to CPU %d (%s): it runs unpinned", pid, cpu, exc)
+    return False
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class Agent:
+    def __init__(self, broker: Broker, creds: Credentials, settings: AgentSettings,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.broker = broker
+        self.creds = creds
+        self.settings = settings
+        self.clock = clock
+        self.aid = f"{settings.host}/{os.getpid()}"
+        self.slots = [Slot(cpu) for cpu in settings.cpus]
+        self.stopping = False
+        self.immediate = False
+        self.redis_down_since: float | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.broker.register_agent(self.aid, {
+            "host": self.settings.host, "pid": os.getpid(), "version": __version__,
+            "cpus": ",".join(map(str, self.settings.cpus)),
+            "key": codec.fingerprint(self.creds.key), "started": self.broker.server_time_ms(),
+        })
+        self.broker.renew(self.aid, [])
+        log.info("agent %s up: %d workers on CPUs %s", self.aid, len(self.slots),
+                 ",".join(map(str, self.settings.cpus)))
+        code = ExitCode.OK
+        while not self.stopping:
+            if not self.step():
+                code = ExitCode.INFRA
+                break
+            time.sleep(self.settings.heartbeat_s)
+        self.stop_workers()
+        return int(code)
+
+    def step(self) -> bool:
+        """One heartbeat. False when Redis has been unreachable for too long."""
+        try:
+            self.check_workers()
+            self.renew()
+            self.redis_down_since = None
+        except (redis.ConnectionError, redis.TimeoutError, RedisUnavailable) as exc:
+            now = self.clock()
+            self.redis_down_since = self.redis_down_since or now
+            down = now - self.redis_down_since
+            log.warning("Redis unreachable for %.0fs: %s", down, exc)
+            if down > self.settings.redis_grace_s:
+                log.error("Redis unreachable for longer than %.0fs: stopping",
+                          self.settings.redis_grace_s)
+                self.immediate = True
+                return False
+        return True
+
+    def request_stop(self, signum: int = 0, frame: object = None) -> None:
+        if self.stopping:
+            self.immediate = True
+            self.kill_all()
+        self.stopping = True
+
+    # -- workers ------------------------------------------------------------------------------
+
+    def check_workers(self) -> None:
+        for slot in self.slots:
+            if slot.proc is not None and slot.proc.poll() is not None:
+                self.worker_died(slot, describe_exit(slot.proc.returncode))
+            if slot.proc is None and self.clock() >= slot.restart_at and not self.stopping:
+                self.start_worker(slot)
+
+    def worker_died(self, slot: Slot, how: str) -> None:
+        moved = self.broker.reissue(slot.wid, charge=True, reason=f"worker {slot.wid} {how}")
+        log.warning("worker %s %s; %d units reissued", slot.wid, how, moved)
+        slot.proc = None
+        slot.deaths += 1
+        slot.restart_at = self.clock() + min(0.05 * 2 ** min(slot.deaths, 7), 5.0)
+
+    def start_worker(self, slot: Slot) -> None:
+        slot.gen += 1
+        slot.wid = f"{self.aid}/cpu{slot.cpu}.{slot.gen}"
+        self.broker.register_worker(slot.wid, {"host": self.settings.host, "agent": self.aid,
+                                               "cpu": slot.cpu})
+        env = dict(os.environ)
+        env.update({name: str(self.settings.threads) for name in THREAD_VARIABLES})
+        proc = subprocess.Popen([sys.executable, "-m", "cluster.worker"], stdin=subprocess.PIPE,
+                                env=env, close_fds=True)
+        pin(proc.pid, slot.cpu)
+        config = {"wid": slot.wid, "log_level": self.settings.log_level,
+                  "credentials": json.loads(self.creds.to_json())}
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(config).encode())
+        proc.stdin.close()
+        self.broker.client.hset(self.broker.keys.worker(slot.wid), "pid", proc.pid)
+        slot.proc = proc
+        log.info("worker %s started (pid %d, CPU %d)", slot.wid, proc.pid, slot.cpu)
+
+    def renew(self) -> None:
+        live = [s.wid for s in self.slots if s.proc is not None and _running(s.proc.pid)]
+        _, shutdown, refused = self.broker.renew(self.aid, live)
+        for slot in self.slots:
+            if slot.wid in refused and slot.proc is not None:
+                log.warning("worker %s lost its lease; restarting it", slot.wid)
+                slot.proc.kill()
+        if shutdown and not self.stopping:
+            log.info("shutdown requested through Redis")
+            self.stopping = True
+
+    def stop_workers(self) -> None:
+        for slot in self.slots:
+            if slot.proc is not None and slot.proc.poll() is None:
+                slot.proc.send_signal(signal.SIGKILL if self.immediate else signal.SIGTERM)
+        deadline = self.clock() + self.settings.stop_grace_s
+        for slot in self.slots:
+            if slot.proc is None:
+                continue
+            try:
+                slot.proc.wait(timeout=max(0.0, deadline - self.clock()))
+            except subprocess.TimeoutExpired:
+                slot.proc.kill()
+                slot.proc.wait()
+        self.unregister()
+
+    def unregister(self) -> None:
+        try:
+            for slot in self.slots:
+                if slot.wid:
+                    self.broker.reissue(slot.wid, charge=False, reason=f"agent {self.aid} stopped")
+            self.broker.unregister_agent(self.aid)
+        except (redis.RedisError, RedisUnavailable) as exc:
+            log.warning("could not unregister from Redis: %s", exc)
+        log.info("agent %s stopped", self.aid)
+
+    def kill_all(self) -> None:
+        for slot in self.slots:
+            if slot.proc is not None and slot.proc.poll() is None:
+                slot.proc.kill()
+
+
+def _running(pid: int) -> bool:
+    """True unless the process is gone, a zombie or stopped (SIGSTOP): those lose their lease."""
+    try:
+        status = psutil.Process(pid).status()
+    except psutil.Error:
+        return False
+    return status not in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD,
+                          getattr(psutil, "STATUS_TRACING_STOP", "tracing-stop"))

@@ -1,0 +1,162 @@
+"""The ``cluster`` command. The only module that knows all the others; it parses, delegates and
+maps errors to exit codes (``errors.ExitCode``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import traceback
+from typing import Any
+
+import redis
+
+from . import __version__, output, progress
+from .agent import Agent, AgentSettings, choose_cpus
+from .broker import Broker
+from .coordinator import Coordinator, RunOptions, RunResult
+from .credentials import Credentials, resolve
+from .errors import ClusterError, ExitCode, UsageError
+from .jobfile import Job, load_job, parse_params
+from .local import LocalCluster
+
+EXIT_INTERNAL = 70
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line and the usage exit code
+        self.exit(ExitCode.USAGE, f"cluster: error: {message} (see cluster --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="cluster", description="Run a numeric Python job on every core of "
+                    "many machines, through Redis.")
+    parser.add_argument("--version", action="version", version=f"cluster {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    submit = commands.add_parser("submit", help="run a job file and print or write its result")
+    submit.add_argument("job", help="the job file (scatter, compute, gather)")
+    submit.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a job parameter (JSON value, else a string); repeatable")
+    submit.add_argument("--seed", type=int, help="seed of every unit's generator "
+                        "(default: the job's SEED, else 0)")
+    submit.add_argument("--output", "-o", help="write the result to FILE (.npy, .npz, .json, .png)")
+    submit.add_argument("--timeout", type=float, help="give up after SECONDS (exit code 4)")
+    submit.add_argument("--worker-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="fail when no worker is alive for this long (default 30)")
+    submit.add_argument("--max-attempts", type=int, default=3,
+                        help="attempts per unit before the job fails (default 3)")
+    submit.add_argument("--max-failed", type=int, default=0,
+                        help="units allowed to fail for good; they gather as None (default 0)")
+    submit.add_argument("--lease", type=float, default=5.0, metavar="SECONDS",
+                        help="a worker whose lease is not renewed this long is lost (default 5)")
+    submit.add_argument("--cores", type=int, help="local cluster only: workers to start "
+                        "(default: one per core)")
+    submit.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
+                        help="progress display (default: a bar on a terminal, else lines)")
+    _connection_flags(submit)
+    submit.set_defaults(func=cmd_submit, log_level="WARNING")
+
+    agent = commands.add_parser("agent", help="run this host's agent and its workers")
+    _connection_flags(agent)
+    agent.add_argument("--cpus", help="CPUs to use, e.g. 0-3,8 (default: all)")
+    agent.add_argument("--cores", type=int, help="use the first N CPUs")
+    agent.add_argument("--threads", type=int, default=1,
+                       help="OMP/OpenBLAS/MKL threads per worker (default 1)")
+    agent.add_argument("--name", help="host name reported to the cluster (default: hostname)")
+    agent.add_argument("--heartbeat", type=float, default=0.5, metavar="SECONDS")
+    agent.add_argument("--redis-grace", type=float, default=60.0, metavar="SECONDS",
+                       help="stop when Redis is unreachable this long (default 60)")
+    agent.add_argument("--log-level", default="INFO")
+    agent.set_defaults(func=cmd_agent)
+    return parser
+
+
+def _connection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis", metavar="URL", help="redis://host:port of a running cluster "
+                        "(or CLUSTER_REDIS_URL); password from CLUSTER_REDIS_PASSWORD")
+    parser.add_argument("--credentials", metavar="FILE",
+                        help="JSON credentials file (mode 0600), as written by cluster up")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return int(args.func(args))
+    except ClusterError as exc:
+        return _fail(str(exc), exc.detail, exc.exit_code)
+    except KeyboardInterrupt:
+        return _fail("interrupted", "", ExitCode.INTERRUPTED)
+    except redis.RedisError as exc:
+        return _fail(f"Redis error: {exc}", "", ExitCode.INFRA)
+    except Exception as exc:  # noqa: BLE001 - a bug of ours: say so, in one line by default
+        detail = traceback.format_exc() if os.environ.get("CLUSTER_DEBUG") else ""
+        return _fail(f"internal error: {type(exc).__name__}: {exc} "
+                     "(set CLUSTER_DEBUG=1 for a traceback)", detail, EXIT_INTERNAL)
+
+
+def _fail(message: str, detail: str, code: int) -> int:
+    print(f"cluster: error: {message}", file=sys.stderr)
+    if detail:
+        print(detail.rstrip(), file=sys.stderr)
+    return int(code)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    job = load_job(args.job)
+    params = parse_params(args.param, job.defaults)
+    if args.output:
+        output.check_path(args.output)
+    if args.max_attempts < 1 or args.max_failed < 0:
+        raise UsageError("--max-attempts must be at least 1 and --max-failed at least 0")
+    options = RunOptions(seed=args.seed, max_attempts=args.max_attempts,
+                         max_failed=args.max_failed, timeout=args.timeout,
+                         worker_timeout=args.worker_timeout, lease_s=args.lease)
+    creds = resolve(args.redis, args.credentials)
+    if creds is None:
+        with LocalCluster(cores=args.cores) as local:
+            result = run_job(local, job, params, options, args.progress)
+    else:
+        result = run_job(creds, job, params, options, args.progress)
+    print(output.render(result.value), flush=True)
+    if args.output:
+        written = output.write(args.output, result.value)
+        print(f"result written to {written}", file=sys.stderr)
+    print(result.summary(), file=sys.stderr)
+    return ExitCode.OK
+
+
+def run_job(creds: Credentials, job: Job, params: dict[str, Any], options: RunOptions,
+            progress_mode: str) -> RunResult:
+    broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+    try:
+        coordinator = Coordinator(broker, job, params, creds.key, options,
+                                  progress.reporter(progress_mode))
+        return coordinator.run()
+    finally:
+        broker.close()
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    creds = resolve(args.redis, args.credentials)
+    if creds is None:
+        raise UsageError("cluster agent needs --redis URL, CLUSTER_REDIS_URL or --credentials")
+    settings = AgentSettings(cpus=choose_cpus(args.cpus, args.cores),
+                             host=args.name or socket.gethostname(),
+                             threads=args.threads, heartbeat_s=args.heartbeat,
+                             redis_grace_s=args.redis_grace, log_level=args.log_level.upper())
+    broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+    agent = Agent(broker, creds, settings)
+    signal.signal(signal.SIGTERM, agent.request_stop)
+    signal.signal(signal.SIGINT, agent.request_stop)
+    return agent.run()

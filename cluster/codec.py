@@ -1,0 +1,121 @@
+"""The only serializer: units and results on the wire, and the signature of job code.
+
+A value is JSON for its plain parts (numbers, strings, bools, None, lists, dicts with str keys)
+and raw bytes for numpy arrays and scalars, which travel as bytes + dtype + shape: nothing read
+from Redis is ever unpickled. Job code is executed only when its HMAC under the cluster's key
+verifies.
+
+Wire format of one value::
+
+    b"J" + json                                        no arrays
+    b"N" + len(header) (4 bytes, little endian) + header json + array bytes...
+
+where each array in the header is ``{"\\u0000nd": [offset, dtype descr, shape, is_scalar]}``.
+Tuples arrive as lists, and non-str dict keys as str (JSON's rules); object arrays, sets and
+other objects are refused with a ``CodecError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+from typing import Any
+
+import numpy as np
+from numpy.lib import format as npformat
+
+from .errors import CodecError
+
+_ND = "\x00nd"
+_JSON = b"J"
+_NUMPY = b"N"
+
+
+def encode(value: Any) -> bytes:
+    """Encode a unit or a result. Raises ``CodecError`` naming what cannot be encoded."""
+    arrays: list[np.ndarray] = []
+    size = 0
+
+    def default(obj: Any) -> dict[str, list[Any]]:
+        nonlocal size
+        array, scalar = _as_array(obj)
+        placeholder = {_ND: [size, npformat.dtype_to_descr(array.dtype), list(array.shape), scalar]}
+        arrays.append(array)
+        size += array.nbytes
+        return placeholder
+
+    try:
+        header = json.dumps(value, default=default, separators=(",", ":")).encode()
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise CodecError(f"cannot encode {_describe(value)}: {exc}") from None
+    if not arrays:
+        return _JSON + header
+    parts: list[Any] = [_NUMPY, len(header).to_bytes(4, "little"), header]
+    parts.extend(memoryview(a).cast("B") if a.nbytes else b"" for a in arrays)
+    return b"".join(parts)
+
+
+def decode(blob: bytes) -> Any:
+    """Decode what ``encode`` produced. Arrays come back writable, in their own memory."""
+    tag = blob[:1]
+    if tag == _JSON:
+        return json.loads(blob[1:])
+    if tag != _NUMPY:
+        raise CodecError(f"not an encoded value (starts with {blob[:8]!r})")
+    length = int.from_bytes(blob[1:5], "little")
+    base = 5 + length
+
+    def hook(obj: dict[str, Any]) -> Any:
+        if len(obj) != 1 or _ND not in obj:
+            return obj
+        offset, descr, shape, scalar = obj[_ND]
+        dtype = npformat.descr_to_dtype(descr)
+        count = math.prod(shape)
+        if count == 0 or dtype.itemsize == 0:
+            array = np.zeros(shape, dtype)
+        else:
+            flat = np.frombuffer(blob, dtype=dtype, count=count, offset=base + offset)
+            array = flat.reshape(shape).copy()
+        return array[()] if scalar else array
+
+    return json.loads(blob[5:base], object_hook=hook)
+
+
+def _as_array(obj: Any) -> tuple[np.ndarray, bool]:
+    if isinstance(obj, np.ndarray):
+        array, scalar = obj, False
+    elif isinstance(obj, (np.generic, complex)):
+        array, scalar = np.asarray(obj), True
+    else:
+        raise TypeError(f"a value of type {type(obj).__name__} is not numbers, str, "
+                        "lists, dicts or numpy arrays")
+    if array.dtype.hasobject:
+        raise TypeError(f"numpy arrays of dtype {array.dtype} hold Python objects; "
+                        "use a numeric dtype")
+    if not array.flags.c_contiguous:
+        array = array.copy(order="C")
+    return array, scalar
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a dict"
+    return f"a {type(value).__name__}"
+
+
+def sign(key: bytes, data: bytes) -> str:
+    """HMAC-SHA256 of ``data`` under the cluster's key, hex."""
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+
+def verify(key: bytes, data: bytes, signature: str | bytes) -> bool:
+    if isinstance(signature, bytes):
+        signature = signature.decode("ascii", "replace")
+    return hmac.compare_digest(sign(key, data), signature)
+
+
+def fingerprint(key: bytes) -> str:
+    """A short public name for a key: agents and coordinators compare these, never keys."""
+    return sign(key, b"cluster key fingerprint")[:16]

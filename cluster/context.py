@@ -1,0 +1,39 @@
+"""What a unit's code can ask about the unit it runs: its index and its random generator."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import numpy as np
+
+_current: ContextVar[tuple[int, int]] = ContextVar("cluster_unit")
+
+
+@contextmanager
+def running_unit(seed: int, index: int) -> Iterator[None]:
+    """Make ``unit_rng`` and ``unit_index`` answer for unit ``index`` of a job seeded ``seed``."""
+    token = _current.set((seed, index))
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def unit_index() -> int:
+    """Index (position in scatter order) of the unit being computed."""
+    return _current.get()[1]
+
+
+def unit_rng() -> np.random.Generator:
+    """A generator that depends only on the job's seed and the unit's index.
+
+    A re-run with the same seed, or a reissued unit, draws the very same numbers
+    (``SeedSequence(seed, spawn_key=(index,))``).
+    """
+    try:
+        seed, index = _current.get()
+    except LookupError:
+        raise RuntimeError("unit_rng() is only available inside compute()") from None
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))

@@ -1,0 +1,119 @@
+"""Where a process finds Redis and the cluster's key, without secrets on any command line.
+
+Precedence, lowest first: defaults < credentials file (``--credentials``) < environment
+(``CLUSTER_REDIS_URL``, ``CLUSTER_REDIS_PASSWORD``, ``CLUSTER_KEY_FILE``) < flags (``--redis``).
+
+The credentials file is JSON (``redis_url``, ``password``, ``key`` in hex, ``prefix``) of mode
+0600; a file readable by others is refused. Without one, the key is read from
+``CLUSTER_KEY_FILE`` or ``~/.config/cluster/key``, which is created (0600) on first use.
+A Redis that is not on loopback must have a password.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import secrets
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .broker import redact
+from .errors import UsageError
+
+DEFAULT_KEY_FILE = Path("~/.config/cluster/key")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    redis_url: str
+    password: str | None
+    key: bytes
+    prefix: str = "cluster:"
+
+    def to_json(self) -> str:
+        return json.dumps({"redis_url": self.redis_url, "password": self.password,
+                           "key": self.key.hex(), "prefix": self.prefix})
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> Credentials:
+        try:
+            data = json.loads(text)
+            return cls(redis_url=data["redis_url"], password=data.get("password"),
+                       key=bytes.fromhex(data["key"]), prefix=data.get("prefix", "cluster:"))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"{where}: not a valid credentials file ({exc})") from None
+
+    def dump(self, path: Path) -> None:
+        """Write the file with mode 0600 from the start (never briefly readable by others)."""
+        write_private(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: Path) -> Credentials:
+        return cls.from_json(read_private(path), str(path))
+
+
+def write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, 0o600)
+        f.write(text)
+
+
+def read_private(path: Path) -> str:
+    try:
+        mode = path.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise UsageError(f"{path}: credentials must not be readable by others "
+                             f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}")
+        return path.read_text()
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read credentials: {exc.strerror}") from None
+
+
+def load_key(env: Mapping[str, str]) -> bytes:
+    path = Path(env.get("CLUSTER_KEY_FILE") or DEFAULT_KEY_FILE).expanduser()
+    if not path.exists():
+        write_private(path, secrets.token_hex(32))
+    text = read_private(path).strip()
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise UsageError(f"{path}: a cluster key file holds hex digits") from None
+
+
+def is_loopback(url: str) -> bool:
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return True
+    host = parts.hostname or "localhost"
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve(redis_url: str | None, credentials_file: str | None,
+            env: Mapping[str, str] | None = None) -> Credentials | None:
+    """Credentials from file, environment and flag; None when no Redis was named at all."""
+    env = os.environ if env is None else env
+    base = Credentials.load(Path(credentials_file)) if credentials_file else None
+    url = redis_url or env.get("CLUSTER_REDIS_URL") or (base.redis_url if base else None)
+    if url is None:
+        return None
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise UsageError(f"bad Redis URL {url!r}: expected redis://host:port")
+    password = env.get("CLUSTER_REDIS_PASSWORD") or (base.password if base else None)
+    password = password or urlsplit(url).password
+    if not password and not is_loopback(url):
+        raise UsageError(f"Redis at {redact(url)} is not on loopback: a password is required "
+                         "(CLUSTER_REDIS_PASSWORD or a credentials file)")
+    key = base.key if base else load_key(env)
+    prefix = env.get("CLUSTER_PREFIX") or (base.prefix if base else "cluster:")
+    return Credentials(redis_url=url, password=password, key=key, prefix=prefix)

@@ -1,0 +1,104 @@
+"""One exception tree and the exit codes the CLI maps it to.
+
+Every error carries the data needed to report it and renders a one-line message with ``str()``.
+The CLI prints that line (plus ``detail``, e.g. a worker's traceback, when there is one) and exits
+with the error's ``exit_code``.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Exit codes of the ``cluster`` command (documented in the README)."""
+
+    OK = 0
+    JOB_FAILED = 1  # the job's own code failed: scatter, compute (after retries) or gather
+    USAGE = 2  # bad command line, bad --param, missing or broken job file
+    INFRA = 3  # Redis unreachable or refusing us, no worker, lost workers
+    TIMEOUT = 4  # --timeout elapsed
+    INTERRUPTED = 130  # Ctrl-C / SIGTERM
+
+
+class ClusterError(Exception):
+    """Root of every error ``cluster`` raises on purpose."""
+
+    exit_code: ExitCode = ExitCode.INFRA
+
+    def __init__(self, message: str, *, detail: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(ClusterError):
+    """The command line or a parameter is wrong."""
+
+    exit_code = ExitCode.USAGE
+
+
+class JobFileError(UsageError):
+    """The job file is missing, does not compile or import, or breaks the job contract."""
+
+    def __init__(self, path: str, problem: str, *, detail: str = "") -> None:
+        super().__init__(f"{path}: {problem}", detail=detail)
+        self.path = path
+        self.problem = problem
+
+
+class CodecError(ClusterError):
+    """A value cannot be encoded for the wire (object arrays, sets, arbitrary objects...)."""
+
+    exit_code = ExitCode.JOB_FAILED
+
+
+class JobFailed(ClusterError):
+    """The job's own code failed."""
+
+    exit_code = ExitCode.JOB_FAILED
+
+
+class UnitFailed(JobFailed):
+    """A unit failed on every attempt it was allowed."""
+
+    def __init__(
+        self, index: int, error: str, *, attempts: int, worker: str, detail: str = ""
+    ) -> None:
+        super().__init__(
+            f"unit {index} failed after {attempts} attempt(s), last on worker {worker}: {error}",
+            detail=detail,
+        )
+        self.index = index
+        self.error = error
+        self.attempts = attempts
+        self.worker = worker
+
+
+class InfraError(ClusterError):
+    """Redis, agents or workers are not there or not working."""
+
+    exit_code = ExitCode.INFRA
+
+
+class RedisUnavailable(InfraError):
+    """Redis cannot be reached, or refuses our credentials."""
+
+
+class NoWorkers(InfraError):
+    """No live worker took part within the allowed time."""
+
+
+class JobTimeout(ClusterError):
+    """The job did not finish within ``--timeout``."""
+
+    exit_code = ExitCode.TIMEOUT
+
+
+class Interrupted(ClusterError):
+    """The run was interrupted by a signal."""
+
+    exit_code = ExitCode.INTERRUPTED

@@ -1,0 +1,91 @@
+"""Every Redis key ``cluster`` uses. No key name is formatted anywhere else.
+
+All keys start with the cluster's prefix (default ``cluster:``), so several clusters or test runs
+can share one Redis. Times are Redis server time in milliseconds (``TIME``), never a host's clock.
+
+=============================  ======  =====================================================
+key                            type    meaning
+=============================  ======  =====================================================
+{p}units                       STREAM  work messages, consumer group ``workers``; one entry is
+                                       a batch: ``j`` job id, ``a`` attempt, then one field per
+                                       unit: ``<index>`` -> encoded unit. An entry stays
+                                       pending (XPENDING) until its results are recorded.
+{p}workers                     ZSET    worker id -> last lease renewal (ms), written by agents
+{p}worker:{wid}                HASH    host, agent, pid, cpu of one worker
+{p}agents                      ZSET    agent id -> last heartbeat (ms)
+{p}agent:{aid}                 HASH    host, pid, version, cpus, key fingerprint, started
+{p}shutdown                    STRING  present: every agent stops (``cluster down``)
+{p}jobs                        SET     ids of the jobs being run
+{p}job:{jid}                   HASH    name, code, sig, seed, max_attempts, owner (the
+                                       coordinator's fencing token), started
+{p}job:{jid}:recorded          STRING  bitmap: bit i is set once unit i's result (or its final
+                                       failure) is recorded. First one wins.
+{p}job:{jid}:results           STREAM  what was recorded, in recording order: ``w`` worker,
+                                       ``t`` compute seconds, ``<index>`` -> encoded result;
+                                       or a failure: ``f`` index, ``e`` JSON error
+{p}job:{jid}:stats             HASH    recorded, failed, duplicates, stale, reissued, retried
+=============================  ======  =====================================================
+
+The Lua scripts in ``broker.py`` receive key names from here (``JOB_TEMPLATES``) and fill in the
+job id with ``string.gsub``, so the layout above stays the only one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GROUP = "workers"
+JOB_ID = "{jid}"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one prefix."""
+
+    prefix: str = "cluster:"
+
+    @property
+    def units(self) -> str:
+        return f"{self.prefix}units"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}workers"
+
+    def worker(self, wid: str) -> str:
+        return f"{self.prefix}worker:{wid}"
+
+    @property
+    def agents(self) -> str:
+        return f"{self.prefix}agents"
+
+    def agent(self, aid: str) -> str:
+        return f"{self.prefix}agent:{aid}"
+
+    @property
+    def shutdown(self) -> str:
+        return f"{self.prefix}shutdown"
+
+    @property
+    def jobs(self) -> str:
+        return f"{self.prefix}jobs"
+
+    def job(self, jid: str) -> str:
+        return f"{self.prefix}job:{jid}"
+
+    def recorded(self, jid: str) -> str:
+        return f"{self.prefix}job:{jid}:recorded"
+
+    def results(self, jid: str) -> str:
+        return f"{self.prefix}job:{jid}:results"
+
+    def stats(self, jid: str) -> str:
+        return f"{self.prefix}job:{jid}:stats"
+
+    def job_keys(self, jid: str) -> list[str]:
+        """Every key that belongs to one job (deleted together when it ends)."""
+        return [self.job(jid), self.recorded(jid), self.results(jid), self.stats(jid)]
+
+    def job_templates(self) -> list[str]:
+        """Per-job key names with ``{jid}`` left in, for Lua: job, recorded, results, stats."""
+        return self.job_keys(JOB_ID)

