@@ -1,0 +1,128 @@
+"""Fixtures: a real redis-server per test session, a key prefix per test, real agents.
+
+A missing redis-server is a skip on a laptop and a failure under CI=true.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from cluster.broker import Broker
+from cluster.credentials import Credentials
+from cluster.local import LocalCluster, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+JOBS = ROOT / "jobs"
+SAMPLES = Path(__file__).resolve().parent / "jobs"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def need(binary: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        if IN_CI:
+            pytest.fail(f"{binary} is required under CI=true but is not on PATH")
+        pytest.skip(f"{binary} not installed")
+    return path
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """A real redis-server on loopback with a password: (url, password)."""
+    binary = need("redis-server")
+    workdir = tmp_path_factory.mktemp("redis")
+    password = secrets.token_urlsafe(16)
+    port = free_port()
+    conf = workdir / "redis.conf"
+    conf.write_text(f"bind 127.0.0.1\nport {port}\nrequirepass {password}\nsave \"\"\n"
+                    f"appendonly no\ndir {workdir}\nlogfile {workdir / 'redis.log'}\n")
+    proc = subprocess.Popen([binary, str(conf)])
+    client = redis.Redis(port=port, password=password)
+    for _ in range(200):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.02)
+    yield f"redis://127.0.0.1:{port}/0", password
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def creds(redis_server: tuple[str, str], tmp_path: Path) -> Credentials:
+    """Credentials for a fresh key prefix on the session's Redis."""
+    url, password = redis_server
+    return Credentials(url, password, secrets.token_bytes(32), prefix=f"t{uuid.uuid4().hex[:8]}:")
+
+
+@pytest.fixture
+def creds_file(creds: Credentials, tmp_path: Path) -> Path:
+    path = tmp_path / "credentials.json"
+    creds.dump(path)
+    return path
+
+
+@pytest.fixture
+def broker(creds: Credentials) -> Iterator[Broker]:
+    b = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+    yield b
+    b.close()
+
+
+class AgentProcess:
+    """A real ``cluster agent`` process with small timeouts."""
+
+    def __init__(self, creds_file: Path, cores: int = 2, extra: tuple[str, ...] = ()) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cluster", "agent", "--credentials", str(creds_file),
+             "--cores", str(cores), "--heartbeat", "0.1", "--log-level", "INFO", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        assert self.proc.stdout is not None
+        return self.proc.stdout.read().decode(errors="replace")
+
+
+@pytest.fixture
+def agent(creds_file: Path) -> Iterator[AgentProcess]:
+    a = AgentProcess(creds_file, cores=min(2, os.cpu_count() or 1))
+    yield a
+    a.stop()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
+            cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m cluster`` as a user would; a hang fails the test instead of CI."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "cluster", *args], capture_output=True,
+                          text=True, timeout=timeout, env=full_env, cwd=cwd, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="session")
+def local_cluster() -> Iterator[Path]:
+    """One private local cluster (redis-server + agent) shared by tests that only submit;
+    yields its credentials file, for ``cluster submit --credentials``."""
+    need("redis-server")
+    cluster = LocalCluster(log_level="WARNING")
+    with cluster:
+        yield cluster.dir / "credentials.json"

@@ -1,0 +1,69 @@
+"""The wire format: numpy travels as bytes + dtype + shape, nothing is pickled."""
+
+import numpy as np
+import pytest
+
+from cluster import codec
+from cluster.errors import CodecError
+
+
+@pytest.mark.parametrize("value", [
+    0, -7, 2**70, 1.5, float("inf"), "text", None, True, [1, [2, "x"]], {"a": {"b": [1.25]}},
+])
+def test_plain_values_round_trip(value):
+    assert codec.decode(codec.encode(value)) == value
+    assert codec.encode(value)[:1] == b"J"
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(12, dtype=np.int16).reshape(3, 4),
+    np.linspace(0, 1, 7, dtype=np.float32),
+    np.zeros((0, 3)),
+    np.array([1 + 2j, 3j]),
+    np.array([(1, 2.5)], dtype=[("a", "<i4"), ("b", "<f8")]),
+    np.arange(20.0).reshape(4, 5)[:, ::2],  # not contiguous
+    np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+    np.array([True, False]),
+])
+def test_arrays_round_trip_with_dtype_and_shape(array):
+    back = codec.decode(codec.encode({"x": array, "n": 1}))["x"]
+    assert back.dtype == array.dtype and back.shape == array.shape
+    np.testing.assert_array_equal(back, array)
+    back[...] = back  # writable
+
+
+def test_numpy_scalars_keep_their_type():
+    for scalar in (np.float32(1.5), np.int64(-3), np.bool_(True), np.complex64(1j)):
+        back = codec.decode(codec.encode(scalar))
+        assert type(back) is type(scalar) and back == scalar
+
+
+def test_array_bytes_are_raw_not_pickled():
+    array = np.arange(1000, dtype=np.float64)
+    blob = codec.encode(array)
+    assert array.tobytes() in blob
+    assert b"pickle" not in blob and b"\x80\x04" not in blob[:20]
+
+
+@pytest.mark.parametrize("bad, words", [
+    (np.array([1, "a"], dtype=object), "dtype object"),
+    ({1, 2}, "set"),
+    ({"f": object()}, "object"),
+])
+def test_unencodable_values_are_refused_clearly(bad, words):
+    with pytest.raises(CodecError, match=words):
+        codec.encode(bad)
+
+
+def test_garbage_is_refused():
+    with pytest.raises(CodecError):
+        codec.decode(b"\x80\x04pickled")
+
+
+def test_signatures():
+    key = b"k" * 32
+    sig = codec.sign(key, b"code")
+    assert codec.verify(key, b"code", sig)
+    assert not codec.verify(key, b"code!", sig)
+    assert not codec.verify(b"x" * 32, b"code", sig)
+    assert codec.fingerprint(key) != codec.fingerprint(b"x" * 32)

@@ -1,0 +1,44 @@
+"""The coordinator's pure decisions."""
+
+from cluster.plan import Batcher, Tally, host_of
+
+
+def test_batches_start_at_one_unit_then_follow_measured_time():
+    b = Batcher(target_s=0.05, max_units=1024)
+    assert b.size() == 1
+    b.observe(10, 0.2)  # 20 ms per unit
+    assert b.size() == 2
+    b2 = Batcher(max_units=1024)
+    b2.observe(100, 0.0001)
+    assert b2.size() == 1024
+
+
+def test_slow_units_are_never_batched():
+    b = Batcher()
+    b.observe(1, 3.0)
+    assert b.size() == 1
+
+
+def test_window_bounds_what_scatter_may_run_ahead():
+    t = Tally(per_worker_batches=3)
+    assert t.room(workers=2, batch=10) == 60
+    t.scattered = 60
+    assert t.room(workers=2, batch=10) == 0
+    t.recorded = 25
+    assert t.room(workers=2, batch=10) == 25
+    assert t.room(workers=0, batch=1) == 0  # never negative
+
+
+def test_finished_only_when_scatter_is_exhausted_and_everything_recorded():
+    t = Tally(scattered=5, recorded=4, failed=1)
+    assert not t.finished
+    t.exhausted = True
+    assert t.finished
+
+
+def test_hosts_come_from_worker_ids():
+    t = Tally()
+    t.by_worker.update({"a/1/cpu0.1": 3, "a/1/cpu1.1": 2, "b/9/cpu0.2": 4})
+    assert t.hosts() == {"a", "b"}
+    assert t.by_host() == {"a": 5, "b": 4}
+    assert host_of("h/1/cpu3.1") == "h"
