@@ -31,6 +31,7 @@ from . import __version__, codec
 from .broker import Broker
 from .credentials import Credentials
 from .errors import ExitCode, RedisUnavailable, UsageError
+from .proc import die_with_parent
 
 log = logging.getLogger("cluster.agent")
 
@@ -67,7 +68,10 @@ def parse_cpus(spec: str) -> tuple[int, ...]:
     try:
         for part in spec.split(","):
             lo, _, hi = part.strip().partition("-")
-            cpus.extend(range(int(lo), int(hi or lo) + 1))
+            first, last = int(lo), int(hi or lo)
+            if first < 0 or last < first:
+                raise ValueError(part)
+            cpus.extend(range(first, last + 1))
     except ValueError:
         raise UsageError(f"bad CPU list {spec!r}: expected e.g. 0-3,8-11") from None
     if not cpus or len(set(cpus)) != len(cpus):
@@ -195,9 +199,9 @@ class Agent:
         env = dict(os.environ)
         env.update({name: str(self.settings.threads) for name in THREAD_VARIABLES})
         proc = subprocess.Popen([sys.executable, "-m", "cluster.worker"], stdin=subprocess.PIPE,
-                                env=env, close_fds=True)
+                                env=env, close_fds=True, preexec_fn=die_with_parent)
         pin(proc.pid, slot.cpu)
-        config = {"wid": slot.wid, "log_level": self.settings.log_level,
+        config = {"wid": slot.wid, "agent_pid": os.getpid(), "log_level": self.settings.log_level,
                   "credentials": json.loads(self.creds.to_json())}
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(config).encode())

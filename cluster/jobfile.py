@@ -13,6 +13,7 @@ A job file is a plain Python module with::
 from __future__ import annotations
 
 import json
+import linecache
 import sys
 import traceback
 import types
@@ -87,6 +88,10 @@ def load_source(source: str, path: str, module_name: str) -> types.ModuleType:
     except SyntaxError as exc:
         where = f"{path}:{exc.lineno}" if exc.lineno else path
         raise JobFileError(where, f"syntax error: {exc.msg}") from None
+    # Tracebacks show the job's lines from this source, not from whatever file (if any) is at
+    # ``path`` where this process runs: a worker on another host or in another directory.
+    # mtime None: linecache.checkcache leaves the entry alone.
+    linecache.cache[path] = (len(source), None, source.splitlines(keepends=True), path)
     module = types.ModuleType(module_name)
     module.__file__ = path
     sys.modules[module_name] = module

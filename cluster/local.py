@@ -72,7 +72,7 @@ class LocalCluster:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.stop()
+        self.stop(immediate=kind is not None)
 
     def start_redis(self) -> Credentials:
         binary = find_redis_server()
@@ -118,8 +118,13 @@ class LocalCluster:
         self.agent = subprocess.Popen(args, stdin=subprocess.DEVNULL,
                                       preexec_fn=die_with_parent, start_new_session=True)
 
-    def stop(self) -> None:
+    def stop(self, immediate: bool = True) -> None:
+        """Stop the agent (its workers abandon their units when ``immediate``: the job is
+        over), then Redis, then remove the directory."""
         if self.agent is not None:
+            if immediate and self.agent.poll() is None:
+                self.agent.send_signal(signal.SIGTERM)  # a second SIGTERM: stop at once
+                time.sleep(0.2)
             self.stop_process(self.agent, 15.0)
         if self.redis is not None:
             self.stop_process(self.redis, 5.0)

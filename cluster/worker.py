@@ -125,8 +125,8 @@ class Worker:
 def main() -> int:
     """Entry point of a worker process: ``python -m cluster.worker`` with JSON on stdin."""
     die_with_parent()
-    parent = os.getppid()
     config: dict[str, Any] = json.loads(sys.stdin.read())
+    parent = int(config["agent_pid"])
     logging.basicConfig(level=config.get("log_level", "INFO"),
                         format=f"%(asctime)s {config['wid']} %(levelname)s %(message)s")
     creds = Credentials.from_json(json.dumps(config["credentials"]), "stdin")

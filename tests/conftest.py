@@ -86,10 +86,12 @@ class AgentProcess:
     """A real ``cluster agent`` process with small timeouts."""
 
     def __init__(self, creds_file: Path, cores: int = 2, extra: tuple[str, ...] = ()) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cluster", "agent", "--credentials", str(creds_file),
-             "--cores", str(cores), "--heartbeat", "0.1", "--log-level", "INFO", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self.log = creds_file.parent / f"agent-{time.monotonic_ns()}.log"
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cluster", "agent", "--credentials", str(creds_file),
+                 "--cores", str(cores), "--heartbeat", "0.1", "--log-level", "INFO", *extra],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def stop(self) -> str:
         if self.proc.poll() is None:
@@ -99,8 +101,7 @@ class AgentProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        assert self.proc.stdout is not None
-        return self.proc.stdout.read().decode(errors="replace")
+        return self.log.read_text(errors="replace")
 
 
 @pytest.fixture

@@ -1,0 +1,312 @@
+"""Bad input, end to end: each case runs ``python -m cluster submit`` as a user would and checks
+the exit code, a one-line ``cluster: error: ...`` message naming the culprit, and that no
+traceback of our own code reaches the user (a job's own traceback is shown on purpose when its
+code fails).
+
+Sample job files live in ``tests/jobs/``. Tests that need a working cluster submit to the
+session's ``local_cluster``; tests that need their own key prefix use ``agent`` + ``creds_file``.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+
+import cluster
+from cluster.broker import Broker
+from cluster.errors import ExitCode
+from cluster.local import free_port
+
+from conftest import JOBS, SAMPLES, run_cli
+
+PACKAGE = Path(cluster.__file__).resolve().parent
+TRACEBACK = "Traceback (most recent call last)"
+FRAME = re.compile(r'^\s*File "([^"]+)", line \d+', re.MULTILINE)
+
+
+def job(name: str) -> str:
+    return str(SAMPLES / f"{name}.py")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Whatever the developer's shell exports, these tests name Redis themselves, and the key
+    file is never ~/.config/cluster/key."""
+    for name in ("CLUSTER_REDIS_URL", "CLUSTER_REDIS_PASSWORD", "CLUSTER_PREFIX",
+                 "CLUSTER_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CLUSTER_KEY_FILE", str(tmp_path / "key"))
+
+
+# -- checks ---------------------------------------------------------------------------------
+
+
+def error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The one ``cluster: error:`` line of stderr."""
+    lines = [line for line in result.stderr.splitlines() if line.startswith("cluster: error:")]
+    assert len(lines) == 1, f"expected one error line in stderr:\n{result.stderr}"
+    return lines[0]
+
+
+def assert_no_traceback(result: subprocess.CompletedProcess[str]) -> None:
+    assert TRACEBACK not in result.stderr, result.stderr
+    assert not FRAME.search(result.stderr), result.stderr
+
+
+def assert_only_job_traceback(result: subprocess.CompletedProcess[str], job_file: str) -> None:
+    """Exactly one traceback, and every frame in it is the job file's, none of ours."""
+    stderr = result.stderr
+    assert stderr.count(TRACEBACK) == 1, stderr
+    frames = FRAME.findall(stderr)
+    assert frames, stderr
+    for frame in frames:
+        assert Path(frame).name == Path(job_file).name, f"frame {frame} in:\n{stderr}"
+        assert PACKAGE not in Path(frame).resolve().parents, f"our frame {frame} in:\n{stderr}"
+
+
+def failed(result: subprocess.CompletedProcess[str], code: ExitCode) -> str:
+    """Assert the exit code and return the error line."""
+    assert result.returncode == code, (
+        f"exit {result.returncode}, expected {int(code)}\nstdout:\n{result.stdout}\n"
+        f"stderr:\n{result.stderr}")
+    return error_line(result)
+
+
+def matching_processes() -> dict[int, psutil.Process]:
+    found = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "cluster" in cmdline or "redis-server" in cmdline:
+            found[proc.pid] = proc
+    return found
+
+
+def left_behind(before: dict[int, psutil.Process], tag: str) -> list[str]:
+    """Processes whose cmdline names cluster or redis-server that did not exist before and
+    carry ``tag`` in their environment (so that other test runs on this machine do not count).
+    Zombies are dead and do not count either."""
+    left = []
+    for pid, proc in matching_processes().items():
+        if pid in before:
+            continue
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.environ().get("CLUSTER_TEST_TAG") == tag:
+                left.append(f"{pid}: {' '.join(proc.cmdline())}")
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+    return left
+
+
+# -- the job file ---------------------------------------------------------------------------
+
+
+def test_missing_job_file(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no_such_job.py")
+    result = run_cli("submit", missing, timeout=20)
+    line = failed(result, ExitCode.USAGE)
+    assert missing in line and "no such job file" in line
+    assert_no_traceback(result)
+
+
+def test_job_file_with_a_syntax_error() -> None:
+    result = run_cli("submit", job("syntax_error"), timeout=20)
+    line = failed(result, ExitCode.USAGE)
+    assert f"{job('syntax_error')}:6:" in line and "syntax error" in line
+    assert_no_traceback(result)
+
+
+def test_job_file_with_an_import_error() -> None:
+    result = run_cli("submit", job("import_error"), timeout=20)
+    line = failed(result, ExitCode.USAGE)
+    assert job("import_error") in line and "no_such_module_xyz" in line
+    # the job's own import line is shown, nothing of ours
+    assert_only_job_traceback(result, job("import_error"))
+    assert "import no_such_module_xyz" in result.stderr
+
+
+@pytest.mark.parametrize("missing", ["scatter", "compute", "gather"])
+def test_job_file_missing_a_function(missing: str) -> None:
+    path = job(f"missing_{missing}")
+    result = run_cli("submit", path, timeout=20)
+    line = failed(result, ExitCode.USAGE)
+    assert path in line and f"{missing}()" in line
+    for present in {"scatter", "compute", "gather"} - {missing}:
+        assert f"{present}()" not in line
+    assert_no_traceback(result)
+
+
+# -- the job's code fails -------------------------------------------------------------------
+
+
+def test_compute_raising_on_one_unit(local_cluster: Path, tmp_path: Path) -> None:
+    # Submitted from another directory through a relative path, as from another host: the
+    # workers' current directory has no such file, yet the traceback must show the job's line.
+    shutil.copy(job("compute_raises"), tmp_path / "compute_raises.py")
+    attempts = tmp_path / "attempts.log"
+    result = run_cli("submit", "compute_raises.py", "--credentials", str(local_cluster),
+                     "--param", f"log={attempts}", "--param", "fail=3", "--max-attempts", "2",
+                     timeout=25, cwd=tmp_path)
+    line = failed(result, ExitCode.JOB_FAILED)
+    assert "unit 3 " in line and "2 attempt(s)" in line and "ValueError" in line
+    assert_only_job_traceback(result, "compute_raises.py")
+    assert "in compute" in result.stderr
+    assert "raise ValueError(f\"unit {unit['i']} is bad on purpose\")" in result.stderr
+    tries = Counter(int(text) for text in attempts.read_text().split())
+    assert tries[3] == 2, tries
+
+
+@pytest.mark.parametrize("kind, named", [("set", "set"), ("object", "dtype object")])
+def test_result_that_cannot_be_encoded(local_cluster: Path, kind: str, named: str) -> None:
+    result = run_cli("submit", job("unencodable"), "--credentials", str(local_cluster),
+                     "--param", f"kind={kind}", "--param", "bad=2", timeout=25)
+    line = failed(result, ExitCode.JOB_FAILED)
+    assert "unit 2 " in line and "compute() returned" in line and named in line
+    assert_no_traceback(result)
+
+
+@pytest.mark.parametrize("where, function", [("scatter", "scatter"),
+                                             ("scatter-lazy", "_lazy_units"),
+                                             ("gather", "gather")])
+def test_scatter_or_gather_raising(local_cluster: Path, where: str, function: str) -> None:
+    result = run_cli("submit", job("job_raises"), "--credentials", str(local_cluster),
+                     "--param", f"where={where}", timeout=25)
+    line = failed(result, ExitCode.JOB_FAILED)
+    stage = "gather()" if where == "gather" else "scatter()"
+    assert f"{stage} raised ValueError" in line
+    assert_only_job_traceback(result, job("job_raises"))
+    assert f"in {function}" in result.stderr
+    assert result.stdout == ""
+
+
+# -- the command line -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("param, named", [
+    ("units", "expected key=value"),
+    ("=4", "expected key=value"),
+    ("nosuch=1", "no parameter 'nosuch'"),
+])
+def test_bad_param(param: str, named: str) -> None:
+    # Nothing is listening there: a bad --param must be refused before any connection.
+    result = run_cli("submit", job("tiny"), "--param", param,
+                     "--redis", f"redis://127.0.0.1:{free_port()}/0", timeout=20)
+    line = failed(result, ExitCode.USAGE)
+    assert f"--param {param!r}" in line and named in line
+    assert_no_traceback(result)
+
+
+def test_output_with_an_unknown_extension(local_cluster: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "scatter-ran"
+    out = tmp_path / "result.txt"
+    result = run_cli("submit", job("tiny"), "--credentials", str(local_cluster),
+                     "--param", f"marker={marker}", "--output", str(out), timeout=20)
+    line = failed(result, ExitCode.USAGE)
+    assert f"--output {out}" in line and ".txt" in line
+    assert_no_traceback(result)
+    assert not marker.exists(), "the job ran before --output was checked"
+    assert not out.exists() and not Path(f"{out}.json").exists()
+
+
+# -- the infrastructure ---------------------------------------------------------------------
+
+
+def test_redis_unreachable() -> None:
+    port = free_port()
+    result = run_cli("submit", job("tiny"), "--redis", f"redis://127.0.0.1:{port}/0",
+                     timeout=20)
+    line = failed(result, ExitCode.INFRA)
+    assert f"127.0.0.1:{port}" in line and "unreachable" in line
+    assert_no_traceback(result)
+
+
+def test_wrong_redis_password(redis_server: tuple[str, str]) -> None:
+    url, password = redis_server
+    wrong = "wrong-7f3a9c"
+    result = run_cli("submit", job("tiny"), "--redis", url,
+                     env={"CLUSTER_REDIS_PASSWORD": wrong}, timeout=20)
+    line = failed(result, ExitCode.INFRA)
+    host_port = url.removeprefix("redis://").split("/")[0]
+    assert host_port in line and "password" in line
+    assert wrong not in result.stderr and password not in result.stderr  # never echo one
+    assert_no_traceback(result)
+
+
+def test_no_worker_appears(redis_server: tuple[str, str]) -> None:
+    url, password = redis_server
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    result = run_cli("submit", job("tiny"), "--redis", url, "--worker-timeout", "1",
+                     env={"CLUSTER_REDIS_PASSWORD": password, "CLUSTER_PREFIX": prefix},
+                     timeout=20)
+    line = failed(result, ExitCode.INFRA)
+    assert "no worker" in line and "1 s" in line
+    assert_no_traceback(result)
+    broker = Broker.connect(url, password, prefix=prefix)
+    try:
+        assert broker.client.keys(f"{prefix}job*") == []  # the abandoned job was removed
+    finally:
+        broker.close()
+
+
+def test_timeout_with_an_agent(agent: object, creds_file: Path, broker: Broker) -> None:
+    result = run_cli("submit", job("sleepy"), "--credentials", str(creds_file),
+                     "--timeout", "1", "--param", "sleep=4", "--param", "units=6",
+                     timeout=20)
+    line = failed(result, ExitCode.TIMEOUT)
+    assert "did not finish within 1 s" in line
+    assert_no_traceback(result)
+    # nothing of the job is left to run: its keys are gone and no unit is queued
+    client, keys = broker.client, broker.keys
+    assert client.smembers(keys.jobs) == set()
+    assert client.keys(f"{keys.prefix}job*") == []
+    assert client.xlen(keys.units) == 0
+
+
+def run_tagged(*args: str, timeout: float) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Run the CLI on the local default; return its result and the processes it left behind."""
+    tag = uuid.uuid4().hex
+    before = matching_processes()
+    result = run_cli(*args, env={"CLUSTER_TEST_TAG": tag}, timeout=timeout)
+    return result, left_behind(before, tag)
+
+
+def test_timeout_on_the_local_default_leaves_nothing_running() -> None:
+    result, left = run_tagged("submit", job("sleepy"), "--timeout", "1", "--cores", "2",
+                              "--param", "sleep=3", timeout=25)
+    line = failed(result, ExitCode.TIMEOUT)
+    assert "did not finish within 1 s" in line
+    assert_no_traceback(result)
+    assert left == []
+
+
+def test_timeout_on_the_local_default_abandons_running_units(tmp_path: Path) -> None:
+    log = tmp_path / "units.log"
+    result, left = run_tagged("submit", job("sleepy"), "--timeout", "1", "--cores", "2",
+                              "--param", "sleep=5", "--param", f"log={log}",
+                              timeout=25)
+    assert result.returncode == ExitCode.TIMEOUT, result.stderr
+    assert left == []
+    events = log.read_text().split("\n") if log.exists() else []
+    if not any(e.startswith("start") for e in events):
+        pytest.skip("no unit had started when the timeout fired")
+    finished = [e for e in events if e.startswith("end")]
+    assert finished == [], f"units ran on to completion after the job was abandoned: {finished}"
+
+
+# -- and when all is well -------------------------------------------------------------------
+
+
+def test_monte_carlo_pi_on_the_local_default() -> None:
+    result, left = run_tagged("submit", str(JOBS / "monte_carlo_pi.py"), timeout=25)
+    assert result.returncode == ExitCode.OK, result.stderr
+    assert abs(float(result.stdout.strip()) - 3.141592653589793) < 0.01, result.stdout
+    assert TRACEBACK not in result.stderr
+    assert left == []
