@@ -140,9 +140,9 @@ class Coordinator:
         deadline = self.clock() + self.options.worker_timeout
         while True:
             self.workers = len(self.broker.live_workers(self.lease_ms))
+            self.check_keys()
             if self.workers:
                 return
-            self.check_keys()
             self.check_deadline()
             if self.clock() > deadline:
                 raise NoWorkers(f"no worker appeared within {self.options.worker_timeout:g} s "
