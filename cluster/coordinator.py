@@ -163,6 +163,8 @@ class Coordinator:
             units = self.job.scatter(self.params)
             if hasattr(units, "__len__"):
                 self.total = len(units)
+            elif self.job.count is not None:
+                self.total = int(self.job.count(self.params))
             return iter(units)
         except Exception as exc:  # noqa: BLE001 - the job's own failure
             raise self.user_error("scatter()", exc) from None

@@ -7,6 +7,7 @@ A job file is a plain Python module with::
     def scatter(params): yield {...}      # work units, lazily
     def compute(unit): return ...         # runs on workers
     def reduce(accumulator, result): ...  # optional: fold results as they arrive
+    def count(params): return 64          # optional: how many units scatter yields (progress)
     def gather(results, params): ...      # results in scatter order (or the accumulator)
 """
 
@@ -56,6 +57,10 @@ class Job:
     @property
     def reduce(self) -> Callable[[Any, Any], Any] | None:
         return getattr(self.module, "reduce", None)
+
+    @property
+    def count(self) -> Callable[[dict[str, Any]], int] | None:
+        return getattr(self.module, "count", None)
 
 
 def load_job(path: str) -> Job:

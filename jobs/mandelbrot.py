@@ -15,6 +15,10 @@ def scatter(params):
         yield {"top": top, "rows": rows, **params}
 
 
+def count(params):
+    return -(-params["height"] // params["tile_rows"])
+
+
 def compute(unit):
     ys = np.linspace(*unit["y"], unit["height"])[unit["top"]:unit["top"] + unit["rows"]]
     xs = np.linspace(*unit["x"], unit["width"])

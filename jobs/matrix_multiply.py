@@ -22,6 +22,10 @@ def scatter(params):
             yield {"i": i, "j": j, "a": a[i:i + step], "b": b[:, j:j + step]}
 
 
+def count(params):
+    return (-(-params["n"] // params["block"])) ** 2
+
+
 def compute(unit):
     return {"i": unit["i"], "j": unit["j"], "c": unit["a"] @ unit["b"]}
 

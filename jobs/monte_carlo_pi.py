@@ -15,6 +15,10 @@ def scatter(params):
         yield {"samples": params["samples"]}
 
 
+def count(params):
+    return params["units"]
+
+
 def compute(unit):
     xy = unit_rng().random((unit["samples"], 2))
     inside = np.count_nonzero((xy * xy).sum(axis=1) <= 1.0)
