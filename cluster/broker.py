@@ -12,6 +12,10 @@ Each script is one atomic step of the protocol:
   when the death is charged to them as an attempt, so a unit that kills its worker is isolated).
 - ``RENEW``: an agent renews its heartbeat and the leases of its workers, on Redis server time.
 - ``PURGE``: a finished job's keys and any of its entries still queued are removed.
+
+A large result does not pass through a script: the worker stores it in the job's ``blobs`` hash
+in the same round trip, and the script records a reference to it (or deletes it when the result
+is a duplicate or stale).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from urllib.parse import urlsplit
 
 import redis
 
-from .errors import RedisUnavailable
+from .errors import InfraError, RedisUnavailable
 from .keys import GROUP, Keys
 
 _JOBKEYS = """
@@ -42,15 +46,20 @@ return redis.call('XADD', KEYS[1], '*', unpack(fields))
 
 _RECORD = """
 local units, job, recorded, results, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local function drop(payload)  -- a large result sent beside the script, not recorded
+  if string.sub(payload, 1, 1) == 'R' then redis.call('HDEL', KEYS[6], string.sub(payload, 2)) end
+end
 local group, msgid, wid, seconds, jid = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local attempt = tonumber(ARGV[6])
 local n = (#ARGV - 6) / 4
 if redis.call('EXISTS', job) == 0 then
   redis.call('XACK', units, group, msgid)
   redis.call('XDEL', units, msgid)
+  redis.call('DEL', KEYS[6])
   return {-1, 0}
 end
 if #redis.call('XPENDING', units, group, msgid, msgid, 1, wid) == 0 then
+  for i = 7, #ARGV, 4 do drop(ARGV[i + 2]) end
   redis.call('HINCRBY', stats, 'stale', n)
   return {0, 0}
 end
@@ -60,6 +69,7 @@ local done, dups = 0, 0
 for i = 7, #ARGV, 4 do
   local idx, kind, payload, unit = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   if redis.call('GETBIT', recorded, idx) == 1 then
+    drop(payload)
     dups = dups + 1
   elseif kind == 'ok' then
     redis.call('SETBIT', recorded, idx, 1)
@@ -197,6 +207,9 @@ class Work:
     units: list[tuple[int, bytes]]
 
 
+BLOB_THRESHOLD = 32 * 1024  # results at least this large travel beside the RECORD script
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What a worker reports for one unit: ``ok`` with the encoded result, ``err`` (retryable)
@@ -258,7 +271,7 @@ class Broker:
         with translate_errors(where):
             client = redis.Redis.from_url(
                 url, password=password or None, socket_connect_timeout=timeout,
-                socket_keepalive=True, health_check_interval=30,
+                socket_timeout=60, socket_keepalive=True, health_check_interval=30,
             )
             client.ping()
         broker = cls(client, Keys(prefix), where)
@@ -306,6 +319,14 @@ class Broker:
             return []
         return [(mid.decode(), fields) for mid, fields in reply[0][1]]
 
+    def fetch_blobs(self, jid: str, refs: Sequence[bytes]) -> list[bytes]:
+        """The large results named by ``R<field>`` references, in one round trip."""
+        values = self.client.hmget(self.keys.blobs(jid), [r[1:] for r in refs])
+        if any(v is None for v in values):
+            raise InfraError(f"job {jid}: a recorded result is missing from Redis (was it "
+                             "flushed or restarted without persistence?)")
+        return values
+
     def job_stats(self, jid: str) -> dict[str, int]:
         raw = self.client.hgetall(self.keys.stats(jid))
         return {k.decode(): int(v) for k, v in raw.items()}
@@ -349,13 +370,19 @@ class Broker:
     def record(self, work: Work, wid: str, seconds: float, outcomes: Sequence[Outcome]
                ) -> tuple[int, int]:
         """Commit a batch. Returns (results recorded, duplicates); (0, 0) when it was stale."""
+        k = self.keys
+        pipe = self.client.pipeline(transaction=False)
         args: list[Any] = [GROUP, work.msgid, wid, f"{seconds:.6f}", work.jid, work.attempt]
         for o in outcomes:
-            args += (o.index, o.kind, o.payload, o.unit)
-        k = self.keys
-        done, dups = self._record(
-            keys=[k.units, k.job(work.jid), k.recorded(work.jid), k.results(work.jid),
-                  k.stats(work.jid)], args=args)
+            payload = o.payload
+            if o.kind == "ok" and len(payload) >= BLOB_THRESHOLD:
+                field = f"{work.msgid}:{o.index}"
+                pipe.hset(k.blobs(work.jid), field, payload)
+                payload = b"R" + field.encode()
+            args += (o.index, o.kind, payload, o.unit)
+        self._record(keys=[k.units, k.job(work.jid), k.recorded(work.jid), k.results(work.jid),
+                           k.stats(work.jid), k.blobs(work.jid)], args=args, client=pipe)
+        done, dups = pipe.execute()[-1]
         return int(done), int(dups)
 
     # -- agent -----------------------------------------------------------------------------------

@@ -215,15 +215,18 @@ class Coordinator:
         if b"f" in fields:
             self.failed(int(fields[b"f"]), json.loads(fields[b"e"]))
             return
-        items = iter(fields.items())
-        (_, wid), (_, seconds) = next(items), next(items)
-        n = 0
-        for index, payload in items:
+        items = list(fields.items())
+        wid, seconds = items[0][1], float(items[1][1])
+        units = items[2:]
+        refs = [p for _, p in units if p[:1] == b"R"]
+        if refs:
+            blobs = iter(self.broker.fetch_blobs(self.jid, refs))
+            units = [(i, next(blobs) if p[:1] == b"R" else p) for i, p in units]
+        for index, payload in units:
             self.record(int(index), codec.decode(payload))
-            n += 1
-        self.tally.recorded += n
-        self.tally.by_worker[wid.decode()] += n
-        self.batcher.observe(n, float(seconds))
+        self.tally.recorded += len(units)
+        self.tally.by_worker[wid.decode()] += len(units)
+        self.batcher.observe(len(units), seconds, sum(len(p) for _, p in units))
 
     def record(self, index: int, value: Any) -> None:
         reduce = self.job.reduce

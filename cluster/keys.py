@@ -24,6 +24,9 @@ key                            type    meaning
                                        ``t`` compute seconds, ``<index>`` -> encoded result;
                                        or a failure: ``f`` index, ``e`` JSON error
 {p}job:{jid}:stats             HASH    recorded, failed, duplicates, stale, reissued, retried
+{p}job:{jid}:blobs             HASH    ``<msgid>:<index>`` -> a large encoded result, which the
+                                       results entry names as ``R<msgid>:<index>`` (large values
+                                       stay out of Lua, which would copy them twice)
 =============================  ======  =====================================================
 
 The Lua scripts in ``broker.py`` receive key names from here (``JOB_TEMPLATES``) and fill in the
@@ -82,10 +85,15 @@ class Keys:
     def stats(self, jid: str) -> str:
         return f"{self.prefix}job:{jid}:stats"
 
+    def blobs(self, jid: str) -> str:
+        return f"{self.prefix}job:{jid}:blobs"
+
     def job_keys(self, jid: str) -> list[str]:
         """Every key that belongs to one job (deleted together when it ends)."""
-        return [self.job(jid), self.recorded(jid), self.results(jid), self.stats(jid)]
+        return [self.job(jid), self.recorded(jid), self.results(jid), self.stats(jid),
+                self.blobs(jid)]
 
     def job_templates(self) -> list[str]:
-        """Per-job key names with ``{jid}`` left in, for Lua: job, recorded, results, stats."""
+        """Per-job key names with ``{jid}`` left in, for Lua: job, recorded, results, stats,
+        blobs."""
         return self.job_keys(JOB_ID)

@@ -14,23 +14,32 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Batcher:
-    """Batch size from the measured compute time per unit (EWMA)."""
+    """Batch size from the measured compute time and result size per unit (EWMA): a batch holds
+    about ``target_s`` of compute and at most ``max_bytes`` of units or of results."""
 
-    target_s: float = 0.05  # compute time of one batch
+    target_s: float = 0.05
     max_units: int = 1024
     max_bytes: int = 1 << 20
     unit_s: float | None = None
+    result_bytes: float = 0.0
 
-    def observe(self, units: int, seconds: float) -> None:
+    def observe(self, units: int, seconds: float, result_bytes: int = 0) -> None:
         if units <= 0:
             return
         per_unit = max(seconds / units, 1e-7)
-        self.unit_s = per_unit if self.unit_s is None else 0.7 * self.unit_s + 0.3 * per_unit
+        size = result_bytes / units
+        if self.unit_s is None:
+            self.unit_s, self.result_bytes = per_unit, size
+        else:
+            self.unit_s = 0.7 * self.unit_s + 0.3 * per_unit
+            self.result_bytes = 0.7 * self.result_bytes + 0.3 * size
 
     def size(self) -> int:
         if self.unit_s is None:
             return 1
-        return max(1, min(self.max_units, int(self.target_s / self.unit_s)))
+        by_time = int(self.target_s / self.unit_s)
+        by_bytes = int(self.max_bytes / max(self.result_bytes, 1.0))
+        return max(1, min(self.max_units, by_time, by_bytes))
 
 
 @dataclass

@@ -148,3 +148,23 @@ def test_a_commit_for_a_purged_job_is_dropped(job: Broker):
     job.client.delete(job.keys.job(JID))
     assert job.record(work, "w1", 0.0, [ok(0, 1)]) == (-1, 0)
     assert pending(job) == 0
+
+
+def test_large_results_travel_beside_the_script_and_duplicates_leave_no_blob(job: Broker):
+    import numpy as np
+
+    big = np.arange(100_000, dtype=np.float64)
+    job.add_units(JID, OWNER, [[(0, codec.encode(0))], [(0, codec.encode(0))],
+                               [(1, codec.encode(1))]])
+    a, b, c = job.read_work("w1", 0), job.read_work("w2", 0), job.read_work("w2", 0)
+    assert job.record(a, "w1", 0.0, [ok(0, big)]) == (1, 0)
+    assert job.record(b, "w2", 0.0, [ok(0, big * 2)]) == (0, 1)  # duplicate
+    job.reissue("w2", charge=False, reason="lost")
+    assert job.record(c, "w2", 0.0, [ok(1, big)]) == (0, 0)  # stale
+    assert job.client.hlen(job.keys.blobs(JID)) == 1  # only the recorded one is kept
+    (_, fields), = job.read_results(JID, "0-0", 10, 0)
+    ref = fields[b"0"]
+    assert ref[:1] == b"R"
+    np.testing.assert_array_equal(codec.decode(job.fetch_blobs(JID, [ref])[0]), big)
+    job.purge_job(JID)
+    assert not job.client.exists(job.keys.blobs(JID))

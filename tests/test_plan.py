@@ -42,3 +42,9 @@ def test_hosts_come_from_worker_ids():
     assert t.hosts() == {"a", "b"}
     assert t.by_host() == {"a": 5, "b": 4}
     assert host_of("h/1/cpu3.1") == "h"
+
+
+def test_large_results_are_not_batched():
+    b = Batcher(max_bytes=1 << 20)
+    b.observe(4, 0.004, 4 * 8_000_000)  # fast units, 8 MB results
+    assert b.size() == 1
