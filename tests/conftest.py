@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 
@@ -109,6 +110,21 @@ def agent(creds_file: Path) -> Iterator[AgentProcess]:
     a = AgentProcess(creds_file, cores=min(2, os.cpu_count() or 1))
     yield a
     a.stop()
+
+
+def tagged_processes(tag: str) -> list[str]:
+    """Live processes whose environment carries ``CLUSTER_TEST_TAG=tag`` (set on a command a
+    test started, inherited by everything it spawned): what that command left behind."""
+    left = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.environ().get("CLUSTER_TEST_TAG") == tag:
+                left.append(f"{proc.pid}: {' '.join(proc.cmdline())}")
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+    return left
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,

@@ -24,7 +24,7 @@ from cluster.broker import Broker
 from cluster.errors import ExitCode
 from cluster.local import free_port
 
-from conftest import JOBS, SAMPLES, run_cli
+from conftest import JOBS, SAMPLES, run_cli, tagged_processes
 
 PACKAGE = Path(cluster.__file__).resolve().parent
 TRACEBACK = "Traceback (most recent call last)"
@@ -77,33 +77,6 @@ def failed(result: subprocess.CompletedProcess[str], code: ExitCode) -> str:
         f"exit {result.returncode}, expected {int(code)}\nstdout:\n{result.stdout}\n"
         f"stderr:\n{result.stderr}")
     return error_line(result)
-
-
-def matching_processes() -> dict[int, psutil.Process]:
-    found = {}
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "cluster" in cmdline or "redis-server" in cmdline:
-            found[proc.pid] = proc
-    return found
-
-
-def left_behind(before: dict[int, psutil.Process], tag: str) -> list[str]:
-    """Processes whose cmdline names cluster or redis-server that did not exist before and
-    carry ``tag`` in their environment (so that other test runs on this machine do not count).
-    Zombies are dead and do not count either."""
-    left = []
-    for pid, proc in matching_processes().items():
-        if pid in before:
-            continue
-        try:
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                continue
-            if proc.environ().get("CLUSTER_TEST_TAG") == tag:
-                left.append(f"{pid}: {' '.join(proc.cmdline())}")
-        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-            continue
-    return left
 
 
 # -- the job file ---------------------------------------------------------------------------
@@ -273,9 +246,8 @@ def test_timeout_with_an_agent(agent: object, creds_file: Path, broker: Broker) 
 def run_tagged(*args: str, timeout: float) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     """Run the CLI on the local default; return its result and the processes it left behind."""
     tag = uuid.uuid4().hex
-    before = matching_processes()
     result = run_cli(*args, env={"CLUSTER_TEST_TAG": tag}, timeout=timeout)
-    return result, left_behind(before, tag)
+    return result, tagged_processes(tag)
 
 
 def test_timeout_on_the_local_default_leaves_nothing_running() -> None:

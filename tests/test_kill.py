@@ -7,12 +7,13 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import ROOT, SAMPLES
+from conftest import ROOT, SAMPLES, tagged_processes
 
 pytestmark = pytest.mark.slow
 
@@ -51,3 +52,42 @@ def test_sigkill_a_worker_mid_unit(creds_file, agent, tmp_path):
     assert re.search(r"\b0 duplicates discarded", err)
     agent_log = agent.stop()
     assert "killed by SIGKILL" in agent_log
+
+
+def start_tagged(tmp_path, tag):
+    log = tmp_path / "units.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster", "submit", str(SAMPLES / "sleepy.py"),
+         "--param", "sleep=5", "--param", f"log={log}", "--progress", "none"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "CLUSTER_TEST_TAG": tag})
+    deadline = time.monotonic() + 30
+    while not (log.exists() and "start" in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert log.exists(), "no unit started"
+    return proc
+
+
+def wait_until_gone(tag, seconds=15.0):
+    deadline = time.monotonic() + seconds
+    while tagged_processes(tag) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return tagged_processes(tag)
+
+
+def test_ctrl_c_on_the_local_default_stops_everything(tmp_path):
+    tag = uuid.uuid4().hex
+    proc = start_tagged(tmp_path, tag)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "cluster: error: interrupted" in err
+    assert tagged_processes(tag) == []
+
+
+def test_a_killed_submit_takes_its_local_cluster_along(tmp_path):
+    tag = uuid.uuid4().hex
+    proc = start_tagged(tmp_path, tag)
+    proc.kill()  # no chance to clean up: Redis, agent and workers must go on their own
+    proc.communicate(timeout=30)
+    assert wait_until_gone(tag) == []
