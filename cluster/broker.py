@@ -97,7 +97,8 @@ return {done, dups}
 
 _REISSUE = _JOBKEYS + """
 local units, workers = KEYS[1], KEYS[2]
-local group, wid, charge, reason, lease = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], tonumber(ARGV[5])
+local group, wid, charge, reason = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4]
+local lease = tonumber(ARGV[5])
 if lease > 0 then
   local seen = redis.call('ZSCORE', workers, wid)
   local t = redis.call('TIME')
@@ -116,7 +117,8 @@ for _, p in ipairs(pending) do
     local jid, attempt = f[2], tonumber(f[4])
     local job = jobkey(ARGV[6], jid)
     if redis.call('EXISTS', job) == 1 then
-      local recorded, results, stats = jobkey(ARGV[7], jid), jobkey(ARGV[8], jid), jobkey(ARGV[9], jid)
+      local recorded = jobkey(ARGV[7], jid)
+      local results, stats = jobkey(ARGV[8], jid), jobkey(ARGV[9], jid)
       local max_attempts = tonumber(redis.call('HGET', job, 'max_attempts'))
       local whole = {'j', jid, 'a', attempt}
       for i = 5, #f, 2 do

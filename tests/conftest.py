@@ -132,7 +132,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
     """Run ``python -m cluster`` as a user would; a hang fails the test instead of CI."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "cluster", *args], capture_output=True,
-                          text=True, timeout=timeout, env=full_env, cwd=cwd, stdin=subprocess.DEVNULL)
+                          text=True, timeout=timeout, env=full_env, cwd=cwd,
+                          stdin=subprocess.DEVNULL)
 
 
 @pytest.fixture(scope="session")

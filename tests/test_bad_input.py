@@ -16,15 +16,13 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-import psutil
 import pytest
+from conftest import JOBS, SAMPLES, run_cli, tagged_processes
 
 import cluster
 from cluster.broker import Broker
 from cluster.errors import ExitCode
 from cluster.local import free_port
-
-from conftest import JOBS, SAMPLES, run_cli, tagged_processes
 
 PACKAGE = Path(cluster.__file__).resolve().parent
 TRACEBACK = "Traceback (most recent call last)"

@@ -3,12 +3,12 @@
 import shutil
 
 import pytest
+from conftest import SAMPLES, run_cli
 
 from cluster.broker import Broker
 from cluster.coordinator import Coordinator, RunOptions
 from cluster.errors import InfraError
 from cluster.jobfile import load_job
-from conftest import SAMPLES, run_cli
 
 
 def test_scatter_is_consumed_as_workers_keep_up(broker: Broker, creds, agent):

@@ -1,7 +1,6 @@
 """Every example job in jobs/ runs and gives the right answer."""
 
 import numpy as np
-
 from conftest import JOBS, run_cli
 
 

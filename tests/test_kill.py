@@ -12,7 +12,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import ROOT, SAMPLES, tagged_processes
 
 pytestmark = pytest.mark.slow

@@ -9,8 +9,7 @@ PARAMS = {"units": 4, "marker": ""}
 def scatter(params):
     if params["marker"]:
         Path(params["marker"]).touch()
-    for i in range(params["units"]):
-        yield i
+    yield from range(params["units"])
 
 
 def compute(unit):
