@@ -23,12 +23,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil
 import redis
 
 from . import __version__, codec
 from .broker import Broker
+from .config import parse_cpus
 from .credentials import Credentials
 from .errors import ExitCode, RedisUnavailable, UsageError
 from .proc import die_with_parent
@@ -48,6 +50,7 @@ class AgentSettings:
     redis_grace_s: float = 60.0
     stop_grace_s: float = 10.0
     log_level: str = "INFO"
+    pidfile: str | None = None
 
 
 @dataclass
@@ -58,25 +61,9 @@ class Slot:
     gen: int = 0
     wid: str = ""
     proc: subprocess.Popen[bytes] | None = None
+    usage: psutil.Process | None = None  # for CPU load and memory in `cluster status`
     restart_at: float = 0.0
     deaths: int = 0
-
-
-def parse_cpus(spec: str) -> tuple[int, ...]:
-    """``"0-3,8"`` -> (0, 1, 2, 3, 8)."""
-    cpus: list[int] = []
-    try:
-        for part in spec.split(","):
-            lo, _, hi = part.strip().partition("-")
-            first, last = int(lo), int(hi or lo)
-            if first < 0 or last < first:
-                raise ValueError(part)
-            cpus.extend(range(first, last + 1))
-    except ValueError:
-        raise UsageError(f"bad CPU list {spec!r}: expected e.g. 0-3,8-11") from None
-    if not cpus or len(set(cpus)) != len(cpus):
-        raise UsageError(f"bad CPU list {spec!r}: empty or repeated CPUs")
-    return tuple(cpus)
 
 
 def available_cpus() -> tuple[int, ...]:
@@ -134,6 +121,15 @@ class Agent:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def run(self) -> int:
+        if self.settings.pidfile:
+            Path(self.settings.pidfile).write_text(f"{os.getpid()}\n")
+        try:
+            return self.serve()
+        finally:
+            if self.settings.pidfile:
+                Path(self.settings.pidfile).unlink(missing_ok=True)
+
+    def serve(self) -> int:
         self.broker.register_agent(self.aid, {
             "host": self.settings.host, "pid": os.getpid(), "version": __version__,
             "cpus": ",".join(map(str, self.settings.cpus)),
@@ -143,10 +139,14 @@ class Agent:
         log.info("agent %s up: %d workers on CPUs %s", self.aid, len(self.slots),
                  ",".join(map(str, self.settings.cpus)))
         code = ExitCode.OK
+        beats = 0
         while not self.stopping:
             if not self.step():
                 code = ExitCode.INFRA
                 break
+            beats += 1
+            if beats % max(1, int(2 / self.settings.heartbeat_s)) == 0:
+                self.publish_usage()
             time.sleep(self.settings.heartbeat_s)
         self.stop_workers()
         return int(code)
@@ -208,7 +208,25 @@ class Agent:
         proc.stdin.close()
         self.broker.client.hset(self.broker.keys.worker(slot.wid), "pid", proc.pid)
         slot.proc = proc
+        slot.usage = psutil.Process(proc.pid)
         log.info("worker %s started (pid %d, CPU %d)", slot.wid, proc.pid, slot.cpu)
+
+    def publish_usage(self) -> None:
+        """CPU load (% of one core) and resident memory of each worker, for `cluster status`."""
+        pipe = self.broker.client.pipeline(transaction=False)
+        for slot in self.slots:
+            if slot.usage is None or slot.proc is None:
+                continue
+            try:
+                load = slot.usage.cpu_percent(None)
+                rss = slot.usage.memory_info().rss
+            except psutil.Error:
+                continue
+            pipe.hset(self.broker.keys.worker(slot.wid), mapping={"load": load, "rss": rss})
+        try:
+            pipe.execute()
+        except (redis.RedisError, RedisUnavailable) as exc:
+            log.debug("could not publish usage: %s", exc)
 
     def renew(self) -> None:
         live = [s.wid for s in self.slots if s.proc is not None and _running(s.proc.pid)]

@@ -4,23 +4,26 @@ maps errors to exit codes (``errors.ExitCode``)."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import socket
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
 import redis
 
-from . import __version__, output, progress
+from . import __version__, config, credentials, output, progress, status, wheelhouse
 from .agent import Agent, AgentSettings, choose_cpus
 from .broker import Broker
 from .coordinator import Coordinator, RunOptions, RunResult
 from .credentials import Credentials, resolve
 from .errors import ClusterError, ExitCode, UsageError
 from .jobfile import Job, load_job, parse_params
+from .launcher import Doctor, HostReport, Launcher
 from .local import LocalCluster
 
 EXIT_INTERNAL = 70
@@ -60,6 +63,36 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_flags(submit)
     submit.set_defaults(func=cmd_submit, log_level="WARNING")
 
+    submit.add_argument("--hosts", metavar="HOSTS_INI",
+                        help="submit to the cluster that cluster up started from this file")
+
+    up = commands.add_parser("up", help="ship, install and start agents on every host")
+    up.add_argument("hosts", metavar="HOSTS_INI")
+    up.add_argument("--accept-new-host-keys", action="store_true",
+                    help="trust hosts seen for the first time (their keys are recorded); a "
+                    "changed key is still refused")
+    up.add_argument("--allow-partial", action="store_true",
+                    help="exit 0 even if some hosts failed")
+    up.add_argument("--wheelhouse", metavar="DIR", help="ship these wheels instead of building")
+    up.set_defaults(func=cmd_up, log_level="WARNING")
+
+    down = commands.add_parser("down", help="stop every agent and worker, and the Redis up "
+                               "started")
+    down.add_argument("hosts", metavar="HOSTS_INI")
+    down.add_argument("--keep-redis", action="store_true", help="leave Redis running")
+    down.set_defaults(func=cmd_down, log_level="WARNING")
+
+    status = commands.add_parser("status", help="hosts, agents and workers, from Redis")
+    status.add_argument("hosts", metavar="HOSTS_INI", nargs="?")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    _connection_flags(status)
+    status.set_defaults(func=cmd_status, log_level="WARNING")
+
+    doctor = commands.add_parser("doctor", help="what would stop up, host by host; changes "
+                                 "nothing")
+    doctor.add_argument("hosts", metavar="HOSTS_INI")
+    doctor.set_defaults(func=cmd_doctor, log_level="WARNING")
+
     agent = commands.add_parser("agent", help="run this host's agent and its workers")
     _connection_flags(agent)
     agent.add_argument("--cpus", help="CPUs to use, e.g. 0-3,8 (default: all)")
@@ -70,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--heartbeat", type=float, default=0.5, metavar="SECONDS")
     agent.add_argument("--redis-grace", type=float, default=60.0, metavar="SECONDS",
                        help="stop when Redis is unreachable this long (default 60)")
+    agent.add_argument("--pidfile", help="write the agent's pid to this file while it runs")
     agent.add_argument("--log-level", default="INFO")
     agent.set_defaults(func=cmd_agent)
     return parser
@@ -122,7 +156,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     options = RunOptions(seed=args.seed, max_attempts=args.max_attempts,
                          max_failed=args.max_failed, timeout=args.timeout,
                          worker_timeout=args.worker_timeout, lease_s=args.lease)
-    creds = resolve(args.redis, args.credentials)
+    creds = cluster_credentials(args.hosts) if args.hosts else resolve(args.redis,
+                                                                        args.credentials)
     if creds is None:
         with LocalCluster(cores=args.cores) as local:
             result = run_job(local, job, params, options, args.progress)
@@ -133,7 +168,75 @@ def cmd_submit(args: argparse.Namespace) -> int:
         written = output.write(args.output, result.value)
         print(f"result written to {written}", file=sys.stderr)
     print(result.summary(), file=sys.stderr)
+    if len(result.tally.hosts()) > 1:
+        per_host = ", ".join(f"{h} {n}" for h, n in sorted(result.tally.by_host().items()))
+        print(f"units per host: {per_host}", file=sys.stderr)
     return ExitCode.OK
+
+
+def cluster_credentials(hosts_ini: str) -> Credentials:
+    return credentials.for_cluster(config.load(hosts_ini), create=False)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    cfg = config.load(args.hosts)
+    house = wheelhouse.prepare(Path(args.wheelhouse) if args.wheelhouse else None)
+    creds = credentials.for_cluster(cfg, create=True)
+    reports = Launcher(cfg, creds, args.accept_new_host_keys, house).up()
+    print(report_table(reports, with_agent=True))
+    failed = [r for r in reports if not r.ok]
+    if failed and not args.allow_partial:
+        return _fail(f"{len(failed)} of {len(reports)} hosts failed: "
+                     f"{', '.join(r.host for r in failed)}", "", ExitCode.INFRA)
+    return ExitCode.OK
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    cfg = config.load(args.hosts)
+    creds = credentials.for_cluster(cfg, create=False)
+    reports = Launcher(cfg, creds).down(keep_redis=args.keep_redis)
+    print(report_table(reports))
+    failed = [r for r in reports if not r.ok]
+    return _fail(f"{len(failed)} hosts failed", "", ExitCode.INFRA) if failed else ExitCode.OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    cfg = config.load(args.hosts)
+    creds = credentials.for_cluster(cfg, create=False) if cfg.credentials_file.exists() \
+        else Credentials(cfg.redis_address(), None, b"", cfg.prefix)
+    reports = Doctor(Launcher(cfg, creds)).run()
+    print(report_table(reports))
+    bad = [r.host for r in reports if not r.ok]
+    if bad:
+        return _fail(f"problems on {', '.join(bad)}", "", ExitCode.INFRA)
+    return ExitCode.OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    creds = cluster_credentials(args.hosts) if args.hosts else resolve(args.redis,
+                                                                        args.credentials)
+    if creds is None:
+        raise UsageError("cluster status needs HOSTS_INI, --redis URL or --credentials FILE")
+    broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+    agents = status.collect(broker, lease_ms=5000)
+    print(json.dumps(status.as_json(agents), indent=1) if args.json else status.render(agents))
+    return ExitCode.OK
+
+
+def report_table(reports: list[HostReport], with_agent: bool = False) -> str:
+    """One row per host: its outcome, or the error that stopped it."""
+    rows = [["HOST", "CPUS", "PID", "VERSION", "STATE"] if with_agent else ["HOST", "STATE"]]
+    for r in reports:
+        state = r.state if r.ok else f"FAILED: {'; '.join(r.problems)}"
+        if r.ok and r.problems:
+            state += ": " + "; ".join(r.problems)
+        if not r.ok and r.state not in ("failed", ""):
+            state = f"{r.state.upper()}: {'; '.join(r.problems)}"
+        rows.append([r.host, r.cpus, str(r.pid or ""), r.version, state] if with_agent
+                    else [r.host, state])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) +
+                     "  " + row[-1] for row in rows)
 
 
 def run_job(creds: Credentials, job: Job, params: dict[str, Any], options: RunOptions,
@@ -154,7 +257,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     settings = AgentSettings(cpus=choose_cpus(args.cpus, args.cores),
                              host=args.name or socket.gethostname(),
                              threads=args.threads, heartbeat_s=args.heartbeat,
-                             redis_grace_s=args.redis_grace, log_level=args.log_level.upper())
+                             redis_grace_s=args.redis_grace, log_level=args.log_level.upper(),
+                             pidfile=args.pidfile)
     broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
     agent = Agent(broker, creds, settings)
     signal.signal(signal.SIGTERM, agent.request_stop)

@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .broker import redact
+from .config import ClusterConfig
 from .errors import UsageError
 
 DEFAULT_KEY_FILE = Path("~/.config/cluster/key")
@@ -117,3 +118,27 @@ def resolve(redis_url: str | None, credentials_file: str | None,
     key = base.key if base else load_key(env)
     prefix = env.get("CLUSTER_PREFIX") or (base.prefix if base else "cluster:")
     return Credentials(redis_url=url, password=password, key=key, prefix=prefix)
+
+
+
+def for_cluster(config: ClusterConfig, create: bool,
+                env: Mapping[str, str] | None = None) -> Credentials:
+    """The credentials of a cluster run by `cluster up`, kept (0600) in its state directory.
+    ``create`` makes them on first use: a new key, and a new Redis password when `up` starts
+    Redis itself (for an existing Redis: CLUSTER_REDIS_PASSWORD or the URL's)."""
+    env = os.environ if env is None else env
+    path, url = config.credentials_file, config.redis_address()
+    if path.exists():
+        creds = Credentials.load(path)
+        return Credentials(url, creds.password, creds.key, config.prefix)
+    if not create:
+        raise UsageError(f"{path} does not exist: run cluster up {config.path} first")
+    password = env.get("CLUSTER_REDIS_PASSWORD") or urlsplit(url).password
+    if config.redis_host is not None:
+        password = password or secrets.token_urlsafe(24)
+    elif not password and not is_loopback(url):
+        raise UsageError(f"Redis at {redact(url)} is not on loopback: a password is required "
+                         "(CLUSTER_REDIS_PASSWORD)")
+    creds = Credentials(url, password, secrets.token_bytes(32), config.prefix)
+    creds.dump(path)
+    return creds

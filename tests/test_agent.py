@@ -8,7 +8,7 @@ import time
 import psutil
 import pytest
 
-from cluster.agent import parse_cpus
+from cluster.config import parse_cpus
 from cluster.errors import UsageError
 
 

@@ -1,0 +1,265 @@
+"""hosts.ini: the only reader. Parsed once into frozen dataclasses; errors name file, line, key.
+
+    [cluster]
+    name = lab                      ; names the key prefix and the local state directory
+    redis = node1                   ; a host below (up starts Redis there) or redis://host:port
+    redis_port = 6379               ; for a Redis that up starts
+    user = root                     ; SSH defaults for every host ...
+    port = 22
+    identity_file = ~/.ssh/id_ed25519
+    known_hosts = ~/.config/cluster/lab/known_hosts
+    install_dir = ~/.cluster/lab    ; on the hosts
+    python = python3                ; on the hosts
+    state_dir = ~/.config/cluster/lab   ; on this machine: credentials, known_hosts
+
+    [host node1]                    ; one section per host
+    address = 10.0.0.11             ; default: the section's name
+    cores = 8                       ; or cpus = 0-3,8-11 (default: all)
+    user = ... / port = ... / python = ... / install_dir = ... / identity_file = ...
+
+Precedence, lowest first: built-in defaults < [cluster] < [host NAME].
+"""
+
+from __future__ import annotations
+
+import configparser
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UsageError
+
+CLUSTER_KEYS = {"name", "redis", "redis_port", "user", "port", "identity_file", "known_hosts",
+                "install_dir", "python", "state_dir", "connect_timeout"}
+HOST_KEYS = {"address", "cores", "cpus", "user", "port", "python", "install_dir",
+             "identity_file"}
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def parse_cpus(spec: str) -> tuple[int, ...]:
+    """``"0-3,8"`` -> (0, 1, 2, 3, 8)."""
+    cpus: list[int] = []
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            first, last = int(lo), int(hi or lo)
+            if first < 0 or last < first:
+                raise ValueError(part)
+            cpus.extend(range(first, last + 1))
+    except ValueError:
+        raise UsageError(f"bad CPU list {spec!r}: expected e.g. 0-3,8-11") from None
+    if not cpus or len(set(cpus)) != len(cpus):
+        raise UsageError(f"bad CPU list {spec!r}: empty or repeated CPUs")
+    return tuple(cpus)
+
+
+class ConfigError(UsageError):
+    """A problem in hosts.ini, with the place it is at."""
+
+    def __init__(self, path: Path, line: int | None, problem: str) -> None:
+        where = f"{path}:{line}" if line else str(path)
+        super().__init__(f"{where}: {problem}")
+        self.path = path
+        self.line = line
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    name: str
+    address: str
+    user: str
+    port: int
+    python: str
+    install_dir: str
+    identity_file: str | None
+    cpus: str | None = None
+    cores: int | None = None
+
+    def agent_cpu_args(self) -> list[str]:
+        if self.cpus:
+            return ["--cpus", self.cpus]
+        if self.cores:
+            return ["--cores", str(self.cores)]
+        return []
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    path: Path
+    name: str
+    hosts: tuple[HostConfig, ...]
+    redis_url: str | None  # an existing Redis
+    redis_host: str | None  # or the host on which up starts one
+    redis_port: int
+    state_dir: Path
+    known_hosts: Path
+    connect_timeout: float
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.name}:"
+
+    @property
+    def credentials_file(self) -> Path:
+        return self.state_dir / "credentials.json"
+
+    def host(self, name: str) -> HostConfig:
+        return next(h for h in self.hosts if h.name == name)
+
+    def redis_address(self) -> str:
+        """redis://host:port that every host and this machine use."""
+        if self.redis_url:
+            return self.redis_url
+        assert self.redis_host is not None
+        return f"redis://{self.host(self.redis_host).address}:{self.redis_port}/0"
+
+
+class _Lines:
+    """Line numbers of sections and keys, which configparser does not keep."""
+
+    def __init__(self, text: str) -> None:
+        self.sections: dict[str, int] = {}
+        self.keys: dict[tuple[str, str], int] = {}
+        section = ""
+        for number, line in enumerate(text.splitlines(), 1):
+            stripped = line.strip()
+            if stripped.startswith("[") and "]" in stripped:
+                section = stripped[1:stripped.index("]")].strip()
+                self.sections.setdefault(section, number)
+            elif stripped and not stripped.startswith(("#", ";")) and not line[0].isspace():
+                key = re.split(r"[=:]", stripped, maxsplit=1)[0].strip().lower()
+                self.keys.setdefault((section, key), number)
+
+    def of(self, section: str, key: str | None = None) -> int | None:
+        if key is None:
+            return self.sections.get(section)
+        return self.keys.get((section, key), self.sections.get(section))
+
+
+def load(path: str | Path, env: Mapping[str, str] | None = None) -> ClusterConfig:
+    """Read and validate hosts.ini."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(file, None, f"cannot read it: {exc.strerror}") from None
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
+    try:
+        parser.read_string(text, source=str(file))
+    except configparser.Error as exc:
+        line = getattr(exc, "lineno", None)
+        first = str(exc).splitlines()[0]
+        raise ConfigError(file, line, f"not a valid INI file: {first}") from None
+    return _Parsed(file, parser, _Lines(text)).config()
+
+
+class _Parsed:
+    def __init__(self, path: Path, parser: configparser.ConfigParser, lines: _Lines) -> None:
+        self.path = path
+        self.parser = parser
+        self.lines = lines
+
+    def error(self, section: str, key: str | None, problem: str) -> ConfigError:
+        prefix = f"[{section}] {key}: " if key else f"[{section}]: "
+        return ConfigError(self.path, self.lines.of(section, key), prefix + problem)
+
+    def config(self) -> ClusterConfig:
+        if not self.parser.has_section("cluster"):
+            raise ConfigError(self.path, None, "no [cluster] section")
+        host_sections = []
+        for section in self.parser.sections():
+            if section == "cluster":
+                continue
+            kind, _, name = section.partition(" ")
+            if kind != "host" or not NAME.match(name.strip()):
+                raise self.error(section, None, "unknown section; expected [cluster] or "
+                                 "[host NAME] (NAME of letters, digits, '.', '_', '-')")
+            host_sections.append(section)
+        if not host_sections:
+            raise ConfigError(self.path, None, "no [host NAME] section: list at least one host")
+        cluster = self.parser["cluster"]
+        self.check_keys("cluster", CLUSTER_KEYS)
+        name = cluster.get("name", "cluster").strip()
+        if not NAME.match(name):
+            raise self.error("cluster", "name", f"{name!r} is not a valid cluster name")
+        defaults = {
+            "user": cluster.get("user", "root"), "port": cluster.get("port", "22"),
+            "python": cluster.get("python", "python3"),
+            "install_dir": cluster.get("install_dir", f"~/.cluster/{name}"),
+            "identity_file": cluster.get("identity_file"),
+        }
+        hosts = tuple(self.host(section, defaults) for section in host_sections)
+        self.check_unique(hosts, host_sections)
+        state_dir = Path(cluster.get("state_dir", f"~/.config/cluster/{name}")).expanduser()
+        redis_url, redis_host = self.redis(cluster.get("redis", "").strip(), hosts)
+        return ClusterConfig(
+            path=self.path, name=name, hosts=hosts, redis_url=redis_url, redis_host=redis_host,
+            redis_port=self.integer("cluster", "redis_port", cluster.get("redis_port", "6379")),
+            state_dir=state_dir,
+            known_hosts=Path(cluster.get("known_hosts", str(state_dir / "known_hosts")))
+            .expanduser(),
+            connect_timeout=self.number("cluster", "connect_timeout",
+                                        cluster.get("connect_timeout", "10")))
+
+    def host(self, section: str, defaults: dict[str, str | None]) -> HostConfig:
+        self.check_keys(section, HOST_KEYS)
+        values = self.parser[section]
+        cpus = values.get("cpus")
+        cores = values.get("cores")
+        if cpus and cores:
+            raise self.error(section, "cpus", "give cores or cpus, not both")
+        if cpus:
+            try:
+                parse_cpus(cpus)
+            except UsageError as exc:
+                raise self.error(section, "cpus", str(exc)) from None
+        name = section.partition(" ")[2].strip()
+        return HostConfig(
+            name=name, address=values.get("address", name).strip(),
+            user=values.get("user", defaults["user"] or "root"),
+            port=self.integer(section, "port", values.get("port", defaults["port"] or "22")),
+            python=values.get("python", defaults["python"] or "python3"),
+            install_dir=values.get("install_dir", defaults["install_dir"] or ""),
+            identity_file=values.get("identity_file", defaults["identity_file"]),
+            cpus=cpus, cores=self.integer(section, "cores", cores) if cores else None)
+
+    def redis(self, value: str, hosts: tuple[HostConfig, ...]) -> tuple[str | None, str | None]:
+        if not value:
+            raise self.error("cluster", "redis", "missing: name a host below, on which up "
+                             "starts Redis, or give redis://host:port of a running one")
+        if value.startswith(("redis://", "rediss://")):
+            return value, None
+        if value not in {h.name for h in hosts}:
+            raise self.error("cluster", "redis", f"{value!r} is neither a redis:// URL nor a "
+                             f"host in this file ({', '.join(h.name for h in hosts)})")
+        return None, value
+
+    def check_keys(self, section: str, known: set[str]) -> None:
+        for key in self.parser[section]:
+            if key not in known:
+                raise self.error(section, key, f"unknown key (known: {', '.join(sorted(known))})")
+
+    def check_unique(self, hosts: tuple[HostConfig, ...], sections: list[str]) -> None:
+        seen: dict[tuple[str, int], str] = {}
+        for host, section in zip(hosts, sections, strict=True):
+            where = (host.address, host.port)
+            if where in seen:
+                raise self.error(section, "address", f"{host.address}:{host.port} is already "
+                                 f"host {seen[where]}")
+            seen[where] = host.name
+
+    def integer(self, section: str, key: str, value: str | None) -> int:
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            raise self.error(section, key, f"{value!r} is not a whole number") from None
+        if number <= 0:
+            raise self.error(section, key, f"{number} must be positive")
+        return number
+
+    def number(self, section: str, key: str, value: str) -> float:
+        try:
+            return float(value)
+        except ValueError:
+            raise self.error(section, key, f"{value!r} is not a number") from None

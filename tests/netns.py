@@ -1,0 +1,147 @@
+"""Test hosts on this machine: Linux network namespaces on a private bridge, each running its
+own sshd with a generated host key and an authorized test key.
+
+They share this machine's filesystem and process table but not its network: each namespace has
+its own address on a private test subnet, reached only over the bridge. Everything made here is
+removed by ``close()``, also when a test failed.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), capture_output=True, text=True, check=check, timeout=30)
+
+
+def sshd_binary() -> str | None:
+    return shutil.which("sshd") or (
+        "/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
+
+
+@dataclass
+class TestHost:
+    name: str
+    netns: str
+    address: str
+    home: Path
+    host_key: Path
+    sshd: subprocess.Popen[bytes] | None = None
+
+    @property
+    def install_dir(self) -> Path:
+        return self.home / "install"
+
+    def public_host_key(self) -> str:
+        """``type base64`` of the sshd's host key, as a known_hosts line wants it."""
+        return " ".join(Path(f"{self.host_key}.pub").read_text().split()[:2])
+
+    def pids(self) -> list[int]:
+        out = run("ip", "netns", "pids", self.netns, check=False).stdout
+        return [int(p) for p in out.split()]
+
+    def exec(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run("ip", "netns", "exec", self.netns, *args, check=check)
+
+    def link(self, up: bool) -> None:
+        """Cut the host off the network (or restore it)."""
+        self.exec("ip", "link", "set", "eth0", "up" if up else "down")
+
+
+@dataclass
+class TestNetwork:
+    workdir: Path
+    tag: str = field(default_factory=lambda: secrets.token_hex(2))
+    subnet: str = field(default_factory=lambda: f"10.231.{secrets.randbelow(250) + 1}")
+    hosts: list[TestHost] = field(default_factory=list)
+    client_key: Path = Path()
+
+    @property
+    def bridge(self) -> str:
+        return f"clbr{self.tag}"
+
+    @property
+    def gateway(self) -> str:
+        return f"{self.subnet}.1"
+
+    def open(self) -> TestNetwork:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.client_key = self.workdir / "id_ed25519"
+        run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.client_key))
+        os.chmod(self.workdir, 0o755)
+        run("ip", "link", "add", self.bridge, "type", "bridge")
+        run("ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+        run("ip", "link", "set", self.bridge, "up")
+        Path("/run/sshd").mkdir(exist_ok=True)
+        return self
+
+    def add_host(self, start_sshd: bool = True) -> TestHost:
+        i = len(self.hosts) + 1
+        host = TestHost(name=f"node{i}", netns=f"cl{self.tag}h{i}",
+                        address=f"{self.subnet}.{10 + i}", home=self.workdir / f"node{i}",
+                        host_key=self.workdir / f"node{i}" / "ssh_host_ed25519_key")
+        self.hosts.append(host)
+        host.home.mkdir()
+        veth = f"clv{self.tag}{i}"
+        run("ip", "netns", "add", host.netns)
+        run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns",
+            host.netns)
+        run("ip", "link", "set", veth, "master", self.bridge, "up")
+        host.exec("ip", "addr", "add", f"{host.address}/24", "dev", "eth0")
+        host.exec("ip", "link", "set", "eth0", "up")
+        host.exec("ip", "link", "set", "lo", "up")
+        if start_sshd:
+            self.start_sshd(host)
+        return host
+
+    def start_sshd(self, host: TestHost) -> None:
+        run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host.host_key))
+        authorized = host.home / "authorized_keys"
+        shutil.copy(f"{self.client_key}.pub", authorized)
+        config = host.home / "sshd_config"
+        config.write_text("\n".join([
+            f"ListenAddress {host.address}", "Port 22", f"HostKey {host.host_key}",
+            f"PidFile {host.home / 'sshd.pid'}", f"AuthorizedKeysFile {authorized}",
+            "PermitRootLogin prohibit-password", "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no",
+            "Subsystem sftp internal-sftp", "MaxStartups 50", "MaxSessions 50", ""]))
+        binary = sshd_binary()
+        assert binary is not None
+        host.sshd = subprocess.Popen(
+            ["ip", "netns", "exec", host.netns, binary, "-D", "-e", "-f", str(config)],
+            stdout=subprocess.DEVNULL, stderr=(host.home / "sshd.log").open("wb"))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            probe = host.exec("bash", "-c", f"exec 3<>/dev/tcp/{host.address}/22", check=False)
+            if probe.returncode == 0:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"sshd on {host.name} did not start: {(host.home / 'sshd.log')}")
+
+    def kill_host(self, host: TestHost, sig: int = signal.SIGKILL) -> None:
+        """Every process in the host's namespace (sshd, agent, workers, redis) gets ``sig``."""
+        for pid in host.pids():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def close(self) -> None:
+        for host in self.hosts:
+            for _ in range(20):
+                self.kill_host(host)
+                if not host.pids():
+                    break
+                time.sleep(0.1)
+            if host.sshd is not None:
+                host.sshd.wait(5)
+            run("ip", "netns", "del", host.netns, check=False)
+        run("ip", "link", "del", self.bridge, check=False)
