@@ -11,6 +11,8 @@
     install_dir = ~/.cluster/lab    ; on the hosts
     python = python3                ; on the hosts
     state_dir = ~/.config/cluster/lab   ; on this machine: credentials, known_hosts
+    connect_timeout = 10            ; seconds, for SSH
+    redis_grace = 60                ; agents stop when Redis is unreachable this long
 
     [host node1]                    ; one section per host
     address = 10.0.0.11             ; default: the section's name
@@ -31,7 +33,7 @@ from pathlib import Path
 from .errors import UsageError
 
 CLUSTER_KEYS = {"name", "redis", "redis_port", "user", "port", "identity_file", "known_hosts",
-                "install_dir", "python", "state_dir", "connect_timeout"}
+                "install_dir", "python", "state_dir", "connect_timeout", "redis_grace"}
 HOST_KEYS = {"address", "cores", "cpus", "user", "port", "python", "install_dir",
              "identity_file"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -95,6 +97,7 @@ class ClusterConfig:
     state_dir: Path
     known_hosts: Path
     connect_timeout: float
+    redis_grace: float = 60.0
 
     @property
     def prefix(self) -> str:
@@ -200,7 +203,8 @@ class _Parsed:
             known_hosts=Path(cluster.get("known_hosts", str(state_dir / "known_hosts")))
             .expanduser(),
             connect_timeout=self.number("cluster", "connect_timeout",
-                                        cluster.get("connect_timeout", "10")))
+                                        cluster.get("connect_timeout", "10")),
+            redis_grace=self.number("cluster", "redis_grace", cluster.get("redis_grace", "60")))
 
     def host(self, section: str, defaults: dict[str, str | None]) -> HostConfig:
         self.check_keys(section, HOST_KEYS)

@@ -28,7 +28,7 @@ def sshd_binary() -> str | None:
 
 
 @dataclass
-class TestHost:
+class NsHost:
     name: str
     netns: str
     address: str
@@ -57,11 +57,11 @@ class TestHost:
 
 
 @dataclass
-class TestNetwork:
+class NsNetwork:
     workdir: Path
     tag: str = field(default_factory=lambda: secrets.token_hex(2))
     subnet: str = field(default_factory=lambda: f"10.231.{secrets.randbelow(250) + 1}")
-    hosts: list[TestHost] = field(default_factory=list)
+    hosts: list[NsHost] = field(default_factory=list)
     client_key: Path = Path()
 
     @property
@@ -72,7 +72,7 @@ class TestNetwork:
     def gateway(self) -> str:
         return f"{self.subnet}.1"
 
-    def open(self) -> TestNetwork:
+    def open(self) -> NsNetwork:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.client_key = self.workdir / "id_ed25519"
         run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.client_key))
@@ -83,9 +83,9 @@ class TestNetwork:
         Path("/run/sshd").mkdir(exist_ok=True)
         return self
 
-    def add_host(self, start_sshd: bool = True) -> TestHost:
+    def add_host(self, start_sshd: bool = True) -> NsHost:
         i = len(self.hosts) + 1
-        host = TestHost(name=f"node{i}", netns=f"cl{self.tag}h{i}",
+        host = NsHost(name=f"node{i}", netns=f"cl{self.tag}h{i}",
                         address=f"{self.subnet}.{10 + i}", home=self.workdir / f"node{i}",
                         host_key=self.workdir / f"node{i}" / "ssh_host_ed25519_key")
         self.hosts.append(host)
@@ -102,7 +102,7 @@ class TestNetwork:
             self.start_sshd(host)
         return host
 
-    def start_sshd(self, host: TestHost) -> None:
+    def start_sshd(self, host: NsHost) -> None:
         run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host.host_key))
         authorized = host.home / "authorized_keys"
         shutil.copy(f"{self.client_key}.pub", authorized)
@@ -126,7 +126,7 @@ class TestNetwork:
             time.sleep(0.05)
         raise RuntimeError(f"sshd on {host.name} did not start: {(host.home / 'sshd.log')}")
 
-    def kill_host(self, host: TestHost, sig: int = signal.SIGKILL) -> None:
+    def kill_host(self, host: NsHost, sig: int = signal.SIGKILL) -> None:
         """Every process in the host's namespace (sshd, agent, workers, redis) gets ``sig``."""
         for pid in host.pids():
             try:

@@ -1,0 +1,248 @@
+"""`cluster up/status/submit/down/doctor` across real hosts: Linux network namespaces on this
+machine, each with its own sshd, bootstrapped over real SSH exactly as real machines would be.
+
+The tests of this module run in order on one set of hosts: up, re-up, add a host, submit, down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import IN_CI, JOBS, need, run_cli
+from netns import NsHost, NsNetwork, sshd_binary
+
+pytestmark = pytest.mark.slow
+
+
+def need_root_network() -> None:
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("root")
+    if sshd_binary() is None:
+        problems.append("openssh-server")
+    if problems:
+        message = f"namespace hosts need {' and '.join(problems)}"
+        if IN_CI:
+            pytest.fail(message + " (required under CI=true)")
+        pytest.skip(message)
+    need("ip")
+    need("ssh-keygen")
+
+
+@dataclass
+class Site:
+    """Test hosts and the hosts.ini that names them."""
+
+    net: NsNetwork
+    work: Path
+
+    @property
+    def ini(self) -> Path:
+        return self.work / "hosts.ini"
+
+    @property
+    def state(self) -> Path:
+        return self.work / "state"
+
+    def write_ini(self, hosts: list[NsHost], extra: dict[str, dict[str, str]] | None = None,
+                  name: str = "t", state: Path | None = None, path: Path | None = None) -> Path:
+        lines = ["[cluster]", f"name = {name}", "redis = node1",
+                 f"identity_file = {self.net.client_key}", f"python = {sys.executable}",
+                 f"state_dir = {state or self.state}", "connect_timeout = 3", ""]
+        for h in hosts:
+            lines += [f"[host {h.name}]", f"address = {h.address}",
+                      f"install_dir = {h.install_dir}", "cores = 1"]
+            lines += [f"{k} = {v}" for k, v in (extra or {}).get(h.name, {}).items()]
+            lines.append("")
+        target = path or self.ini
+        target.write_text("\n".join(lines))
+        return target
+
+    def hosts_ini_with_unreachable(self) -> Path:
+        text = self.ini.read_text() + (f"[host ghost]\naddress = {self.net.subnet}.99\n"
+                                       f"install_dir = {self.work / 'ghost'}\n")
+        path = self.work / "with-ghost.ini"
+        path.write_text(text)
+        return path
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    need_root_network()
+    work = tmp_path_factory.mktemp("site")
+    net = NsNetwork(work / "net").open()
+    try:
+        hosts = [net.add_host() for _ in range(3)]
+        s = Site(net, work)
+        s.write_ini(hosts)
+        yield s
+        run_cli("down", str(s.ini), timeout=120)
+    finally:
+        net.close()
+
+
+def rows(stdout: str) -> dict[str, str]:
+    """Host -> its row, from a per-host table."""
+    return {line.split()[0]: line for line in stdout.splitlines()[1:] if line.strip()}
+
+
+def ours(host: NsHost) -> list[str]:
+    """Processes of cluster in the host's namespace (sshd is the fixture's)."""
+    found = []
+    for pid in host.pids():
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "sshd" not in cmd:
+            found.append(f"{pid}: {cmd}")
+    return found
+
+
+def test_an_unknown_host_key_is_refused(site: Site):
+    r = run_cli("up", str(site.ini), timeout=120)
+    assert r.returncode == 3
+    table = rows(r.stdout)
+    assert "unknown host key" in table["node1"] and "FAILED" in table["node2"]
+    assert not (site.state / "known_hosts").exists()
+    assert all(ours(h) == [] for h in site.net.hosts)
+
+
+def test_up_on_three_hosts(site: Site):
+    r = run_cli("up", str(site.ini), "--accept-new-host-keys", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    table = rows(r.stdout)
+    assert set(table) == {"node1", "node2", "node3"}
+    assert all("started" in row for row in table.values())
+    assert (site.state / "credentials.json").stat().st_mode & 0o777 == 0o600
+    for h in site.net.hosts:
+        creds = h.install_dir / "credentials.json"
+        assert creds.stat().st_mode & 0o777 == 0o600
+        assert any("cluster agent" in p for p in ours(h))
+    known = (site.state / "known_hosts").read_text()
+    assert all(h.public_host_key() in known for h in site.net.hosts)
+
+
+def test_secrets_are_not_on_command_lines(site: Site):
+    password = json.loads((site.state / "credentials.json").read_text())["password"]
+    for h in site.net.hosts:
+        for proc in ours(h):
+            assert password not in proc
+
+
+def test_status_shows_every_host_and_worker(site: Site):
+    r = run_cli("status", str(site.ini), "--json", timeout=60)
+    assert r.returncode == 0, r.stderr
+    agents = json.loads(r.stdout)
+    assert sorted(a["host"] for a in agents) == ["node1", "node2", "node3"]
+    assert all(a["state"] == "alive" and len(a["workers"]) == 1 for a in agents)
+    assert all(a["workers"][0]["cpu"] == 0 for a in agents)
+
+
+def test_re_up_is_a_no_op(site: Site):
+    before = {h.name: sorted(ours(h)) for h in site.net.hosts}
+    r = run_cli("up", str(site.ini), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert all("running (unchanged)" in row for row in rows(r.stdout).values())
+    assert {h.name: sorted(ours(h)) for h in site.net.hosts} == before
+
+
+def test_adding_a_host(site: Site):
+    site.net.add_host()
+    site.write_ini(site.net.hosts)
+    r = run_cli("up", str(site.ini), "--accept-new-host-keys", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    table = rows(r.stdout)
+    assert "started" in table["node4"]
+    assert all("unchanged" in table[n] for n in ("node1", "node2", "node3"))
+
+
+def test_a_job_runs_on_every_host(site: Site):
+    r = run_cli("submit", str(JOBS / "monte_carlo_pi.py"), "--hosts", str(site.ini),
+                "--param", "units=48", "--param", "samples=200000", "--progress", "none",
+                timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert abs(float(r.stdout) - 3.14159) < 0.02
+    per_host = r.stderr.split("units per host:")[1].strip().split(", ")
+    counts = {item.split()[0]: int(item.split()[1]) for item in per_host}
+    assert set(counts) == {"node1", "node2", "node3", "node4"}
+    assert all(n > 0 for n in counts.values()) and sum(counts.values()) == 48
+
+
+def test_an_unreachable_host_is_reported_while_the_others_come_up(site: Site):
+    ini = site.hosts_ini_with_unreachable()
+    r = run_cli("up", str(ini), timeout=300)
+    assert r.returncode == 3
+    table = rows(r.stdout)
+    assert "unreachable" in table["ghost"]
+    assert all("running" in table[h.name] for h in site.net.hosts)
+    assert run_cli("up", str(ini), "--allow-partial", timeout=300).returncode == 0
+
+
+def test_doctor_reports_each_problem(site: Site):
+    ini = site.hosts_ini_with_unreachable()
+    missing = "[host node2]\npython = /nonexistent/python3\n"
+    ini.write_text(ini.read_text().replace("[host node2]\n", missing))
+    r = run_cli("doctor", str(ini), timeout=120)
+    assert r.returncode == 3
+    table = rows(r.stdout)
+    assert "unreachable" in table["ghost"]
+    assert "no python at '/nonexistent/python3'" in table["node2"]
+    assert table["node1"].split()[1] == "ok" and table["node3"].split()[1] == "ok"
+    assert "problems on" in r.stderr and "ghost" in r.stderr and "node2" in r.stderr
+
+
+def test_a_changed_host_key_is_refused_even_with_accept_new(site: Site):
+    h = site.net.hosts[2]
+    known = site.state / "known_hosts"
+    saved = known.read_text()
+    forged = saved.replace(h.public_host_key().split()[1],
+                           site.net.hosts[0].public_host_key().split()[1])
+    known.write_text(forged)
+    try:
+        r = run_cli("doctor", str(site.ini), timeout=120)
+        assert "CHANGED" in rows(r.stdout)["node3"]
+        r = run_cli("up", str(site.ini), "--accept-new-host-keys", timeout=300)
+        assert r.returncode == 3 and "CHANGED" in rows(r.stdout)["node3"]
+    finally:
+        known.write_text(saved)
+
+
+def test_bad_hosts_ini_names_the_line(site: Site, tmp_path: Path):
+    bad = tmp_path / "bad.ini"
+    bad.write_text("[cluster]\nname = t\nredis = node1\n\n[host node1]\ncores = many\n")
+    r = run_cli("up", str(bad), timeout=60)
+    assert r.returncode == 2
+    assert f"{bad}:6: [host node1] cores: 'many' is not a whole number" in r.stderr
+
+
+def test_down_leaves_nothing_in_any_namespace(site: Site):
+    r = run_cli("down", str(site.ini), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "redis stopped" in rows(r.stdout)["node1"]
+    for h in site.net.hosts:
+        assert ours(h) == [], h.name  # agents, workers and node1's Redis are all gone
+
+
+def test_agents_stop_on_their_own_when_redis_is_gone(site: Site):
+    ini = site.write_ini(site.net.hosts[:2], name="orphans", path=site.work / "orphans.ini",
+                         state=site.work / "orphans-state")
+    ini.write_text(ini.read_text().replace("connect_timeout = 3", "connect_timeout = 3\n"
+                                           "redis_grace = 2"))
+    r = run_cli("up", str(ini), "--accept-new-host-keys", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    node1 = site.net.hosts[0]
+    redis_pid = int((node1.install_dir / "redis" / "redis.pid").read_text())
+    os.kill(redis_pid, signal.SIGKILL)  # Redis gone, and nobody runs `cluster down`
+    deadline = time.monotonic() + 30
+    while any(ours(h) for h in site.net.hosts[:2]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [ours(h) for h in site.net.hosts[:2]] == [[], []]
