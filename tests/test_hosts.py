@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -165,6 +166,44 @@ def test_adding_a_host(site: Site):
     assert all("unchanged" in table[n] for n in ("node1", "node2", "node3"))
 
 
+def test_re_up_restarts_only_what_is_dead_or_outdated(site: Site):
+    node2, node3 = site.net.hosts[1], site.net.hosts[2]
+    os.kill(int((node2.install_dir / "agent.pid").read_text()), signal.SIGKILL)
+    (node3.install_dir / "agent.build").write_text("an-older-build\n")
+    r = run_cli("up", str(site.ini), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    table = rows(r.stdout)
+    assert "started" in table["node2"] and "restarted" in table["node3"]
+    assert "unchanged" in table["node1"] and "unchanged" in table["node4"]
+
+
+def test_status_shows_a_host_whose_heartbeat_stopped_as_lost(site: Site):
+    node4 = site.net.hosts[3]
+    agent = int((node4.install_dir / "agent.pid").read_text())
+    os.kill(agent, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            agents = json.loads(run_cli("status", str(site.ini), "--json").stdout)
+            if {a["host"]: a["state"] for a in agents}.get("node4") == "lost":
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("node4 never shown as lost")
+        assert "lost" in run_cli("status", str(site.ini)).stdout
+    finally:
+        os.kill(agent, signal.SIGCONT)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        agents = json.loads(run_cli("status", str(site.ini), "--json").stdout)
+        node4_agents = [a for a in agents if a["host"] == "node4"]
+        if node4_agents and node4_agents[0]["state"] == "alive" and node4_agents[0]["workers"]:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("node4 did not come back")
+
+
 def test_a_job_runs_on_every_host(site: Site):
     r = run_cli("submit", str(JOBS / "monte_carlo_pi.py"), "--hosts", str(site.ini),
                 "--param", "units=48", "--param", "samples=200000", "--progress", "none",
@@ -190,14 +229,21 @@ def test_an_unreachable_host_is_reported_while_the_others_come_up(site: Site):
 def test_doctor_reports_each_problem(site: Site):
     ini = site.hosts_ini_with_unreachable()
     missing = "[host node2]\npython = /nonexistent/python3\n"
-    ini.write_text(ini.read_text().replace("[host node2]\n", missing))
+    stranger = site.work / "stranger_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)],
+                   check=True)
+    wrong_key = f"[host node3]\nidentity_file = {stranger}\n"
+    ini.write_text(ini.read_text().replace("[host node2]\n", missing)
+                   .replace("[host node3]\n", wrong_key))
     r = run_cli("doctor", str(ini), timeout=120)
     assert r.returncode == 3
     table = rows(r.stdout)
     assert "unreachable" in table["ghost"]
     assert "no python at '/nonexistent/python3'" in table["node2"]
-    assert table["node1"].split()[1] == "ok" and table["node3"].split()[1] == "ok"
-    assert "problems on" in r.stderr and "ghost" in r.stderr and "node2" in r.stderr
+    assert "authentication as root failed" in table["node3"]
+    assert table["node1"].split()[1] == "ok" and table["node4"].split()[1] == "ok"
+    assert "cluster: error: problems on" in r.stderr
+    assert all(name in r.stderr for name in ("ghost", "node2", "node3"))
 
 
 def test_a_changed_host_key_is_refused_even_with_accept_new(site: Site):
