@@ -183,6 +183,8 @@ class Launcher:
         wheelhouse = self.wheelhouse
         assert wheelhouse is not None
         check_python(remote)
+        if remote.read("BUILD") != wheelhouse.build:
+            check_disk(remote)
         remote.sh(f"mkdir -p -m 700 {shlex.quote(remote.dir)} {remote.q('wheels')}")
         if remote.read("BUILD") != wheelhouse.build:
             self.ship(remote, wheelhouse)
@@ -335,12 +337,7 @@ class Doctor:
         report.version = "python " + check_python(remote)
 
     def disk(self, remote: Remote, report: HostReport) -> None:
-        probe = (f"d={shlex.quote(remote.dir)}; while [ ! -e \"$d\" ]; do d=$(dirname \"$d\"); "
-                 "done; df -Pk \"$d\" | tail -1 | awk '{print $4}'")
-        free_mb = int(remote.sh(probe).strip() or 0) // 1024
-        if free_mb < self.min_free_mb:
-            report.problems.append(f"only {free_mb} MB free under {remote.dir} "
-                                   f"(need {self.min_free_mb} MB)")
+        check_disk(remote, self.min_free_mb)
 
     def skew(self, remote: Remote, report: HostReport) -> None:
         before = time.time()
@@ -372,6 +369,16 @@ class Doctor:
         except HostError:
             report.problems.append(f"cannot reach Redis at {parts.hostname}:{parts.port} "
                                    "from this host")
+
+
+def check_disk(remote: Remote, min_free_mb: int = 1024) -> None:
+    """Enough free space where the install directory is (or will be)."""
+    probe = (f"d={shlex.quote(remote.dir)}; while [ ! -e \"$d\" ]; do d=$(dirname \"$d\"); "
+             "done; df -Pk \"$d\" | tail -1 | awk '{print $4}'")
+    free_mb = int(remote.sh(probe).strip() or 0) // 1024
+    if free_mb < min_free_mb:
+        raise HostError(remote.host.name, f"only {free_mb} MB free under {remote.dir} "
+                        f"(need {min_free_mb} MB)")
 
 
 def check_python(remote: Remote) -> str:
