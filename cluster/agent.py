@@ -130,11 +130,7 @@ class Agent:
                 Path(self.settings.pidfile).unlink(missing_ok=True)
 
     def serve(self) -> int:
-        self.broker.register_agent(self.aid, {
-            "host": self.settings.host, "pid": os.getpid(), "version": __version__,
-            "cpus": ",".join(map(str, self.settings.cpus)),
-            "key": codec.fingerprint(self.creds.key), "started": self.broker.server_time_ms(),
-        })
+        self.register()
         self.broker.renew(self.aid, [])
         log.info("agent %s up: %d workers on CPUs %s", self.aid, len(self.slots),
                  ",".join(map(str, self.settings.cpus)))
@@ -150,6 +146,13 @@ class Agent:
             time.sleep(self.settings.heartbeat_s)
         self.stop_workers()
         return int(code)
+
+    def register(self) -> None:
+        self.broker.register_agent(self.aid, {
+            "host": self.settings.host, "pid": os.getpid(), "version": __version__,
+            "cpus": ",".join(map(str, self.settings.cpus)),
+            "key": codec.fingerprint(self.creds.key), "started": self.broker.server_time_ms(),
+        })
 
     def step(self) -> bool:
         """One heartbeat. False when Redis has been unreachable for too long."""
@@ -230,7 +233,12 @@ class Agent:
 
     def renew(self) -> None:
         live = [s.wid for s in self.slots if s.proc is not None and _running(s.proc.pid)]
-        _, shutdown, refused = self.broker.renew(self.aid, live)
+        shutdown, refused, registered = self.broker.renew(self.aid, live)
+        if not registered:
+            log.warning("agent %s was unknown to Redis (restarted empty?): registering again",
+                        self.aid)
+            self.register()
+            self.broker.ensure_group()
         for slot in self.slots:
             if slot.wid in refused and slot.proc is not None:
                 log.warning("worker %s lost its lease; restarting it", slot.wid)

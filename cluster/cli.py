@@ -19,12 +19,13 @@ import redis
 from . import __version__, config, credentials, output, progress, status, wheelhouse
 from .agent import Agent, AgentSettings, choose_cpus
 from .broker import Broker
-from .coordinator import Coordinator, RunOptions, RunResult
+from .coordinator import Coordinator, RunOptions
 from .credentials import Credentials, resolve
 from .errors import ClusterError, ExitCode, UsageError
 from .jobfile import Job, load_job, parse_params
 from .launcher import Doctor, HostReport, Launcher
 from .local import LocalCluster
+from .results import RunResult
 
 EXIT_INTERNAL = 70
 
@@ -56,6 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="units allowed to fail for good; they gather as None (default 0)")
     submit.add_argument("--lease", type=float, default=5.0, metavar="SECONDS",
                         help="a worker whose lease is not renewed this long is lost (default 5)")
+    submit.add_argument("--resume", metavar="JOB_ID", help="pick up this unfinished job (the "
+                        "same job file and params); on a running cluster, re-running the same "
+                        "command resumes its unfinished job by itself")
+    submit.add_argument("--fresh", action="store_true",
+                        help="start a new job even if an unfinished one of the same job, "
+                        "params and seed is there")
+    submit.add_argument("--keep", type=float, default=24.0, metavar="HOURS",
+                        help="keep an unfinished job resumable this long (default 24)")
+    submit.add_argument("--redis-grace", type=float, default=60.0, metavar="SECONDS",
+                        help="ride out a Redis outage this long (default 60)")
+    submit.add_argument("--no-speculate", dest="speculate", action="store_false",
+                        help="no speculative copies of straggling units")
     submit.add_argument("--cores", type=int, help="local cluster only: workers to start "
                         "(default: one per core)")
     submit.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
@@ -153,11 +166,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
         output.check_path(args.output)
     if args.max_attempts < 1 or args.max_failed < 0:
         raise UsageError("--max-attempts must be at least 1 and --max-failed at least 0")
-    options = RunOptions(seed=args.seed, max_attempts=args.max_attempts,
-                         max_failed=args.max_failed, timeout=args.timeout,
-                         worker_timeout=args.worker_timeout, lease_s=args.lease)
     creds = cluster_credentials(args.hosts) if args.hosts else resolve(args.redis,
                                                                         args.credentials)
+    if creds is None and args.resume:
+        raise UsageError("--resume needs a running cluster (--redis, --credentials or --hosts): "
+                         "a private local cluster does not outlive its submit")
+    options = RunOptions(seed=args.seed, max_attempts=args.max_attempts,
+                         max_failed=args.max_failed, timeout=args.timeout,
+                         worker_timeout=args.worker_timeout, lease_s=args.lease,
+                         redis_grace_s=args.redis_grace, keep_s=int(args.keep * 3600),
+                         speculate=args.speculate, resume=args.resume,
+                         auto_resume=creds is not None and not args.fresh)
     if creds is None:
         with LocalCluster(cores=args.cores) as local:
             result = run_job(local, job, params, options, args.progress)
@@ -171,7 +190,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if len(result.tally.hosts()) > 1:
         per_host = ", ".join(f"{h} {n}" for h, n in sorted(result.tally.by_host().items()))
         print(f"units per host: {per_host}", file=sys.stderr)
-    return ExitCode.OK
+    return ExitCode.PARTIAL if result.failed else ExitCode.OK
 
 
 def cluster_credentials(hosts_ini: str) -> Credentials:

@@ -2,16 +2,25 @@
 
 Decisions (batch size, how far scatter may run ahead) come from ``plan.py``; this module does the
 I/O around them. ``clock`` is injectable so tests decide time instead of sleeping.
+
+What it survives:
+- Redis unreachable for up to ``redis_grace_s``: it retries with backoff; batches it was sending
+  are reconciled with the job's ``scattered`` counter, so none is queued twice or lost.
+- Redis losing its data (restarted without persistence, flushed): the job's hash is gone; the
+  job is registered again and every unit not yet gathered is queued again.
+- Its own death: the job stays in Redis (``keep_s``) and a new coordinator resumes it
+  (``resume.py``); a coordinator whose job was taken over is fenced and stops.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
@@ -21,17 +30,22 @@ from .broker import Broker
 from .errors import (
     ClusterError,
     CodecError,
+    Fenced,
     InfraError,
     JobFailed,
     JobTimeout,
     NoWorkers,
+    RedisUnavailable,
     UnitFailed,
 )
 from .jobfile import Job, user_traceback
-from .plan import Batcher, Tally
+from .plan import Batcher, Tally, host_of
+from .results import Results, RunResult
+from .resume import note, open_job
 
 log = logging.getLogger("cluster.coordinator")
-_EMPTY = object()  # the accumulator before the first result
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, RedisUnavailable)
+Batch = list[tuple[int, bytes]]
 
 
 class Reporter(Protocol):
@@ -57,27 +71,11 @@ class RunOptions:
     worker_timeout: float = 30.0
     lease_s: float = 5.0
     maintain_every_s: float = 0.5
-
-
-@dataclass
-class RunResult:
-    value: Any
-    tally: Tally
-    seconds: float
-    stats: dict[str, int] = field(default_factory=dict)
-
-    def summary(self) -> str:
-        t = self.tally
-        hosts = len(t.hosts())
-        rate = t.done / self.seconds if self.seconds > 0 else 0.0
-        line = (f"{t.done} units on {len(t.by_worker)} workers ({hosts} host"
-                f"{'' if hosts == 1 else 's'}) in {self.seconds:.1f} s, {rate:.1f} units/s, "
-                f"{self.stats.get('reissued', 0)} reissued, "
-                f"{self.stats.get('duplicates', 0) + self.stats.get('stale', 0)} "
-                "duplicates discarded")
-        if t.failed:
-            line += f", {t.failed} failed"
-        return line
+    redis_grace_s: float = 60.0
+    keep_s: int = 86400  # an unfinished job stays resumable this long
+    speculate: bool = True
+    resume: str | None = None  # a job id to resume
+    auto_resume: bool = False  # resume the unfinished job of the same identity, if any
 
 
 class Coordinator:
@@ -91,50 +89,77 @@ class Coordinator:
         self.options = options
         self.reporter = reporter or NoReporter()
         self.clock = clock
+        self.seed = job.seed if options.seed is None else options.seed
         self.jid = secrets.token_hex(6)
         self.owner = secrets.token_hex(8)
+        self.identity = ""
         self.tally = Tally()
         self.batcher = Batcher()
-        self.results: dict[int, Any] = {}
-        self.accumulator: Any = _EMPTY
+        self.results = Results(job.reduce)
+        self.units: Iterator[Any] = iter(())
+        self.unsent: list[Batch] = []
+        self.sent = 0  # units confirmed queued in Redis (its `scattered` counter)
+        self.skip = 0  # units the previous coordinator had queued already
         self.last_id = "0-0"
         self.workers = 0
+        self.hosts_seen: set[str] = set()
         self.stats: dict[str, int] = {}
+        self.failed: list[int] = []
+        self.mismatched: list[int] = []
+        self.copied: set[str] = set()
         self.started = 0.0
         self.next_maintenance = 0.0
+        self.next_expiry = 0.0
         self.no_worker_since: float | None = None
+        self.redis_down_since: float | None = None
         self.total: int | None = None
 
     def run(self) -> RunResult:
         self.started = self.clock()
-        self.register()
+        self.open()
         try:
             self.wait_for_workers()
-            units = self.scatter()
+            self.units = self.scatter()
             while not self.tally.finished:
-                self.check_deadline()
-                self.fill(units)
-                self.collect(block_ms=100)
-                self.maintain()
+                self.guarded(self.step)
             value = self.finish()
             self.stats = self.broker.job_stats(self.jid)
-            return RunResult(value, self.tally, self.clock() - self.started, self.stats)
+        except (JobFailed, JobTimeout, KeyboardInterrupt):
+            self.close(purge=True)
+            raise
+        except ClusterError as exc:  # infrastructure: keep a started job for --resume
+            if isinstance(exc, Fenced):
+                raise
+            resumable = self.options.auto_resume and self.sent > 0
+            self.close(purge=not resumable)
+            if resumable:
+                exc.message += f" (job {self.jid} is kept in Redis: run the same command " \
+                               f"again, or add --resume {self.jid})"
+            raise
         finally:
             self.reporter.close()
-            self.cleanup()
+        self.close(purge=True)
+        return RunResult(self.jid, value, self.tally, self.clock() - self.started, self.stats,
+                         sorted(self.failed), sorted(self.mismatched))
+
+    def step(self) -> None:
+        self.check_deadline()
+        self.fill()
+        self.collect(block_ms=100)
+        self.maintain()
 
     # -- setup ------------------------------------------------------------------------------
 
-    def register(self) -> None:
-        code = self.job.source.encode()
-        seed = self.job.seed if self.options.seed is None else self.options.seed
-        self.broker.create_job(self.jid, {
-            "name": self.job.name, "path": self.job.path, "code": code,
-            "sig": codec.sign(self.key, code), "seed": seed,
-            "max_attempts": self.options.max_attempts, "owner": self.owner,
-            "started": self.broker.server_time_ms(),
-        })
-        log.info("job=%s submitted (%s, seed %d)", self.jid, self.job.name, seed)
+    def open(self) -> None:
+        opened = open_job(self.broker, self.job, self.params, self.seed, jid=self.jid,
+                          owner=self.owner, key=self.key, max_attempts=self.options.max_attempts,
+                          resume=self.options.resume, auto=self.options.auto_resume)
+        self.jid, self.identity = opened.jid, opened.identity
+        self.skip = self.sent = opened.scattered
+        self.total = opened.total
+        self.broker.expire_job(self.jid, self.options.keep_s, self.identity)
+        log.info("job=%s %s (%s, seed %d)", self.jid,
+                 "resumed" if opened.resumed else "submitted", self.job.name, self.seed)
 
     def wait_for_workers(self) -> None:
         deadline = self.clock() + self.options.worker_timeout
@@ -159,51 +184,100 @@ class Coordinator:
                              "cluster key than this coordinator: copy the key file to them")
 
     def scatter(self) -> Iterator[Any]:
+        """The job's units from the start; a resumed job skips those already queued."""
         try:
             units = self.job.scatter(self.params)
             if hasattr(units, "__len__"):
                 self.total = len(units)
-            elif self.job.count is not None:
+            elif self.job.count is not None and self.total is None:
                 self.total = int(self.job.count(self.params))
-            return iter(units)
+            iterator = iter(units)
+            if self.skip:
+                for _ in itertools.islice(iterator, self.skip):
+                    pass
         except Exception as exc:  # noqa: BLE001 - the job's own failure
             raise self.user_error("scatter()", exc) from None
+        self.tally.scattered = self.skip
+        return iterator
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def fill(self, units: Iterator[Any]) -> None:
+    def guarded(self, action: Callable[[], None]) -> None:
+        """Run ``action``, riding out a Redis outage of up to ``redis_grace_s``."""
+        delay = 0.1
+        while True:
+            try:
+                if self.redis_down_since is not None:
+                    self.resync()
+                action()
+                self.redis_down_since = None
+                return
+            except REDIS_ERRORS as exc:
+                now = self.clock()
+                self.redis_down_since = self.redis_down_since or now
+                if now - self.redis_down_since > self.options.redis_grace_s:
+                    raise RedisUnavailable(f"Redis at {self.broker.where} unreachable for "
+                                           f"{self.options.redis_grace_s:g} s: {exc}") from None
+                log.warning("job=%s: Redis unavailable (%s); retrying", self.jid, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def resync(self) -> None:
+        """After an outage: which of the batches being sent did Redis take?"""
+        fields = self.broker.job_fields(self.jid)
+        if fields is None:
+            self.rebuild()
+            return
+        queued = int(fields.get("scattered", 0))
+        while self.unsent and queued - self.sent >= len(self.unsent[0]):
+            self.sent += len(self.unsent.pop(0))
+
+    def fill(self) -> None:
         batch = self.batcher.size()
         room = self.tally.room(self.workers, batch)
-        batches: list[list[tuple[int, bytes]]] = []
-        while room > 0 and not self.tally.exhausted:
-            current: list[tuple[int, bytes]] = []
+        building = not self.unsent  # batches left over from an outage go first
+        while building and room > 0 and not self.tally.exhausted and len(self.unsent) < 64:
+            current: Batch = []
             size = 0
             while len(current) < min(batch, room) and size < self.batcher.max_bytes:
-                blob = self.next_unit(units)
+                index, blob = self.next_unit()
                 if blob is None:
                     break
-                current.append((self.tally.scattered, blob))
-                self.tally.scattered += 1
-                size += len(blob)
+                if blob:  # empty: gathered already, before Redis lost its data
+                    current.append((index, blob))
+                    size += len(blob)
             room -= len(current)
             if current:
-                batches.append(current)
-        if batches:
-            self.broker.add_units(self.jid, self.owner, batches)
+                self.unsent.append(current)
+        if self.unsent:
+            try:
+                self.broker.add_units(self.jid, self.owner, self.unsent)
+            except redis.ResponseError as exc:
+                if "FENCED" in str(exc):
+                    raise Fenced(f"job {self.jid} was taken over by another coordinator; "
+                                 "this one stops") from None
+                raise
+            self.sent += sum(len(b) for b in self.unsent)
+            self.unsent = []
 
-    def next_unit(self, units: Iterator[Any]) -> bytes | None:
+    def next_unit(self) -> tuple[int, bytes | None]:
+        index = self.tally.scattered
         try:
-            unit = next(units)
+            unit = next(self.units)
         except StopIteration:
             self.tally.exhausted = True
-            self.total = self.tally.scattered
-            return None
+            self.total = index
+            self.broker.client.hset(self.broker.keys.job(self.jid), "total", index)
+            return index, None
         except Exception as exc:  # noqa: BLE001
             raise self.user_error("scatter()", exc) from None
+        self.tally.scattered += 1
+        if self.results.is_taken(index):
+            return index, b""  # already gathered before Redis lost its data
         try:
-            return codec.encode(unit)
+            return index, codec.encode(unit)
         except CodecError as exc:
-            raise JobFailed(f"unit {self.tally.scattered} from scatter() {exc}") from None
+            raise JobFailed(f"unit {index} from scatter() {exc}") from None
 
     def collect(self, block_ms: int) -> None:
         for mid, fields in self.broker.read_results(self.jid, self.last_id, 512, block_ms):
@@ -213,60 +287,111 @@ class Coordinator:
 
     def take(self, fields: dict[bytes, bytes]) -> None:
         if b"f" in fields:
-            self.failed(int(fields[b"f"]), json.loads(fields[b"e"]))
+            self.unit_failed(int(fields[b"f"]), json.loads(fields[b"e"]))
+            return
+        if b"m" in fields:
+            index = int(fields[b"m"])
+            self.mismatched.append(index)
+            log.warning("unit=%d job=%s: a duplicate result from %s differs from the recorded "
+                        "one: compute() is not deterministic", index, self.jid,
+                        fields[b"w"].decode())
             return
         items = list(fields.items())
-        wid, seconds = items[0][1], float(items[1][1])
-        units = items[2:]
+        wid, seconds = items[0][1].decode(), float(items[1][1])
+        units = [(int(i), p) for i, p in items[2:] if self.results.mark(int(i))]
         refs = [p for _, p in units if p[:1] == b"R"]
         if refs:
             blobs = iter(self.broker.fetch_blobs(self.jid, refs))
             units = [(i, next(blobs) if p[:1] == b"R" else p) for i, p in units]
         for index, payload in units:
-            self.record(int(index), codec.decode(payload))
-        self.tally.recorded += len(units)
-        self.tally.by_worker[wid.decode()] += len(units)
-        self.batcher.observe(len(units), seconds, sum(len(p) for _, p in units))
-
-    def record(self, index: int, value: Any) -> None:
-        reduce = self.job.reduce
-        if reduce is None:
-            self.results[index] = value
-        elif self.accumulator is _EMPTY:
-            self.accumulator = value
-        else:
             try:
-                self.accumulator = reduce(self.accumulator, value)
-            except Exception as exc:  # noqa: BLE001
+                self.results.add(index, codec.decode(payload))
+            except Exception as exc:  # noqa: BLE001 - reduce() is the job's code
                 raise self.user_error("reduce()", exc) from None
+        self.tally.recorded += len(units)
+        self.tally.by_worker[wid] += len(units)
+        self.batcher.observe(len(items) - 2, seconds, sum(len(p) for _, p in units))
 
-    def failed(self, index: int, error: dict[str, Any]) -> None:
+    def unit_failed(self, index: int, error: dict[str, Any]) -> None:
+        if not self.results.mark(index):
+            return
         self.tally.failed += 1
+        self.failed.append(index)
         log.warning("unit=%d job=%s failed: %s", index, self.jid, error.get("error"))
         if self.tally.failed > self.options.max_failed:
             raise UnitFailed(index, error.get("error", "?"), attempts=error.get("attempts", 0),
                              worker=error.get("worker", "?"), detail=error.get("traceback", ""))
 
     def maintain(self) -> None:
-        """Reissue what dead workers held; notice when no worker is left."""
+        """Reissue what dead workers held; notice lost data, a takeover, no workers left."""
         now = self.clock()
         if now < self.next_maintenance:
             return
         self.next_maintenance = now + self.options.maintain_every_s
+        owner = self.broker.owner(self.jid)
+        if owner is None:
+            self.rebuild()
+            return
+        if owner != self.owner:
+            raise Fenced(f"job {self.jid} was taken over by another coordinator; this one stops")
         for wid in self.broker.expired_workers(self.lease_ms):
             moved = self.broker.reissue(wid, charge=False, reason=f"worker {wid} lost its lease",
                                         lease_ms=self.lease_ms)
             if moved > 0:
                 log.warning("worker %s lost its lease; %d units reissued", wid, moved)
-        self.workers = len(self.broker.live_workers(self.lease_ms))
+        live = self.broker.live_workers(self.lease_ms)
+        self.workers = len(live)
+        self.hosts_seen.update(host_of(w) for w in live)
         self.stats = self.broker.job_stats(self.jid)
+        if now >= self.next_expiry:
+            self.next_expiry = now + 30
+            self.broker.expire_job(self.jid, self.options.keep_s, self.identity)
+        self.speculate()
+        self.check_workers(now, {host_of(w) for w in live})
+
+    def check_workers(self, now: float, alive: set[str]) -> None:
         if self.workers:
             self.no_worker_since = None
         elif self.no_worker_since is None:
             self.no_worker_since = now
         elif now - self.no_worker_since > self.options.worker_timeout:
-            raise NoWorkers(f"no live worker for {self.options.worker_timeout:g} s; "
-                            f"{self.tally.outstanding} units still to do")
+            lost = ", ".join(sorted(self.hosts_seen - alive)) or "none seen"
+            raise NoWorkers(f"no live worker for {self.options.worker_timeout:g} s "
+                            f"(hosts lost: {lost}); {self.tally.outstanding} units still to do")
+
+    def speculate(self) -> None:
+        """When only a few units are left and workers idle, give the slowest a second copy."""
+        t = self.tally
+        if not (self.options.speculate and t.exhausted and 0 < t.outstanding
+                and t.outstanding * 2 <= self.workers):
+            return
+        expected_ms = 1000 * (self.batcher.unit_s or 0.0) * self.batcher.size()
+        threshold = max(2000.0, 4 * expected_ms)
+        for msgid, wid, idle in self.broker.pending():
+            if idle > threshold and msgid not in self.copied:
+                self.copied.add(msgid)
+                copied = self.broker.copy_entry(self.jid, self.owner, msgid)
+                if copied:
+                    log.info("job=%s: %d straggling units on %s get a speculative copy",
+                             self.jid, copied, wid)
+
+    def rebuild(self) -> None:
+        """Redis lost the job (restarted without persistence, or flushed): register it again
+        and queue everything not gathered yet."""
+        log.error("job=%s is gone from Redis (restarted empty or flushed): queueing again every "
+                  "unit not yet gathered", self.jid)
+        note("rebuilt", self.jid, self.identity, self.job.path, self.broker.where)
+        self.broker.ensure_group()
+        self.skip = self.sent = 0
+        self.unsent = []
+        self.last_id = "0-0"
+        self.tally.exhausted = False
+        opened = open_job(self.broker, self.job, self.params, self.seed, jid=self.jid,
+                          owner=self.owner, key=self.key, max_attempts=self.options.max_attempts,
+                          resume=None, auto=self.options.auto_resume)
+        self.jid = opened.jid
+        self.broker.expire_job(self.jid, self.options.keep_s, self.identity)
+        self.units = self.scatter()
 
     def check_deadline(self) -> None:
         timeout = self.options.timeout
@@ -277,21 +402,21 @@ class Coordinator:
     # -- the end ----------------------------------------------------------------------------
 
     def finish(self) -> Any:
-        if self.job.reduce is not None:
-            gathered = None if self.accumulator is _EMPTY else self.accumulator
-        else:
-            gathered = [self.results.get(i) for i in range(self.tally.scattered)]
-            self.results.clear()
+        gathered = self.results.gathered(self.tally.scattered)
         try:
             return self.job.gather(gathered, self.params)
         except Exception as exc:  # noqa: BLE001
             raise self.user_error("gather()", exc) from None
 
-    def cleanup(self) -> None:
+    def close(self, purge: bool) -> None:
+        """Remove the job from Redis (done or failed), or keep it for a later resume."""
         try:
-            self.broker.purge_job(self.jid)
+            if purge:
+                self.broker.purge_job(self.jid, self.owner, self.identity)
+            note("finished" if purge else "kept", self.jid, self.identity, self.job.path,
+                 self.broker.where)
         except (redis.RedisError, ClusterError) as exc:
-            log.warning("job=%s: could not remove the job's keys from Redis: %s", self.jid, exc)
+            log.warning("job=%s: could not clean up in Redis: %s", self.jid, exc)
 
     @property
     def lease_ms(self) -> int:

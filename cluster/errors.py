@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
     USAGE = 2  # bad command line, bad --param, missing or broken job file
     INFRA = 3  # Redis unreachable or refusing us, no worker, lost workers
     TIMEOUT = 4  # --timeout elapsed
+    PARTIAL = 5  # finished, but units failed for good within the --max-failed budget
     INTERRUPTED = 130  # Ctrl-C / SIGTERM
 
 
@@ -90,6 +91,10 @@ class RedisUnavailable(InfraError):
 
 class NoWorkers(InfraError):
     """No live worker took part within the allowed time."""
+
+
+class Fenced(InfraError):
+    """Another coordinator took the job over; this one must stop."""
 
 
 class JobTimeout(ClusterError):

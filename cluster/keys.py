@@ -16,14 +16,19 @@ key                            type    meaning
 {p}agent:{aid}                 HASH    host, pid, version, cpus, key fingerprint, started
 {p}shutdown                    STRING  present: every agent stops (``cluster down``)
 {p}jobs                        SET     ids of the jobs being run
-{p}job:{jid}                   HASH    name, code, sig, seed, max_attempts, owner (the
-                                       coordinator's fencing token), started
+{p}resume:{identity}           STRING  id of the unfinished job with this identity (hash of job
+                                       code, params and seed), so a re-run resumes it
+{p}job:{jid}                   HASH    name, path, code, sig, seed, params, identity,
+                                       max_attempts, owner (the coordinator's fencing token),
+                                       scattered (units added), total (once scatter is done)
 {p}job:{jid}:recorded          STRING  bitmap: bit i is set once unit i's result (or its final
                                        failure) is recorded. First one wins.
 {p}job:{jid}:results           STREAM  what was recorded, in recording order: ``w`` worker,
                                        ``t`` compute seconds, ``<index>`` -> encoded result;
                                        or a failure: ``f`` index, ``e`` JSON error
 {p}job:{jid}:stats             HASH    recorded, failed, duplicates, stale, reissued, retried
+{p}job:{jid}:digests           STRING  8 bytes per unit: digest of its recorded result, to tell
+                                       a differing duplicate (nondeterministic compute)
 {p}job:{jid}:blobs             HASH    ``<msgid>:<index>`` -> a large encoded result, which the
                                        results entry names as ``R<msgid>:<index>`` (large values
                                        stay out of Lua, which would copy them twice)
@@ -88,12 +93,18 @@ class Keys:
     def blobs(self, jid: str) -> str:
         return f"{self.prefix}job:{jid}:blobs"
 
+    def digests(self, jid: str) -> str:
+        return f"{self.prefix}job:{jid}:digests"
+
+    def resume(self, identity: str) -> str:
+        return f"{self.prefix}resume:{identity}"
+
     def job_keys(self, jid: str) -> list[str]:
         """Every key that belongs to one job (deleted together when it ends)."""
         return [self.job(jid), self.recorded(jid), self.results(jid), self.stats(jid),
-                self.blobs(jid)]
+                self.blobs(jid), self.digests(jid)]
 
     def job_templates(self) -> list[str]:
         """Per-job key names with ``{jid}`` left in, for Lua: job, recorded, results, stats,
-        blobs."""
+        blobs, digests."""
         return self.job_keys(JOB_ID)

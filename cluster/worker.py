@@ -7,6 +7,7 @@ it is idle); the worker also stops when its agent goes away.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -112,10 +113,12 @@ class Worker:
                         work.attempt, type(exc).__name__, exc)
             return self.failure(work, index, blob, "err", f"{type(exc).__name__}: {exc}", tb)
         try:
-            return Outcome(index, "ok", codec.encode(result))
+            payload = codec.encode(result)
         except CodecError as exc:
             return self.failure(work, index, blob, "fatal",
                                 f"compute() returned a result that {exc}", "")
+        digest = hashlib.blake2b(payload, digest_size=8).digest()
+        return Outcome(index, "ok", payload, digest=digest)
 
     def failure(self, work: Work, index: int, blob: bytes, kind: str, error: str, tb: str
                 ) -> Outcome:

@@ -84,7 +84,7 @@ def test_an_expired_lease_is_found_and_a_late_renewal_refused(job: Broker):
     job.client.zadd(job.keys.workers, {"w1": 0})  # last renewed long ago
     assert job.expired_workers(1000) == ["w1"]
     assert job.reissue("w1", charge=False, reason="lost", lease_ms=1000) == 1
-    _, _, refused = job.renew("agent", ["w1", "w2"])
+    _, refused, _ = job.renew("agent", ["w1", "w2"])
     assert refused == ["w1"]
 
 
@@ -136,7 +136,7 @@ def test_a_fenced_coordinator_cannot_add_units(job: Broker):
 def test_purge_leaves_nothing_of_the_job(job: Broker):
     job.add_units(JID, OWNER, [[(0, codec.encode(0))], [(1, codec.encode(1))]])
     job.read_work("w1", 0)
-    job.purge_job(JID)
+    job.purge_job(JID, OWNER)
     assert job.client.xlen(job.keys.units) == 0 and pending(job) == 0
     assert not job.client.exists(*job.keys.job_keys(JID))
     assert not job.client.sismember(job.keys.jobs, JID)
@@ -166,5 +166,5 @@ def test_large_results_travel_beside_the_script_and_duplicates_leave_no_blob(job
     ref = fields[b"0"]
     assert ref[:1] == b"R"
     np.testing.assert_array_equal(codec.decode(job.fetch_blobs(JID, [ref])[0]), big)
-    job.purge_job(JID)
+    job.purge_job(JID, OWNER)
     assert not job.client.exists(job.keys.blobs(JID))

@@ -1,0 +1,86 @@
+"""What the coordinator holds of a job's results, and the run's summary.
+
+``Results`` is the coordinator's own first-result-wins guard: whatever Redis says (it may have
+lost its data and be recording units a second time), a unit's result is taken once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .plan import Tally
+
+_EMPTY = object()  # the accumulator before the first result
+
+
+class Results:
+    """Results by index, or folded into an accumulator by the job's ``reduce``."""
+
+    def __init__(self, reduce: Callable[[Any, Any], Any] | None) -> None:
+        self.reduce = reduce
+        self.values: dict[int, Any] = {}
+        self.accumulator: Any = _EMPTY
+        self.taken = bytearray()
+
+    def is_taken(self, index: int) -> bool:
+        byte = index >> 3
+        return byte < len(self.taken) and bool(self.taken[byte] & (1 << (index & 7)))
+
+    def mark(self, index: int) -> bool:
+        """Mark ``index`` as done; False when it already was (a duplicate)."""
+        if self.is_taken(index):
+            return False
+        byte = index >> 3
+        if byte >= len(self.taken):
+            self.taken.extend(bytes(byte + 1 - len(self.taken) + len(self.taken) // 2))
+        self.taken[byte] |= 1 << (index & 7)
+        return True
+
+    def add(self, index: int, value: Any) -> None:
+        """Keep (or fold) the result of a unit just marked."""
+        if self.reduce is None:
+            self.values[index] = value
+        elif self.accumulator is _EMPTY:
+            self.accumulator = value
+        else:
+            self.accumulator = self.reduce(self.accumulator, value)
+
+    def gathered(self, count: int) -> Any:
+        """What ``gather`` receives: results in scatter order (None for a failed unit), or
+        the accumulator."""
+        if self.reduce is not None:
+            return None if self.accumulator is _EMPTY else self.accumulator
+        ordered = [self.values.get(i) for i in range(count)]
+        self.values.clear()
+        return ordered
+
+
+@dataclass
+class RunResult:
+    jid: str
+    value: Any
+    tally: Tally
+    seconds: float
+    stats: dict[str, int] = field(default_factory=dict)
+    failed: list[int] = field(default_factory=list)
+    mismatched: list[int] = field(default_factory=list)
+
+    def summary(self) -> str:
+        t, s = self.tally, self.stats
+        hosts = len(t.hosts())
+        rate = t.done / self.seconds if self.seconds > 0 else 0.0
+        line = (f"{t.done} units on {len(t.by_worker)} workers ({hosts} host"
+                f"{'' if hosts == 1 else 's'}) in {self.seconds:.1f} s, {rate:.1f} units/s, "
+                f"{s.get('reissued', 0)} reissued, "
+                f"{s.get('duplicates', 0) + s.get('stale', 0)} duplicates discarded")
+        if s.get("speculated"):
+            line += f", {s['speculated']} speculative copies"
+        if self.mismatched:
+            line += f", {len(self.mismatched)} nondeterministic"
+        if self.failed:
+            shown = ", ".join(map(str, self.failed[:10])) + ("..." if len(self.failed) > 10
+                                                              else "")
+            line += f", {len(self.failed)} failed (units {shown})"
+        return line

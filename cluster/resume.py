@@ -1,0 +1,90 @@
+"""Starting a job, or picking up one whose coordinator died.
+
+A job's state lives in Redis (with AOF on a cluster that `up` started): the units queued, the
+results recorded, how many units scatter has produced. A job is found again by its id
+(``--resume JOB_ID``) or, when the same command runs again (cron), by its identity: a hash of the
+job's code, params and seed. Taking a job over changes its owner token, which fences the previous
+coordinator off. A small local journal (one JSON line per event) records which job ids were
+started, resumed, kept and finished, so a user can find them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import codec
+from .broker import Broker
+from .errors import UsageError
+from .jobfile import Job
+
+JOURNAL = Path("~/.local/state/cluster/journal.jsonl")
+
+
+@dataclass(frozen=True)
+class Opened:
+    jid: str
+    identity: str
+    resumed: bool
+    scattered: int = 0  # units already queued by the previous coordinator
+    total: int | None = None  # known when its scatter had finished
+
+
+def identity(job: Job, params: dict[str, Any], seed: int) -> str:
+    text = json.dumps([job.source, params, seed], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def open_job(broker: Broker, job: Job, params: dict[str, Any], seed: int, *, jid: str,
+             owner: str, key: bytes, max_attempts: int, resume: str | None, auto: bool
+             ) -> Opened:
+    """Resume ``resume`` (or, with ``auto``, the unfinished job of the same identity), or
+    register a new job ``jid``."""
+    ident = identity(job, params, seed)
+    wanted = resume
+    if wanted is None and auto:
+        found = broker.client.get(broker.keys.resume(ident))
+        wanted = found.decode() if found else None
+    if wanted:
+        fields = broker.job_fields(wanted)
+        if fields is None and resume:
+            raise UsageError(f"job {resume} is not in Redis (it finished, failed, was "
+                             "cancelled or expired)")
+        if fields is not None:
+            if fields.get("identity") != ident:
+                raise UsageError(f"job {wanted} was submitted with other code, params or seed; "
+                                 "run the same job file and --param values to resume it")
+            broker.take_over(wanted, owner)
+            total = fields.get("total")
+            note("resumed", wanted, ident, job.path, broker.where)
+            return Opened(wanted, ident, True, int(fields.get("scattered", 0)),
+                          int(total) if total else None)
+    code = job.source.encode()
+    broker.create_job(jid, {
+        "name": job.name, "path": job.path, "code": code, "sig": codec.sign(key, code),
+        "seed": seed, "params": json.dumps(params, default=str), "identity": ident,
+        "max_attempts": max_attempts, "owner": owner, "scattered": 0,
+        "started": broker.server_time_ms(),
+    })
+    if auto:
+        broker.client.set(broker.keys.resume(ident), jid)
+    note("started", jid, ident, job.path, broker.where)
+    return Opened(jid, ident, False)
+
+
+def note(event: str, jid: str, ident: str, path: str, where: str) -> None:
+    """Append one line to the local journal (best effort: a read-only home is no error)."""
+    file = Path(os.environ.get("CLUSTER_JOURNAL") or JOURNAL).expanduser()
+    line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event,
+                       "job": jid, "identity": ident, "file": path, "redis": where})
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with file.open("a") as f:
+            f.write(line + "\n")
+    except OSError:
+        pass
