@@ -62,6 +62,7 @@ class Slot:
     wid: str = ""
     proc: subprocess.Popen[bytes] | None = None
     usage: psutil.Process | None = None  # for CPU load and memory in `cluster status`
+    kill_at: float | None = None  # asked to stop: killed if still there by then
     restart_at: float = 0.0
     deaths: int = 0
 
@@ -182,6 +183,9 @@ class Agent:
 
     def check_workers(self) -> None:
         for slot in self.slots:
+            if slot.kill_at is not None and slot.proc is not None and self.clock() > slot.kill_at \
+                    and slot.proc.poll() is None:
+                slot.proc.kill()
             if slot.proc is not None and slot.proc.poll() is not None:
                 self.worker_died(slot, describe_exit(slot.proc.returncode))
             if slot.proc is None and self.clock() >= slot.restart_at and not self.stopping:
@@ -191,6 +195,7 @@ class Agent:
         moved = self.broker.reissue(slot.wid, charge=True, reason=f"worker {slot.wid} {how}")
         log.warning("worker %s %s; %d units reissued", slot.wid, how, moved)
         slot.proc = None
+        slot.kill_at = None
         slot.deaths += 1
         slot.restart_at = self.clock() + min(0.05 * 2 ** min(slot.deaths, 7), 5.0)
 
@@ -240,9 +245,12 @@ class Agent:
             self.register()
             self.broker.ensure_group()
         for slot in self.slots:
-            if slot.wid in refused and slot.proc is not None:
-                log.warning("worker %s lost its lease; restarting it", slot.wid)
-                slot.proc.kill()
+            if slot.wid in refused and slot.proc is not None and slot.kill_at is None:
+                # its units went to others: let it commit what it holds (discarded as stale,
+                # compared with the recorded result), then it is replaced
+                log.warning("worker %s lost its lease; replacing it", slot.wid)
+                slot.proc.terminate()
+                slot.kill_at = self.clock() + self.settings.stop_grace_s
         if shutdown and not self.stopping:
             log.info("shutdown requested through Redis")
             self.stopping = True

@@ -212,10 +212,12 @@ class Broker:
 
     # -- worker --------------------------------------------------------------------------------
 
-    def read_work(self, wid: str, block_ms: int) -> Work | None:
+    def read_work(self, wid: str, block_ms: int, own: bool = False) -> Work | None:
+        """The next entry for worker ``wid``; with ``own``, one already delivered to it and
+        not acknowledged (after a lost connection, a delivery may never have reached it)."""
         try:
-            reply = self.client.xreadgroup(GROUP, wid, {self.keys.units: ">"}, count=1,
-                                           block=block_ms)
+            reply = self.client.xreadgroup(GROUP, wid, {self.keys.units: "0" if own else ">"},
+                                           count=1, block=None if own else block_ms)
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -224,6 +226,9 @@ class Broker:
         if not reply or not reply[0][1]:
             return None
         msgid, fields = reply[0][1][0]
+        if not fields:  # delivered, then deleted (its job was purged): nothing to do
+            self.client.xack(self.keys.units, GROUP, msgid)
+            return self.read_work(wid, block_ms, own) if own else None
         items = list(fields.items())
         jid, attempt = items[0][1].decode(), int(items[1][1])
         units = [(int(k), v) for k, v in items[2:]]

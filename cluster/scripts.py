@@ -3,8 +3,9 @@
 
 - ``ADD``: a coordinator appends a batch of units, fenced by its owner token, and counts them.
 - ``RECORD``: a worker commits a batch: for each unit, the first result wins (a bit in the job's
-  ``recorded`` bitmap, and its digest kept), a duplicate is discarded, counted and compared with
-  the recorded one (a differing digest is reported: nondeterministic compute); a unit that raised
+  ``recorded`` bitmap); a duplicate is discarded and counted. The first digest seen for a unit
+  is kept and every later result's compared with it, in whichever order they come (a differing
+  one is reported: nondeterministic compute). A unit that raised
   is re-queued until it runs out of attempts, then recorded as failed; then the entry is
   acknowledged. A commit for an entry no longer pending for that worker (its lease was lost and
   the entry was reissued) is discarded and counted as stale.
@@ -40,12 +41,17 @@ local n = (#ARGV - 6) / 5
 local function drop(payload)  -- a large result sent beside the script, not recorded
   if string.sub(payload, 1, 1) == 'R' then redis.call('HDEL', blobs, string.sub(payload, 2)) end
 end
-local function compare(idx, digest)  -- a later result for a recorded unit: is it the same?
+local ZERO = string.rep('\0', 8)
+local function compare(idx, digest)  -- two results for one unit: are they the same?
   if digest == '' then return end
-  local first = redis.call('GETRANGE', digests, idx * 8, idx * 8 + 7)
-  if #first == 8 and first ~= digest then
-    redis.call('HINCRBY', stats, 'mismatched', 1)
-    redis.call('XADD', results, '*', 'm', idx, 'w', wid)
+  local seen = redis.call('GETRANGE', digests, idx * 8, idx * 8 + 7)
+  if #seen == 8 and seen ~= ZERO then
+    if seen ~= digest then
+      redis.call('HINCRBY', stats, 'mismatched', 1)
+      redis.call('XADD', results, '*', 'm', idx, 'w', wid)
+    end
+  else
+    redis.call('SETRANGE', digests, idx * 8, digest)
   end
 end
 if redis.call('EXISTS', job) == 0 then
@@ -57,9 +63,7 @@ end
 if #redis.call('XPENDING', units, group, msgid, msgid, 1, wid) == 0 then
   for i = 7, #ARGV, 5 do
     drop(ARGV[i + 2])
-    if ARGV[i + 1] == 'ok' and redis.call('GETBIT', recorded, ARGV[i]) == 1 then
-      compare(tonumber(ARGV[i]), ARGV[i + 4])
-    end
+    if ARGV[i + 1] == 'ok' then compare(tonumber(ARGV[i]), ARGV[i + 4]) end
   end
   redis.call('HINCRBY', stats, 'stale', n)
   return {0, 0}
@@ -76,7 +80,7 @@ for i = 7, #ARGV, 5 do
     dups = dups + 1
   elseif kind == 'ok' then
     redis.call('SETBIT', recorded, idx, 1)
-    if digest ~= '' then redis.call('SETRANGE', digests, tonumber(idx) * 8, digest) end
+    compare(tonumber(idx), digest)
     out[#out + 1] = idx
     out[#out + 1] = payload
     done = done + 1

@@ -51,11 +51,18 @@ class Worker:
         self.jobs: dict[str, LoadedJob | None] = {}
         self.idle = True
         self.stopping = False
+        self.recovering = True  # first take back what was delivered to us and not recorded
+        self.unrecorded: tuple[Work, float, list[Outcome]] | None = None  # commit to retry
 
     def run(self) -> None:
+        if self.unrecorded is not None:  # computed before Redis went away: commit it now
+            self.commit(*self.unrecorded)
         while not self.stopping and (self.parent is None or os.getppid() == self.parent):
             self.idle = True
-            work = self.broker.read_work(self.wid, self.block_ms)
+            work = self.broker.read_work(self.wid, self.block_ms, own=self.recovering)
+            if work is None and self.recovering:
+                self.recovering = False
+                continue
             self.idle = False
             if work is not None:
                 self.handle(work)
@@ -66,8 +73,14 @@ class Worker:
                                 mapping={"job": work.jid, "unit": work.units[0][0]})
         started = time.perf_counter()
         outcomes = [] if job is None else [self.run_unit(job, work, i, b) for i, b in work.units]
-        seconds = time.perf_counter() - started
+        self.commit(work, time.perf_counter() - started, outcomes)
+
+    def commit(self, work: Work, seconds: float, outcomes: list[Outcome]) -> None:
+        """Record a batch; kept for a retry if Redis is unreachable (when it is back, a batch
+        reissued meanwhile is discarded as stale, and compared with what was recorded)."""
+        self.unrecorded = (work, seconds, outcomes)
         done, dups = self.broker.record(work, self.wid, seconds, outcomes)
+        self.unrecorded = None
         log.debug("← job=%s units=%d recorded=%d duplicates=%d %.3fs", work.jid,
                   len(work.units), done, dups, seconds)
 
@@ -154,13 +167,15 @@ def main() -> int:
 def run_forever(worker: Worker, parent: int) -> int:
     """Run, riding out Redis outages, until asked to stop or orphaned."""
     backoff = 0.1
-    while not worker.stopping and os.getppid() == parent:
+    while (not worker.stopping or worker.unrecorded) and os.getppid() == parent:
         try:
             worker.run()
+            backoff = 0.1
         except (redis.ConnectionError, redis.TimeoutError, RedisUnavailable) as exc:
+            worker.recovering = True
             log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
             time.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+            backoff = min(backoff * 2, 1.0)
     return 0
 
 

@@ -168,3 +168,32 @@ def test_large_results_travel_beside_the_script_and_duplicates_leave_no_blob(job
     np.testing.assert_array_equal(codec.decode(job.fetch_blobs(JID, [ref])[0]), big)
     job.purge_job(JID, OWNER)
     assert not job.client.exists(job.keys.blobs(JID))
+
+
+def digest(value: object) -> bytes:
+    import hashlib
+
+    return hashlib.blake2b(codec.encode(value), digest_size=8).digest()
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_a_differing_duplicate_is_reported_as_nondeterminism(job: Broker, same: bool):
+    job.add_units(JID, OWNER, [[(0, codec.encode(0))], [(0, codec.encode(0))]])
+    first, second = job.read_work("w1", 0), job.read_work("w2", 0)
+    job.record(first, "w1", 0.0, [Outcome(0, "ok", codec.encode(1), digest=digest(1))])
+    other = 1 if same else 2
+    job.record(second, "w2", 0.0, [Outcome(0, "ok", codec.encode(other), digest=digest(other))])
+    flagged = [int(f[b"m"]) for _, f in job.read_results(JID, "0-0", 10, 0) if b"m" in f]
+    assert flagged == ([] if same else [0])
+    assert job.job_stats(JID).get("mismatched", 0) == (0 if same else 1)
+
+
+def test_a_stale_result_before_the_recorded_one_is_compared_too(job: Broker):
+    job.add_units(JID, OWNER, [[(0, codec.encode(0))]])
+    lost = job.read_work("w1", 0)
+    job.reissue("w1", charge=False, reason="lease expired")
+    again = job.read_work("w2", 0)
+    job.record(lost, "w1", 0.0, [Outcome(0, "ok", codec.encode(5), digest=digest(5))])  # stale
+    job.record(again, "w2", 0.0, [Outcome(0, "ok", codec.encode(6), digest=digest(6))])
+    assert job.job_stats(JID)["mismatched"] == 1
+    assert recorded(job) == {0: 6}  # the stale one was not recorded

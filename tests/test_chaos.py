@@ -1,0 +1,586 @@
+"""Chaos on real hosts: workers, agents and whole hosts are killed, stopped or cut off the
+network while a job runs on three namespace hosts (tests/netns.py), bootstrapped once over real
+SSH by `cluster up`.
+
+Every test checks the same invariants at the end:
+- the exit code;
+- the output is the fault-free one: every unit once, in scatter order, with its value;
+- nothing of the job is left in Redis: no pending or queued unit, no ``<prefix>job:*`` key;
+- no stray process: each host's namespace holds sshd (and node1's Redis), one agent and its one
+  worker, alive and healthy, as `cluster status` also says, before the next test starts.
+
+Victims are picked deterministically: the first unit to start on a given host is made slow
+(tests/jobs/chaos_units.py), so it is surely mid-unit when the fault hits. No assertion is about
+time; subprocess timeouts only stop a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import IN_CI, ROOT, SAMPLES, need, run_cli
+from netns import NsHost, NsNetwork, sshd_binary
+
+from cluster.errors import ExitCode
+
+pytestmark = pytest.mark.slow
+
+JOB = SAMPLES / "chaos_units.py"
+LEASE = 2  # seconds: small, so that lost units come back quickly
+REDIS_GRACE = 30  # agents ride out a network cut much shorter than this
+
+
+def need_root_network() -> None:
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("root")
+    if sshd_binary() is None:
+        problems.append("openssh-server")
+    if problems:
+        message = f"namespace hosts need {' and '.join(problems)}"
+        if IN_CI:
+            pytest.fail(message + " (required under CI=true)")
+        pytest.skip(message)
+    need("ip")
+    need("ssh-keygen")
+    need("redis-server")
+
+
+# -- processes in a host's namespace ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    ppid: int
+    state: str  # R, S, D, T (stopped), Z (zombie)...
+    cmd: str
+
+    @property
+    def kind(self) -> str:
+        if "sshd" in self.cmd:
+            return "sshd"
+        if "redis-server" in self.cmd:
+            return "redis"
+        if "cluster agent" in self.cmd:
+            return "agent"
+        if "cluster.worker" in self.cmd:
+            return "worker"
+        return "other"
+
+
+def processes(host: NsHost) -> list[Proc]:
+    found = []
+    for pid in host.pids():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat[stat.rindex(")") + 2:].split()
+        found.append(Proc(pid, int(fields[1]), fields[0], cmd.strip()))
+    return found
+
+
+def of_kind(host: NsHost, kind: str) -> list[Proc]:
+    return [p for p in processes(host) if p.kind == kind]
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {timeout:g} s waiting for: {what}")
+        time.sleep(0.02)
+
+
+# -- the site: three hosts, their hosts.ini, their Redis ----------------------------------------
+
+
+@dataclass
+class Site:
+    net: NsNetwork
+    work: Path
+
+    @property
+    def ini(self) -> Path:
+        return self.work / "hosts.ini"
+
+    @property
+    def state(self) -> Path:
+        return self.work / "state"
+
+    def write_ini(self) -> None:
+        lines = ["[cluster]", "name = chaos", "redis = node1",
+                 f"identity_file = {self.net.client_key}", f"python = {sys.executable}",
+                 f"state_dir = {self.state}", "connect_timeout = 3",
+                 f"redis_grace = {REDIS_GRACE}", ""]
+        for h in self.net.hosts:
+            lines += [f"[host {h.name}]", f"address = {h.address}",
+                      f"install_dir = {h.install_dir}", "cores = 1", ""]
+        self.ini.write_text("\n".join(lines))
+
+    def host(self, name: str) -> NsHost:
+        return next(h for h in self.net.hosts if h.name == name)
+
+    def hosts_param(self) -> str:
+        """Namespace inode -> host name, for the job to say where each unit ran."""
+        return json.dumps({str(os.stat(f"/run/netns/{h.netns}").st_ino): h.name
+                           for h in self.net.hosts}, separators=(",", ":"))
+
+    def credentials(self) -> dict[str, str]:
+        return json.loads((self.state / "credentials.json").read_text())
+
+    def redis(self) -> redis.Redis:
+        creds = self.credentials()
+        return redis.Redis.from_url(creds["redis_url"], password=creds["password"],
+                                    socket_timeout=10)
+
+    @property
+    def prefix(self) -> str:
+        return self.credentials()["prefix"]
+
+    def up(self) -> dict[str, str]:
+        r = run_cli("up", str(self.ini), "--accept-new-host-keys", timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return rows(r.stdout)
+
+
+def rows(stdout: str) -> dict[str, str]:
+    """Host -> its row, from a per-host table."""
+    return {line.split()[0]: line for line in stdout.splitlines()[1:] if line.strip()}
+
+
+def status(site: Site) -> list[dict]:
+    r = run_cli("status", str(site.ini), "--json", timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def health_problems(site: Site) -> list[str]:
+    """What keeps the site from being healthy: one live agent per host with its one live,
+    running worker, both seen alive by `cluster status`, and nothing else in the namespace but
+    sshd (and node1's Redis)."""
+    try:
+        agents = status(site)
+    except (AssertionError, json.JSONDecodeError, subprocess.TimeoutExpired) as exc:
+        return [f"cluster status failed: {exc}"]
+    problems = []
+    for h in site.net.hosts:
+        procs = processes(h)
+        allowed = {"sshd", "agent", "worker"} | ({"redis"} if h.name == "node1" else set())
+        problems += [f"{h.name}: stray process {p}" for p in procs if p.kind not in allowed]
+        problems += [f"{h.name}: not running: {p}" for p in procs if p.state in "TtZX"]
+        if not any(p.kind == "sshd" for p in procs):
+            problems.append(f"{h.name}: no sshd")
+        mine = [p for p in procs if p.kind == "agent"]
+        workers = [p for p in procs if p.kind == "worker"]
+        if len(mine) != 1 or len(workers) != 1:
+            problems.append(f"{h.name}: {len(mine)} agents and {len(workers)} workers: {procs}")
+            continue
+        agent, worker = mine[0], workers[0]
+        if worker.ppid != agent.pid:
+            problems.append(f"{h.name}: worker {worker} is not a child of agent {agent}")
+        alive = [a for a in agents if a["host"] == h.name and a["state"] == "alive"]
+        if [a["pid"] for a in alive] != [agent.pid]:
+            problems.append(f"{h.name}: status shows live agents {[a['id'] for a in alive]}, "
+                            f"but the agent running is pid {agent.pid}")
+        elif [w["pid"] for w in alive[0]["workers"]] != [worker.pid]:
+            problems.append(f"{h.name}: status shows workers {alive[0]['workers']}, but the "
+                            f"worker running is pid {worker.pid}")
+    return problems
+
+
+def wait_healthy(site: Site, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        problems = health_problems(site)
+        if not problems:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("the site did not become healthy:\n" + "\n".join(problems))
+        time.sleep(0.3)
+
+
+def restore_sshd(site: Site, host: NsHost) -> None:
+    """A fresh sshd (with a new host key: netns regenerates it) for a host whose processes were
+    all killed; its old key is forgotten, so that `up --accept-new-host-keys` records the new
+    one."""
+    if host.sshd is not None:
+        if host.sshd.poll() is None:
+            host.sshd.kill()
+        host.sshd.wait(10)
+    for suffix in ("", ".pub"):
+        Path(f"{host.host_key}{suffix}").unlink(missing_ok=True)
+    site.net.start_sshd(host)
+    known = site.state / "known_hosts"
+    if known.exists():
+        kept = [line for line in known.read_text().splitlines()
+                if line.split()[:1] != [host.address]]
+        known.write_text("".join(f"{line}\n" for line in kept))
+
+
+def heal(site: Site) -> None:
+    """Bring the site back after a test that failed half-way: links up, stopped processes
+    continued, dead sshds restarted, agents (re)started by `up`."""
+    try:
+        wait_healthy(site, timeout=10)
+        return
+    except AssertionError:
+        pass
+    for h in site.net.hosts:
+        h.link(up=True)
+        for p in processes(h):
+            if p.state in "Tt":
+                os.kill(p.pid, signal.SIGCONT)
+        if h.sshd is None or h.sshd.poll() is not None:
+            restore_sshd(site, h)
+    site.up()
+    wait_healthy(site)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    need_root_network()
+    work = tmp_path_factory.mktemp("chaos")
+    net = NsNetwork(work / "net").open()
+    s = Site(net, work)
+    try:
+        for _ in range(3):
+            net.add_host()
+        s.write_ini()
+        s.up()
+        wait_healthy(s)
+        yield s
+    finally:
+        try:
+            if (s.state / "credentials.json").exists():
+                run_cli("down", str(s.ini), timeout=120)
+        finally:
+            net.close()
+
+
+@pytest.fixture(autouse=True)
+def healthy(site: Site) -> Iterator[None]:
+    """Each test starts on a healthy site, whatever the previous one left."""
+    heal(site)
+    yield
+
+
+# -- a job run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Start:
+    index: int
+    pid: int
+    host: str
+    slow: bool
+
+
+@dataclass
+class Run:
+    units: int
+    log: Path
+    out: Path
+    command: list[str]
+    proc: subprocess.Popen[str] = field(init=False)
+    stdout: str = ""
+    stderr: str = ""
+
+    def __post_init__(self) -> None:
+        self.proc = self.start()
+
+    def start(self) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, text=True, cwd=ROOT)
+
+    def lines(self, kind: str) -> list[list[str]]:
+        if not self.log.exists():
+            return []
+        return [line.split()[1:] for line in self.log.read_text().splitlines()
+                if line.startswith(kind + " ")]
+
+    def starts(self) -> list[Start]:
+        return [Start(int(f[0]), int(f[1]), f[2], f[3:] == ["slow"]) for f in self.lines("start")]
+
+    def ends(self) -> list[tuple[int, int, str]]:
+        return [(int(f[0]), int(f[1]), f[2]) for f in self.lines("end")]
+
+    def victim(self, host: str) -> Start:
+        """The slow unit on ``host``, once it has started: its worker is mid-unit."""
+        wait_for(lambda: any(s.slow and s.host == host for s in self.starts()), 60,
+                 f"the first unit on {host} to start")
+        return next(s for s in self.starts() if s.slow and s.host == host)
+
+    def rerun_elsewhere(self, victim: Start) -> bool:
+        return any(s.index == victim.index and s.host != victim.host for s in self.starts())
+
+    def finished(self, victim: Start) -> bool:
+        """Whether the victim's worker got to the end of the unit."""
+        return (victim.index, victim.pid, victim.host) in self.ends()
+
+    def wait(self, timeout: float = 120) -> int:
+        try:
+            self.stdout, self.stderr = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.stdout, self.stderr = self.proc.communicate()
+            raise AssertionError(f"submit did not return within {timeout:g} s: {self.stderr}"
+                                 ) from None
+        return self.proc.returncode
+
+    def again(self) -> int:
+        """The very same command again (same job, parameters and seed)."""
+        self.proc = self.start()
+        return self.wait()
+
+    def output(self) -> object:
+        return json.loads(self.out.read_text())
+
+    def summary(self, what: str) -> int:
+        found = re.search(rf"(\d+) {what}", self.stderr)
+        assert found, f"no '{what}' in the summary: {self.stderr}"
+        return int(found.group(1))
+
+
+def submit(site: Site, where: Path, units: int, sleep: float, *args: str,
+           **params: object) -> Run:
+    """`cluster submit` of chaos_units.py on the site, in the background."""
+    where.mkdir(parents=True, exist_ok=True)
+    log, out = where / "units.log", where / "out.json"
+    given = {"units": units, "sleep": sleep, "log": str(log), "hosts": site.hosts_param(),
+             **params}
+    command = [sys.executable, "-m", "cluster", "submit", str(JOB), "--hosts", str(site.ini),
+               "--lease", str(LEASE), "--output", str(out), "--progress", "none", *args]
+    for key, value in given.items():
+        text = json.dumps(value) if isinstance(value, bool) else str(value)
+        command += ["--param", f"{key}={text}"]
+    return Run(units, log, out, command)
+
+
+def expected(units: int, failed: tuple[int, ...] = ()) -> list[list[int] | None]:
+    return [None if i in failed else [i, i * i] for i in range(units)]
+
+
+def job_keys(site: Site) -> list[str]:
+    return sorted(k.decode() for k in site.redis().scan_iter(f"{site.prefix}job:*"))
+
+
+def assert_nothing_left_in_redis(site: Site) -> None:
+    client, prefix = site.redis(), site.prefix
+    units = f"{prefix}units"
+    assert client.xpending(units, "workers")["pending"] == 0, \
+        client.xpending_range(units, "workers", "-", "+", 100)
+    assert client.xrange(units) == [], "units still queued after the job"
+    assert job_keys(site) == []
+    assert client.smembers(f"{prefix}jobs") == set()
+
+
+def assert_completed(site: Site, run: Run, rc: int) -> None:
+    """Exit 0, the fault-free output, nothing left in Redis."""
+    print("SUMMARY", run.stderr)  # DEBUG
+    assert rc == 0, run.stderr
+    assert run.output() == expected(run.units), run.stderr
+    assert_nothing_left_in_redis(site)
+
+
+def assert_worker_of(host: NsHost, pid: int) -> None:
+    assert pid in [p.pid for p in of_kind(host, "worker")], f"{pid} is no worker on {host.name}"
+
+
+# -- the scenarios --------------------------------------------------------------------------------
+
+
+def test_sigkill_a_worker_mid_unit(site: Site, tmp_path: Path):
+    run = submit(site, tmp_path, 30, 0.2, slow_host="node2", slow_sleep=3)
+    victim = run.victim("node2")
+    assert_worker_of(site.host("node2"), victim.pid)
+    os.kill(victim.pid, signal.SIGKILL)
+    rc = run.wait()
+
+    assert_completed(site, run, rc)
+    assert run.summary("reissued") >= 1
+    assert [s.index for s in run.starts()].count(victim.index) >= 2  # it ran again
+    assert not run.finished(victim)
+    wait_healthy(site)  # the agent restarted its worker
+
+
+def test_sigkill_an_agent_and_with_it_its_worker(site: Site, tmp_path: Path):
+    node2 = site.host("node2")
+    run = submit(site, tmp_path, 30, 0.2, slow_host="node2", slow_sleep=5)
+    victim = run.victim("node2")
+    assert_worker_of(node2, victim.pid)
+    [agent] = of_kind(node2, "agent")
+    assert int((node2.install_dir / "agent.pid").read_text()) == agent.pid
+    os.kill(agent.pid, signal.SIGKILL)
+    rc = run.wait()
+
+    assert_completed(site, run, rc)  # on node1 and node3, once node2's lease lapsed
+    assert run.summary("reissued") >= 1
+    assert run.rerun_elsewhere(victim)
+    wait_for(lambda: not of_kind(node2, "agent") + of_kind(node2, "worker"), 30,
+             "node2's worker to die with its agent")
+
+    table = rows(run_cli("up", str(site.ini), timeout=300).stdout)
+    assert "started" in table["node2"], table
+    wait_healthy(site)
+    [back] = of_kind(node2, "agent")
+    assert back.pid != agent.pid
+    # Last, as it is the most likely to fail: "workers die with their agent, even when it is
+    # SIGKILLed" (README), so the orphan must not have computed on to the end of its unit.
+    assert not run.finished(victim), (
+        f"worker {victim.pid} outlived its SIGKILLed agent and finished unit {victim.index} "
+        "(its parent-death signal is SIGTERM, which a busy worker defers to the end of its "
+        "batch)")
+
+
+def test_kill_a_whole_host(site: Site, tmp_path: Path):
+    node3 = site.host("node3")
+    run = submit(site, tmp_path, 30, 0.2, slow_host="node3", slow_sleep=3)
+    victim = run.victim("node3")
+    site.net.kill_host(node3)  # sshd, agent and worker, all SIGKILLed
+    rc = run.wait()
+
+    assert_completed(site, run, rc)
+    assert run.summary("reissued") >= 1
+    assert run.rerun_elsewhere(victim) and not run.finished(victim)
+    wait_for(lambda: not node3.pids(), 10, "every process of node3 to be gone")
+
+    restore_sshd(site, node3)
+    table = site.up()
+    assert "started" in table["node3"], table
+    wait_healthy(site)
+
+
+def test_cut_a_host_off_the_network_longer_than_the_lease(site: Site, tmp_path: Path):
+    node2 = site.host("node2")
+    [agent] = of_kind(node2, "agent")
+    # The victim outlives the cut, so that its result arrives after it was reissued, over a
+    # connection that stayed idle through the cut; its agent's renewal, sent into the cut, is
+    # retransmitted later still (TCP backs off), so the stale commit arrives first.
+    run = submit(site, tmp_path, 50, 0.3, slow_host="node2", slow_sleep=5)
+    victim = run.victim("node2")
+    node2.link(up=False)
+    cut = time.monotonic()
+    try:
+        wait_for(lambda: run.rerun_elsewhere(victim), 30, "the cut-off unit to be reissued")
+        time.sleep(max(0.0, 2 * LEASE - (time.monotonic() - cut)))  # a cut of two leases
+    finally:
+        node2.link(up=True)
+    rc = run.wait()
+
+    assert_completed(site, run, rc)
+    assert run.summary("reissued") >= 1
+    assert run.finished(victim)  # it did compute its result ...
+    assert run.summary("duplicates discarded") >= 1  # ... which was discarded
+    assert [a.pid for a in of_kind(node2, "agent")] == [agent.pid]  # the agent rode it out
+    wait_healthy(site)
+
+
+def test_sigstop_a_worker_beyond_its_lease(site: Site, tmp_path: Path):
+    node3 = site.host("node3")
+    [agent] = of_kind(node3, "agent")
+    client = site.redis()
+    run = submit(site, tmp_path, 40, 0.3, slow_host="node3", slow_sleep=1)
+    victim = run.victim("node3")
+    os.kill(victim.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: run.rerun_elsewhere(victim), 30, "the stopped worker's unit to be "
+                 "reissued")
+        # Continue it just after its agent's heartbeat: the worker, whose unit is over by now,
+        # commits before the agent renews again, finds the lease gone and restarts it.
+        beat = client.zscore(f"{site.prefix}agents", f"node3/{agent.pid}")
+        wait_for(lambda: client.zscore(f"{site.prefix}agents", f"node3/{agent.pid}") != beat,
+                 10, "node3's agent's heartbeat")
+    finally:
+        os.kill(victim.pid, signal.SIGCONT)
+    rc = run.wait()
+
+    assert_completed(site, run, rc)
+    assert run.summary("reissued") >= 1
+    assert run.finished(victim)  # its late result ...
+    assert run.summary("duplicates discarded") >= 1  # ... was discarded
+    wait_healthy(site)
+
+
+def test_a_unit_much_longer_than_the_lease_is_not_reissued(site: Site, tmp_path: Path):
+    # 4 leases of numpy on node2, while the other two workers stay busy for longer than that
+    # (so the long unit is never the last one left, which a speculative copy could duplicate).
+    run = submit(site, tmp_path, 40, 0.5, slow_host="node2", slow_sleep=4 * LEASE, busy=True)
+    victim = run.victim("node2")
+    rc = run.wait()
+
+    assert_completed(site, run, rc)
+    assert run.summary("reissued") == 0
+    assert run.summary("duplicates discarded") == 0
+    assert [s.index for s in run.starts()].count(victim.index) == 1  # it ran exactly once
+    assert run.finished(victim)
+    wait_healthy(site)
+
+
+def test_poison_units(site: Site, tmp_path: Path):
+    # A unit that raises on every attempt fails the job, named, after --max-attempts.
+    raises = submit(site, tmp_path / "raises", 12, 0.05, "--max-attempts", "2", raise_index=3)
+    assert raises.wait() == ExitCode.JOB_FAILED, raises.stderr
+    assert re.search(r"cluster: error: unit 3\b", raises.stderr), raises.stderr
+    assert "unit 3 is poison" in raises.stderr
+    assert [s.index for s in raises.starts()].count(3) == 2
+    assert not raises.out.exists()
+    assert_nothing_left_in_redis(site)
+    wait_healthy(site)
+
+    # A unit that kills its worker on every attempt: the same, rather than looping forever.
+    dies = submit(site, tmp_path / "dies", 12, 0.05, "--max-attempts", "2", die_index=5)
+    assert dies.wait() == ExitCode.JOB_FAILED, dies.stderr
+    assert re.search(r"cluster: error: unit 5\b", dies.stderr), dies.stderr
+    assert [s.index for s in dies.starts()].count(5) == 2
+    assert not dies.out.exists()
+    assert_nothing_left_in_redis(site)
+    wait_healthy(site)
+
+    # Both, within --max-failed 2: the job completes, the poison gathered as None. (Exit 0 per
+    # the README; a PARTIAL exit code, where the product defines one, is the same outcome.)
+    both = submit(site, tmp_path / "both", 12, 0.05, "--max-attempts", "2", "--max-failed",
+                  "2", raise_index=3, die_index=5)
+    rc = both.wait()
+    assert rc == getattr(ExitCode, "PARTIAL", ExitCode.OK), both.stderr
+    assert both.output() == expected(12, failed=(3, 5)), both.stderr
+    assert re.search(r"\b2 failed", both.stderr), both.stderr
+    assert_nothing_left_in_redis(site)
+    wait_healthy(site)
+
+
+def test_all_hosts_lost(site: Site, tmp_path: Path):
+    run = submit(site, tmp_path, 30, 0.3, "--worker-timeout", "3")
+    wait_for(lambda: len(run.starts()) >= 3, 60, "three units to start")
+    for h in site.net.hosts:  # every agent and worker; Redis (on node1) and sshd stay
+        for p in of_kind(h, "agent") + of_kind(h, "worker"):
+            os.kill(p.pid, signal.SIGKILL)
+    rc = run.wait(timeout=30)  # lease, then --worker-timeout: well within this
+
+    assert rc == ExitCode.INFRA, run.stderr
+    assert "cluster: error: no live worker" in run.stderr, run.stderr
+    assert not run.out.exists()
+    for h in site.net.hosts:
+        assert not of_kind(h, "agent") + of_kind(h, "worker"), h.name
+    left = job_keys(site)  # removed, or kept for a resume and then said so, with its id
+    assert all(k.split(":job:")[1].split(":")[0] in run.stderr for k in left), (left, run.stderr)
+
+    table = site.up()
+    assert all("started" in table[h.name] for h in site.net.hosts), table
+    wait_healthy(site)
+    rc = run.again()  # the same command completes, fresh or resumed
+    assert_completed(site, run, rc)
+    wait_healthy(site)
