@@ -231,7 +231,7 @@ def test_a_paused_worker_is_reissued_and_its_late_result_discarded(cluster, tmp_
     assert count(r"(\d+) reissued", summary) >= 1
     assert starts(log)[index] == 2  # ran again elsewhere
     assert count(r"(\d+) duplicates discarded", summary) >= 1  # the late commit
-    assert "1 nondeterministic" in summary  # random results: the late one differed
+    assert count(r"(\d+) nondeterministic", summary) >= 1  # random: the late one differed
     assert len(output(tmp_path)) == 12
     assert_clean(aof)
 
