@@ -252,7 +252,8 @@ class Broker:
                 payload = b"R" + field.encode()
             args += (o.index, o.kind, payload, o.unit, o.digest)
         self._record(keys=[k.units, k.job(work.jid), k.recorded(work.jid), k.results(work.jid),
-                           k.stats(work.jid), k.blobs(work.jid), k.digests(work.jid)],
+                           k.stats(work.jid), k.blobs(work.jid), k.digests(work.jid),
+                           k.worker(wid)],
                      args=args, client=pipe)
         done, dups = pipe.execute()[-1]
         return int(done), int(dups)

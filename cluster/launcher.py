@@ -92,11 +92,14 @@ class Remote:
             f.write(text)
 
     def pid_alive(self, name: str) -> int | None:
+        """The pid in pidfile ``name`` if that process is still ours: a stale pidfile may name
+        a pid that some other program has been given since."""
         pid = self.read(name)
         if not pid.isdigit():
             return None
-        alive = self.sh(f"kill -0 {pid} 2>/dev/null && echo yes || true").strip()
-        return int(pid) if alive == "yes" else None
+        mine = "redis-server" if "redis" in name else "cluster agent"
+        args = self.sh(f"ps -o args= -p {pid} || true").strip()
+        return int(pid) if mine in args else None
 
     def stop_pid(self, name: str, grace: float = 15.0) -> bool:
         """TERM the process in pidfile ``name``, KILL it after ``grace``; True if it was up."""
@@ -218,6 +221,7 @@ class Launcher:
                 state = "restarted" if remote.stop_pid("agent.pid") else "started"
                 self.start_agent(remote, build)
             info = self.wait_for_heartbeat(broker, remote, host)
+        self.forget_lost_agents(broker, host, keep=f"{host.name}/{info.get('pid')}")
         return HostReport(host.name, state=state, cpus=info.get("cpus", ""),
                           pid=int(info.get("pid", 0)), version=info.get("version", ""))
 
@@ -229,6 +233,15 @@ class Launcher:
         remote.sh(f"echo {build} > {remote.q('agent.build')} && rm -f {remote.q('agent.pid')} "
                   f"&& cd {shlex.quote(remote.dir)} && (setsid nohup {command} "
                   f">> {remote.q('agent.log')} 2>&1 < /dev/null &)")
+
+    @staticmethod
+    def forget_lost_agents(broker: Broker, host: HostConfig, keep: str) -> None:
+        """Earlier agents of this host that died without unregistering (killed, host lost)."""
+        live = set(broker.live_agents(60_000))
+        for member in broker.client.zrange(broker.keys.agents, 0, -1):
+            aid = member.decode()
+            if aid.split("/")[0] == host.name and aid != keep and aid not in live:
+                broker.unregister_agent(aid)
 
     @staticmethod
     def agent_of(broker: Broker, host: HostConfig, pid: int) -> dict[str, str] | None:

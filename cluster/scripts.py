@@ -100,6 +100,7 @@ end
 if dups > 0 then redis.call('HINCRBY', stats, 'duplicates', dups) end
 redis.call('XACK', units, group, msgid)
 redis.call('XDEL', units, msgid)
+redis.call('HDEL', KEYS[8], 'job', 'unit')
 return {done, dups}
 """
 

@@ -103,6 +103,11 @@ class NsNetwork:
         return host
 
     def start_sshd(self, host: NsHost) -> None:
+        """Start (or restart, after ``kill_host``) the host's sshd, with a new host key."""
+        if host.sshd is not None:
+            host.sshd.wait(10)
+        for old in (host.host_key, Path(f"{host.host_key}.pub")):
+            old.unlink(missing_ok=True)
         run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host.host_key))
         authorized = host.home / "authorized_keys"
         shutil.copy(f"{self.client_key}.pub", authorized)
