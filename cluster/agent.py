@@ -207,7 +207,7 @@ class Agent:
         env = dict(os.environ)
         env.update({name: str(self.settings.threads) for name in THREAD_VARIABLES})
         proc = subprocess.Popen([sys.executable, "-m", "cluster.worker"], stdin=subprocess.PIPE,
-                                env=env, close_fds=True, preexec_fn=die_with_parent)
+                                env=env, close_fds=True, preexec_fn=_die_with_agent)
         pin(proc.pid, slot.cpu)
         config = {"wid": slot.wid, "agent_pid": os.getpid(), "log_level": self.settings.log_level,
                   "credentials": json.loads(self.creds.to_json())}
@@ -284,6 +284,11 @@ class Agent:
         for slot in self.slots:
             if slot.proc is not None and slot.proc.poll() is None:
                 slot.proc.kill()
+
+
+def _die_with_agent() -> None:
+    """A worker dies at once with its agent: whatever it held is reissued through its lease."""
+    die_with_parent(signal.SIGKILL)
 
 
 def _running(pid: int) -> bool:

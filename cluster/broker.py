@@ -90,14 +90,14 @@ class Broker:
     @classmethod
     def connect(
         cls, url: str, password: str | None = None, *, prefix: str = "cluster:",
-        timeout: float = 5.0,
+        timeout: float = 5.0, socket_timeout: float = 60.0,
     ) -> Broker:
         """Connect and check that Redis answers and accepts our credentials."""
         where = redact(url)
         with translate_errors(where):
             client = redis.Redis.from_url(
                 url, password=password or None, socket_connect_timeout=timeout,
-                socket_timeout=60, socket_keepalive=True, health_check_interval=30,
+                socket_timeout=socket_timeout, socket_keepalive=True, health_check_interval=30,
             )
             client.ping()
         broker = cls(client, Keys(prefix), where)
@@ -240,7 +240,8 @@ class Broker:
 
     def record(self, work: Work, wid: str, seconds: float, outcomes: Sequence[Outcome]
                ) -> tuple[int, int]:
-        """Commit a batch. Returns (results recorded, duplicates); (0, 0) when it was stale."""
+        """Commit a batch. Returns (results recorded, duplicates); (-2, 0) when it was stale
+        (this worker lost its lease), (-1, 0) when the job is gone."""
         k = self.keys
         pipe = self.client.pipeline(transaction=False)
         args: list[Any] = [GROUP, work.msgid, wid, f"{seconds:.6f}", work.jid, work.attempt]

@@ -278,7 +278,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
                              threads=args.threads, heartbeat_s=args.heartbeat,
                              redis_grace_s=args.redis_grace, log_level=args.log_level.upper(),
                              pidfile=args.pidfile)
-    broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+    # a short socket timeout: a silently cut network must not stall heartbeats past the grace
+    broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix,
+                            socket_timeout=max(1.0, 4 * args.heartbeat))
     agent = Agent(broker, creds, settings)
     signal.signal(signal.SIGTERM, agent.request_stop)
     signal.signal(signal.SIGINT, agent.request_stop)

@@ -66,7 +66,7 @@ if #redis.call('XPENDING', units, group, msgid, msgid, 1, wid) == 0 then
     if ARGV[i + 1] == 'ok' then compare(tonumber(ARGV[i]), ARGV[i + 4]) end
   end
   redis.call('HINCRBY', stats, 'stale', n)
-  return {0, 0}
+  return {-2, 0}
 end
 local max_attempts = tonumber(redis.call('HGET', job, 'max_attempts'))
 local out = {'w', wid, 't', seconds}

@@ -81,6 +81,11 @@ class Worker:
         self.unrecorded = (work, seconds, outcomes)
         done, dups = self.broker.record(work, self.wid, seconds, outcomes)
         self.unrecorded = None
+        if done == -2:
+            log.warning("job=%s: this worker lost its lease; its batch was reissued and its "
+                        "results discarded; stopping to be replaced", work.jid)
+            self.stopping = True
+            return
         log.debug("← job=%s units=%d recorded=%d duplicates=%d %.3fs", work.jid,
                   len(work.units), done, dups, seconds)
 
@@ -142,7 +147,7 @@ class Worker:
 
 def main() -> int:
     """Entry point of a worker process: ``python -m cluster.worker`` with JSON on stdin."""
-    die_with_parent()
+    die_with_parent(signal.SIGKILL)
     config: dict[str, Any] = json.loads(sys.stdin.read())
     parent = int(config["agent_pid"])
     logging.basicConfig(level=config.get("log_level", "INFO"),
@@ -150,7 +155,8 @@ def main() -> int:
     creds = Credentials.from_json(json.dumps(config["credentials"]), "stdin")
     if os.getppid() != parent:
         return 0
-    broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+    broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix,
+                            socket_timeout=10)
     worker = Worker(broker, config["wid"], creds.key, block_ms=config.get("block_ms", 500),
                     parent=parent)
 

@@ -64,7 +64,7 @@ def test_a_late_commit_after_reissue_is_discarded(job: Broker):
     assert job.reissue("w1", charge=False, reason="lease expired") == 2
     again = job.read_work("w2", 0)
     assert again is not None and again.attempt == 1 and len(again.units) == 2  # whole batch
-    assert job.record(lost, "w1", 0.0, [ok(0, "late"), ok(1, "late")]) == (0, 0)
+    assert job.record(lost, "w1", 0.0, [ok(0, "late"), ok(1, "late")]) == (-2, 0)
     assert job.record(again, "w2", 0.0, [ok(0, "x"), ok(1, "y")]) == (2, 0)
     assert recorded(job) == {0: "x", 1: "y"}
     stats = job.job_stats(JID)
@@ -162,7 +162,7 @@ def test_large_results_travel_beside_the_script_and_duplicates_leave_no_blob(job
     assert job.record(a, "w1", 0.0, [ok(0, big)]) == (1, 0)
     assert job.record(b, "w2", 0.0, [ok(0, big * 2)]) == (0, 1)  # duplicate
     job.reissue("w2", charge=False, reason="lost")
-    assert job.record(c, "w2", 0.0, [ok(1, big)]) == (0, 0)  # stale
+    assert job.record(c, "w2", 0.0, [ok(1, big)]) == (-2, 0)  # stale
     assert job.client.hlen(job.keys.blobs(JID)) == 1  # only the recorded one is kept
     (_, fields), = job.read_results(JID, "0-0", 10, 0)
     ref = fields[b"0"]

@@ -439,14 +439,8 @@ def test_sigkill_an_agent_and_with_it_its_worker(site: Site, tmp_path: Path):
     assert back.pid != agent.pid
 
 
-ORPHAN = ("cluster/proc.py die_with_parent() defaults to SIGTERM, the parent-death signal that "
-          "cluster/agent.py Agent.start_worker (preexec_fn) and cluster/worker.py main() set: a "
-          "worker busy in a unit when its agent is SIGKILLed takes it for a graceful stop and "
-          "computes to the end of its batch as an orphan, against the README's 'workers die "
-          "with their agent, even when it is SIGKILLed'")
 
 
-@pytest.mark.xfail(reason=ORPHAN, strict=False)
 def test_a_sigkilled_agents_busy_worker_dies_with_it(site: Site, tmp_path: Path):
     node2 = site.host("node2")
     run = submit(site, tmp_path, 30, 0.2, slow_host="node2", slow_sleep=4)
@@ -519,7 +513,7 @@ def test_sigstop_a_worker_beyond_its_lease(site: Site, tmp_path: Path):
         wait_for(lambda: run.rerun_elsewhere(victim), 30, "the stopped worker's unit to be "
                  "reissued")
         # Continue it just after its agent's heartbeat: the worker, whose unit is over by now,
-        # commits before the agent renews again, finds the lease gone and restarts it.
+        # commits before the agent's next renewal finds its lease gone and replaces it.
         beat = client.zscore(f"{site.prefix}agents", f"node3/{agent.pid}")
         wait_for(lambda: client.zscore(f"{site.prefix}agents", f"node3/{agent.pid}") != beat,
                  10, "node3's agent's heartbeat")
