@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="attempts per unit before the job fails (default 3)")
     submit.add_argument("--max-failed", type=int, default=0,
                         help="units allowed to fail for good; they gather as None (default 0)")
-    submit.add_argument("--lease", type=float, default=5.0, metavar="SECONDS",
-                        help="a worker whose lease is not renewed this long is lost (default 5)")
+    submit.add_argument("--lease", type=float, metavar="SECONDS",
+                        help="a worker whose lease is not renewed this long is lost (default: "
+                        "hosts.ini's lease, else 5)")
     submit.add_argument("--resume", metavar="JOB_ID", help="pick up this unfinished job (the "
                         "same job file and params); on a running cluster, re-running the same "
                         "command resumes its unfinished job by itself")
@@ -166,14 +167,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
         output.check_path(args.output)
     if args.max_attempts < 1 or args.max_failed < 0:
         raise UsageError("--max-attempts must be at least 1 and --max-failed at least 0")
-    creds = cluster_credentials(args.hosts) if args.hosts else resolve(args.redis,
-                                                                        args.credentials)
+    cfg = config.load(args.hosts) if args.hosts else None
+    creds = credentials.for_cluster(cfg, create=False) if cfg else resolve(args.redis,
+                                                                            args.credentials)
+    lease = args.lease or (cfg.lease if cfg else 5.0)
     if creds is None and args.resume:
         raise UsageError("--resume needs a running cluster (--redis, --credentials or --hosts): "
                          "a private local cluster does not outlive its submit")
     options = RunOptions(seed=args.seed, max_attempts=args.max_attempts,
                          max_failed=args.max_failed, timeout=args.timeout,
-                         worker_timeout=args.worker_timeout, lease_s=args.lease,
+                         worker_timeout=args.worker_timeout, lease_s=lease,
                          redis_grace_s=args.redis_grace, keep_s=int(args.keep * 3600),
                          speculate=args.speculate, resume=args.resume,
                          auto_resume=creds is not None and not args.fresh)

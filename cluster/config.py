@@ -13,6 +13,8 @@
     state_dir = ~/.config/cluster/lab   ; on this machine: credentials, known_hosts
     connect_timeout = 10            ; seconds, for SSH
     redis_grace = 60                ; agents stop when Redis is unreachable this long
+    heartbeat = 0.5                 ; agents renew heartbeats and leases this often (seconds)
+    lease = 5                       ; a worker not renewed this long is lost (submit --lease)
 
     [host node1]                    ; one section per host
     address = 10.0.0.11             ; default: the section's name
@@ -33,7 +35,8 @@ from pathlib import Path
 from .errors import UsageError
 
 CLUSTER_KEYS = {"name", "redis", "redis_port", "user", "port", "identity_file", "known_hosts",
-                "install_dir", "python", "state_dir", "connect_timeout", "redis_grace"}
+                "install_dir", "python", "state_dir", "connect_timeout", "redis_grace",
+                "heartbeat", "lease"}
 HOST_KEYS = {"address", "cores", "cpus", "user", "port", "python", "install_dir",
              "identity_file"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -98,6 +101,8 @@ class ClusterConfig:
     known_hosts: Path
     connect_timeout: float
     redis_grace: float = 60.0
+    heartbeat: float = 0.5
+    lease: float = 5.0
 
     @property
     def prefix(self) -> str:
@@ -204,7 +209,9 @@ class _Parsed:
             .expanduser(),
             connect_timeout=self.number("cluster", "connect_timeout",
                                         cluster.get("connect_timeout", "10")),
-            redis_grace=self.number("cluster", "redis_grace", cluster.get("redis_grace", "60")))
+            redis_grace=self.number("cluster", "redis_grace", cluster.get("redis_grace", "60")),
+            heartbeat=self.number("cluster", "heartbeat", cluster.get("heartbeat", "0.5")),
+            lease=self.number("cluster", "lease", cluster.get("lease", "5")))
 
     def host(self, section: str, defaults: dict[str, str | None]) -> HostConfig:
         self.check_keys(section, HOST_KEYS)

@@ -228,7 +228,8 @@ class Launcher:
     def start_agent(self, remote: Remote, build: str) -> None:
         args = ["agent", "--credentials", remote.path("credentials.json"), "--name",
                 remote.host.name, "--pidfile", remote.path("agent.pid"),
-                "--redis-grace", str(self.config.redis_grace), *remote.host.agent_cpu_args()]
+                "--redis-grace", str(self.config.redis_grace),
+                "--heartbeat", str(self.config.heartbeat), *remote.host.agent_cpu_args()]
         command = " ".join(shlex.quote(a) for a in [remote.path("venv/bin/cluster"), *args])
         remote.sh(f"echo {build} > {remote.q('agent.build')} && rm -f {remote.q('agent.pid')} "
                   f"&& cd {shlex.quote(remote.dir)} && (setsid nohup {command} "
