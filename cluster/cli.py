@@ -21,10 +21,12 @@ from .agent import Agent, AgentSettings, choose_cpus
 from .broker import Broker
 from .coordinator import Coordinator, RunOptions
 from .credentials import Credentials, resolve
+from .doctor import Doctor
 from .errors import ClusterError, ExitCode, UsageError
 from .jobfile import Job, load_job, parse_params
-from .launcher import Doctor, HostReport, Launcher
+from .launcher import Launcher
 from .local import LocalCluster
+from .remote import HostReport
 from .results import RunResult
 
 EXIT_INTERNAL = 70

@@ -21,7 +21,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import redis
 
@@ -39,27 +39,14 @@ from .errors import (
     UnitFailed,
 )
 from .jobfile import Job, user_traceback
-from .plan import Batcher, Tally, host_of
+from .plan import Batcher, Tally, host_of, speculation_threshold_ms
+from .progress import NoReporter, Reporter
 from .results import Results, RunResult
 from .resume import note, open_job
 
 log = logging.getLogger("cluster.coordinator")
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, RedisUnavailable)
 Batch = list[tuple[int, bytes]]
-
-
-class Reporter(Protocol):
-    def update(self, done: int, total: int | None, reissued: int) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class NoReporter:
-    def update(self, done: int, total: int | None, reissued: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass(frozen=True)
@@ -361,12 +348,9 @@ class Coordinator:
 
     def speculate(self) -> None:
         """When only a few units are left and workers idle, give the slowest a second copy."""
-        t = self.tally
-        if not (self.options.speculate and t.exhausted and 0 < t.outstanding
-                and t.outstanding * 2 <= self.workers):
+        threshold = speculation_threshold_ms(self.tally, self.batcher, self.workers)
+        if not self.options.speculate or threshold is None:
             return
-        expected_ms = 1000 * (self.batcher.unit_s or 0.0) * self.batcher.size()
-        threshold = max(2000.0, 4 * expected_ms)
         for msgid, wid, idle in self.broker.pending():
             if idle > threshold and msgid not in self.copied:
                 self.copied.add(msgid)

@@ -4,6 +4,7 @@
   per-message cost and large or slow units still spread over every worker.
 - ``Tally``: what has been scattered, recorded and failed, how many units may be queued ahead
   of the workers (so that scatter is consumed as workers keep up and never materialised).
+- ``speculation_threshold_ms``: when a straggling entry deserves a speculative copy.
 """
 
 from __future__ import annotations
@@ -83,3 +84,12 @@ class Tally:
 def host_of(wid: str) -> str:
     """Worker ids are ``host/agent pid/cpuN.generation``."""
     return wid.split("/", 1)[0]
+
+
+def speculation_threshold_ms(tally: Tally, batcher: Batcher, workers: int) -> float | None:
+    """How long an entry may run before it gets a speculative copy; None while there is no
+    room for copies (scatter not done, or fewer than half the workers idle)."""
+    if not (tally.exhausted and 0 < tally.outstanding and tally.outstanding * 2 <= workers):
+        return None
+    expected_ms = 1000 * (batcher.unit_s or 0.0) * batcher.size()
+    return max(2000.0, 4 * expected_ms)

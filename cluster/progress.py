@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Protocol, TextIO
 
 from tqdm import tqdm
+
+
+class Reporter(Protocol):
+    def update(self, done: int, total: int | None, reissued: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NoReporter:
+    def update(self, done: int, total: int | None, reissued: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class Bar:

@@ -48,3 +48,18 @@ def test_large_results_are_not_batched():
     b = Batcher(max_bytes=1 << 20)
     b.observe(4, 0.004, 4 * 8_000_000)  # fast units, 8 MB results
     assert b.size() == 1
+
+
+def test_speculation_only_at_the_tail_with_idle_workers():
+    from cluster.plan import speculation_threshold_ms
+
+    b = Batcher()
+    b.observe(1, 1.0)  # one-second units
+    t = Tally(scattered=10, recorded=9)
+    assert speculation_threshold_ms(t, b, workers=4) is None  # scatter not done
+    t.exhausted = True
+    assert speculation_threshold_ms(t, b, workers=4) == 4000.0
+    assert speculation_threshold_ms(t, b, workers=1) is None  # no idle worker
+    fast = Batcher()
+    fast.observe(100, 0.01)
+    assert speculation_threshold_ms(t, fast, workers=4) == 2000.0  # never under 2 s
