@@ -237,15 +237,26 @@ class Coordinator:
             if current:
                 self.unsent.append(current)
         if self.unsent:
-            try:
-                self.broker.add_units(self.jid, self.owner, self.unsent)
-            except redis.ResponseError as exc:
-                if "FENCED" in str(exc):
-                    raise Fenced(f"job {self.jid} was taken over by another coordinator; "
-                                 "this one stops") from None
-                raise
+            if not self.fenced(self.broker.add_units, self.jid, self.owner, self.unsent):
+                return
             self.sent += sum(len(b) for b in self.unsent)
             self.unsent = []
+
+    def fenced(self, script: Callable[..., Any], *args: Any) -> bool:
+        """Run a script that checks ownership: False (and the job rebuilt) when Redis lost the
+        job; ``Fenced`` when another coordinator owns it now."""
+        try:
+            script(*args)
+            return True
+        except redis.ResponseError as exc:
+            reply = str(exc).split("caused error: ")[-1]  # a pipeline prefixes its command
+            if reply.startswith("GONE"):
+                self.rebuild()
+                return False
+            if reply.startswith("FENCED"):
+                raise Fenced(f"job {self.jid} was taken over by another coordinator; "
+                             "this one stops") from None
+            raise
 
     def next_unit(self) -> tuple[int, bytes | None]:
         index = self.tally.scattered
@@ -354,10 +365,10 @@ class Coordinator:
         for msgid, wid, idle in self.broker.pending():
             if idle > threshold and msgid not in self.copied:
                 self.copied.add(msgid)
-                copied = self.broker.copy_entry(self.jid, self.owner, msgid)
-                if copied:
-                    log.info("job=%s: %d straggling units on %s get a speculative copy",
-                             self.jid, copied, wid)
+                if not self.fenced(self.broker.copy_entry, self.jid, self.owner, msgid):
+                    return
+                log.info("job=%s: straggling entry %s on %s gets a speculative copy",
+                         self.jid, msgid, wid)
 
     def rebuild(self) -> None:
         """Redis lost the job (restarted without persistence, or flushed): register it again

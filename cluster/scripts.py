@@ -23,7 +23,9 @@ local function jobkey(template, jid) return (string.gsub(template, '{jid}', jid)
 """
 
 ADD = """
-if redis.call('HGET', KEYS[2], 'owner') ~= ARGV[1] then
+local owner = redis.call('HGET', KEYS[2], 'owner')
+if not owner then return redis.error_reply('GONE job ' .. ARGV[2] .. ' is not in Redis') end
+if owner ~= ARGV[1] then
   return redis.error_reply('FENCED job ' .. ARGV[2] .. ' is owned by another coordinator')
 end
 local fields = {'j', ARGV[2], 'a', ARGV[3]}
@@ -220,7 +222,9 @@ return 1
 """
 
 COPY = """
-if redis.call('HGET', KEYS[2], 'owner') ~= ARGV[1] then
+local owner = redis.call('HGET', KEYS[2], 'owner')
+if not owner then return redis.error_reply('GONE job is not in Redis') end
+if owner ~= ARGV[1] then
   return redis.error_reply('FENCED job is owned by another coordinator')
 end
 local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])

@@ -1,6 +1,7 @@
 """Chaos on real hosts: workers, agents and whole hosts are killed, stopped or cut off the
 network while a job runs on three namespace hosts (tests/netns.py), bootstrapped once over real
-SSH by `cluster up`.
+SSH by `cluster up`; node1's Redis is restarted or flushed under a job; a coordinator is
+SIGKILLed and resumed, or taken over by a second one.
 
 Every test checks the same invariants at the end:
 - the exit code;
@@ -10,8 +11,9 @@ Every test checks the same invariants at the end:
   worker, alive and healthy, as `cluster status` also says, before the next test starts.
 
 Victims are picked deterministically: the first unit to start on a given host is made slow
-(tests/jobs/chaos_units.py), so it is surely mid-unit when the fault hits. No assertion is about
-time; subprocess timeouts only stop a hang.
+(tests/jobs/chaos_units.py), so it is surely mid-unit when the fault hits; or one unit is held
+until the test releases it (tests/jobs/chaos_held.py), so the job surely runs until then. No
+assertion is about time; subprocess timeouts only stop a hang.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +41,7 @@ from cluster.errors import ExitCode
 pytestmark = pytest.mark.slow
 
 JOB = SAMPLES / "chaos_units.py"
+HELD_JOB = SAMPLES / "chaos_held.py"
 LEASE = 2  # seconds: small, so that lost units come back quickly
 REDIS_GRACE = 30  # agents ride out a network cut much shorter than this
 
@@ -295,6 +300,7 @@ class Run:
     log: Path
     out: Path
     command: list[str]
+    env: dict[str, str] | None = None
     proc: subprocess.Popen[str] = field(init=False)
     stdout: str = ""
     stderr: str = ""
@@ -304,7 +310,7 @@ class Run:
 
     def start(self) -> subprocess.Popen[str]:
         return subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                stdin=subprocess.DEVNULL, text=True, cwd=ROOT)
+                                stdin=subprocess.DEVNULL, text=True, cwd=ROOT, env=self.env)
 
     def lines(self, kind: str) -> list[list[str]]:
         if not self.log.exists():
@@ -324,6 +330,16 @@ class Run:
                  f"the first unit on {host} to start")
         return next(s for s in self.starts() if s.slow and s.host == host)
 
+    def held(self) -> Start:
+        """The held unit (chaos_held.py), once it has started: the job cannot end until it is
+        released."""
+        wait_for(lambda: any(s.slow for s in self.starts()), 60, "the held unit to start")
+        return next(s for s in self.starts() if s.slow)
+
+    def counts(self) -> Counter[int]:
+        """How many times each unit started."""
+        return Counter(s.index for s in self.starts())
+
     def rerun_elsewhere(self, victim: Start) -> bool:
         return any(s.index == victim.index and s.host != victim.host for s in self.starts())
 
@@ -341,6 +357,18 @@ class Run:
                                  ) from None
         return self.proc.returncode
 
+    def kill(self) -> None:
+        """SIGKILL the coordinator (the `cluster submit` process)."""
+        self.proc.kill()
+        self.stdout, self.stderr = self.proc.communicate(timeout=30)
+
+    def resumed(self, jid: str, out: Path | None = None) -> Run:
+        """The same command with ``--resume JOB_ID`` (and maybe another output), started."""
+        command = [*self.command, "--resume", jid]
+        if out is not None:
+            command[command.index("--output") + 1] = str(out)
+        return Run(self.units, self.log, out or self.out, command, self.env)
+
     def again(self) -> int:
         """The very same command again (same job, parameters and seed)."""
         self.proc = self.start()
@@ -355,19 +383,43 @@ class Run:
         return int(found.group(1))
 
 
-def submit(site: Site, where: Path, units: int, sleep: float, *args: str,
-           **params: object) -> Run:
-    """`cluster submit` of chaos_units.py on the site, in the background."""
+def submit(site: Site, where: Path, units: int, sleep: float, *args: str, job: Path = JOB,
+           journal: Path | None = None, **params: object) -> Run:
+    """`cluster submit` of chaos_units.py (or ``job``) on the site, in the background; with
+    ``journal``, its local journal (CLUSTER_JOURNAL) goes there."""
     where.mkdir(parents=True, exist_ok=True)
     log, out = where / "units.log", where / "out.json"
     given = {"units": units, "sleep": sleep, "log": str(log), "hosts": site.hosts_param(),
              **params}
-    command = [sys.executable, "-m", "cluster", "submit", str(JOB), "--hosts", str(site.ini),
+    command = [sys.executable, "-m", "cluster", "submit", str(job), "--hosts", str(site.ini),
                "--lease", str(LEASE), "--output", str(out), "--progress", "none", *args]
     for key, value in given.items():
         text = json.dumps(value) if isinstance(value, bool) else str(value)
         command += ["--param", f"{key}={text}"]
-    return Run(units, log, out, command)
+    env = None if journal is None else {**os.environ, "CLUSTER_JOURNAL": str(journal)}
+    return Run(units, log, out, command, env)
+
+
+def journal_events(journal: Path, jid: str | None = None) -> list[tuple[str, str]]:
+    """(event, job id) of each line of a local journal, maybe only those of one job."""
+    if not journal.exists():
+        return []
+    lines = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
+    return [(e["event"], e["job"]) for e in lines if jid is None or e["job"] == jid]
+
+
+def started_job(journal: Path) -> str:
+    """The id of the job that the first coordinator journalled as started."""
+    wait_for(lambda: journal_events(journal), 30, f"a job id in {journal}")
+    event, jid = journal_events(journal)[0]
+    assert event == "started", journal.read_text()
+    return jid
+
+
+def recorded_units(site: Site, jid: str) -> set[int]:
+    """The units whose result Redis has recorded for a job (its ``recorded`` bitmap)."""
+    bits = site.redis().get(f"{site.prefix}job:{jid}:recorded") or b""
+    return {8 * i + b for i, byte in enumerate(bits) for b in range(8) if byte & (0x80 >> b)}
 
 
 def expected(units: int, failed: tuple[int, ...] = ()) -> list[list[int] | None]:
@@ -386,6 +438,7 @@ def assert_nothing_left_in_redis(site: Site) -> None:
     assert client.xrange(units) == [], "units still queued after the job"
     assert job_keys(site) == []
     assert client.smembers(f"{prefix}jobs") == set()
+    assert list(client.scan_iter(f"{prefix}resume:*")) == [], "a finished job is resumable"
 
 
 def assert_completed(site: Site, run: Run, rc: int) -> None:
@@ -597,4 +650,150 @@ def test_all_hosts_lost(site: Site, tmp_path: Path):
     wait_healthy(site)
     rc = run.again()  # the same command completes, fresh or resumed
     assert_completed(site, run, rc)
+    wait_healthy(site)
+
+
+# -- Redis restarted or flushed, coordinators killed or taken over -------------------------------
+
+
+def redis_answers(site: Site) -> bool:
+    try:
+        return bool(site.redis().ping())
+    except redis.RedisError:
+        return False
+
+
+def running_job(site: Site) -> str:
+    """The id of the one job on the site."""
+    wait_for(lambda: site.redis().smembers(f"{site.prefix}jobs"), 30, "a job in Redis")
+    [jid] = site.redis().smembers(f"{site.prefix}jobs")
+    return jid.decode()
+
+
+def test_redis_restarted_mid_job_with_aof(site: Site, tmp_path: Path):
+    node1, release = site.host("node1"), tmp_path / "release"
+    home = node1.install_dir / "redis"  # as `up` made it: redis.conf with AOF, daemonized
+    conf, pidfile = home / "redis.conf", home / "redis.pid"
+    [old] = of_kind(node1, "redis")
+    assert int(pidfile.read_text()) == old.pid
+    run = submit(site, tmp_path, 40, 0.1, job=HELD_JOB, hold_index=0, release=release)
+    try:
+        run.held()  # the job cannot end before the test releases this unit
+        jid = running_job(site)
+        wait_for(lambda: len(recorded_units(site, jid)) >= 3, 60, "three results recorded")
+        before = recorded_units(site, jid)
+        os.kill(old.pid, signal.SIGTERM)  # a clean shutdown: the AOF is written
+        wait_for(lambda: not of_kind(node1, "redis"), 30, "node1's redis-server to exit")
+        assert not redis_answers(site)
+        time.sleep(1.0)
+        binary = shutil.which("redis-server")
+        assert binary is not None
+        node1.exec(binary, str(conf))  # exactly as `up` starts it; it daemonizes
+        wait_for(lambda: redis_answers(site), 30, "node1's Redis to answer again")
+    finally:
+        release.touch()
+    rc = run.wait()
+
+    assert_completed(site, run, rc)
+    assert "Redis unavailable" in run.stderr, run.stderr  # it did ride out the restart ...
+    assert "gone from Redis" not in run.stderr, run.stderr  # ... and AOF lost nothing ...
+    counts = run.counts()
+    assert all(counts[i] == 1 for i in before), (before, counts)  # ... nor computed again
+    [new] = of_kind(node1, "redis")
+    assert new.pid != old.pid and int(pidfile.read_text()) == new.pid
+    wait_healthy(site)
+
+
+def assert_agents_registered_again(site: Site) -> None:
+    wait_healthy(site)  # each agent registered again by itself, with its (new) worker
+    alive = [a for a in status(site) if a["state"] == "alive"]
+    assert sorted(a["host"] for a in alive) == ["node1", "node2", "node3"], alive
+    assert all(len(a["workers"]) == 1 for a in alive), alive
+
+
+def test_redis_flushed_mid_job_is_noticed(site: Site, tmp_path: Path):
+    # Flushed once scatter is done, so that the coordinator has no unit left to add when the job
+    # vanishes (a flush while it still adds units: the test below).
+    release = tmp_path / "release"
+    run = submit(site, tmp_path, 30, 0.1, "--no-speculate", job=HELD_JOB, hold_index=0,
+                 release=release)
+    try:
+        held = run.held()  # the job cannot end before the test releases this unit
+        jid = running_job(site)
+        client = site.redis()
+        wait_for(lambda: client.hexists(f"{site.prefix}job:{jid}", "total"), 60,
+                 "scatter to finish")
+        client.flushall()
+    finally:
+        release.touch()
+    rc = run.wait()
+
+    assert_completed(site, run, rc)
+    assert "gone from Redis" in run.stderr, run.stderr
+    assert run.counts()[held.index] >= 2  # its result went with the flush: it ran again
+    assert_agents_registered_again(site)
+
+
+def test_redis_flushed_while_the_coordinator_scatters(site: Site, tmp_path: Path):
+    run = submit(site, tmp_path, 60, 0.1)
+    jid = running_job(site)
+    client = site.redis()
+    results = f"{site.prefix}job:{jid}:results"
+    wait_for(lambda: client.exists(results) and client.xlen(results) >= 3, 60,
+             "three results recorded")
+    # just after a result is recorded: the coordinator collects it, then adds a unit to refill
+    client.xread({results: "$"}, block=30_000)
+    client.flushall()
+    rc = run.wait()
+
+    assert rc == 0, run.stderr
+    assert_completed(site, run, rc)
+    assert "gone from Redis" in run.stderr, run.stderr
+    assert_agents_registered_again(site)
+
+
+def test_coordinator_killed_mid_scatter_then_resumed(site: Site, tmp_path: Path):
+    journal = tmp_path / "journal.jsonl"
+    units = 60
+    run = submit(site, tmp_path, units, 0.2, "--no-speculate", journal=journal)
+    wait_for(lambda: len(run.starts()) >= 10, 60, "ten units to start")
+    run.kill()
+    jid = started_job(journal)
+    fields = site.redis().hgetall(f"{site.prefix}job:{jid}")
+    assert b"total" not in fields, fields  # scatter was not finished ...
+    assert 0 < int(fields[b"scattered"]) < units, fields  # ... but under way
+    assert recorded_units(site, jid), "no unit was recorded before the kill"
+    assert not run.out.exists()
+
+    resumed = run.resumed(jid)
+    rc = resumed.wait()
+    assert_completed(site, resumed, rc)
+    # every unit started exactly once: none recorded before the kill was computed again, and
+    # none queued by the dead coordinator was queued again
+    assert run.counts() == Counter(range(units)), run.counts()
+    assert journal_events(journal) == [("started", jid), ("resumed", jid), ("finished", jid)]
+    wait_healthy(site)
+
+
+def test_a_second_coordinator_fences_the_first(site: Site, tmp_path: Path):
+    journal, release = tmp_path / "journal.jsonl", tmp_path / "release"
+    units = 40
+    first = submit(site, tmp_path, units, 0.1, "--no-speculate", job=HELD_JOB, journal=journal,
+                   hold_index=0, release=release)
+    try:
+        first.held()  # the first cannot finish until the test releases this unit
+        jid = started_job(journal)
+        second = first.resumed(jid, out=tmp_path / "second.json")
+        wait_for(lambda: ("resumed", jid) in journal_events(journal), 60,
+                 "the second coordinator to take the job over")
+        rc = first.wait(timeout=30)  # it notices by itself, while the held unit still runs
+    finally:
+        release.touch()
+
+    assert rc == ExitCode.INFRA, first.stderr
+    assert "taken over by another coordinator" in first.stderr, first.stderr
+    assert not first.out.exists()
+    assert_completed(site, second, second.wait())
+    assert first.counts() == Counter(range(units)), first.counts()  # each unit queued once
+    assert journal_events(journal) == [("started", jid), ("resumed", jid), ("finished", jid)]
     wait_healthy(site)
