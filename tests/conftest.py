@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 import redis
+from netns import sshd_binary
 
 from cluster.broker import Broker
 from cluster.credentials import Credentials
@@ -37,6 +38,23 @@ def need(binary: str) -> str:
             pytest.fail(f"{binary} is required under CI=true but is not on PATH")
         pytest.skip(f"{binary} not installed")
     return path
+
+
+def need_root_network() -> None:
+    """Namespace hosts need root, iproute2 and openssh-server: a skip on a laptop, a failure
+    under CI=true."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("root")
+    if sshd_binary() is None:
+        problems.append("openssh-server")
+    if problems:
+        message = f"namespace hosts need {' and '.join(problems)}"
+        if IN_CI:
+            pytest.fail(message + " (required under CI=true)")
+        pytest.skip(message)
+    need("ip")
+    need("ssh-keygen")
 
 
 @pytest.fixture(scope="session")

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import IN_CI, ROOT, SAMPLES, need, run_cli
-from netns import NsHost, NsNetwork, sshd_binary
+from conftest import ROOT, SAMPLES, need_root_network, run_cli
+from netns import NsHost, NsNetwork
 
 from cluster.errors import ExitCode
 
@@ -44,22 +44,6 @@ JOB = SAMPLES / "chaos_units.py"
 HELD_JOB = SAMPLES / "chaos_held.py"
 LEASE = 2  # seconds: small, so that lost units come back quickly
 REDIS_GRACE = 30  # agents ride out a network cut much shorter than this
-
-
-def need_root_network() -> None:
-    problems = []
-    if os.geteuid() != 0:
-        problems.append("root")
-    if sshd_binary() is None:
-        problems.append("openssh-server")
-    if problems:
-        message = f"namespace hosts need {' and '.join(problems)}"
-        if IN_CI:
-            pytest.fail(message + " (required under CI=true)")
-        pytest.skip(message)
-    need("ip")
-    need("ssh-keygen")
-    need("redis-server")
 
 
 # -- processes in a host's namespace ------------------------------------------------------------

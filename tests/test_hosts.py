@@ -17,25 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import IN_CI, JOBS, need, run_cli
-from netns import NsHost, NsNetwork, sshd_binary
+from conftest import JOBS, need_root_network, run_cli
+from netns import NsHost, NsNetwork
 
 pytestmark = pytest.mark.slow
-
-
-def need_root_network() -> None:
-    problems = []
-    if os.geteuid() != 0:
-        problems.append("root")
-    if sshd_binary() is None:
-        problems.append("openssh-server")
-    if problems:
-        message = f"namespace hosts need {' and '.join(problems)}"
-        if IN_CI:
-            pytest.fail(message + " (required under CI=true)")
-        pytest.skip(message)
-    need("ip")
-    need("ssh-keygen")
 
 
 @dataclass
