@@ -7,15 +7,16 @@ it is idle); the worker also stops when its agent goes away.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import signal
+import struct
 import sys
 import time
 import traceback
 import types
+import zlib
 from typing import Any
 
 import redis
@@ -135,14 +136,20 @@ class Worker:
         except CodecError as exc:
             return self.failure(work, index, blob, "fatal",
                                 f"compute() returned a result that {exc}", "")
-        digest = hashlib.blake2b(payload, digest_size=8).digest()
-        return Outcome(index, "ok", payload, digest=digest)
+        return Outcome(index, "ok", payload, digest=digest(payload))
 
     def failure(self, work: Work, index: int, blob: bytes, kind: str, error: str, tb: str
                 ) -> Outcome:
         payload = json.dumps({"error": error, "traceback": tb, "worker": self.wid,
                               "attempts": work.attempt}).encode()
         return Outcome(index, kind, payload, blob)
+
+
+def digest(payload: bytes) -> bytes:
+    """8 bytes that tell two results apart: CRC-32 and length. Not a security hash; it only
+    has to notice that nondeterministic compute gave a unit two different results, and it
+    must cost little next to sending the result (about 7 GB/s)."""
+    return struct.pack("<II", zlib.crc32(payload), len(payload) & 0xFFFFFFFF)
 
 
 def main() -> int:
