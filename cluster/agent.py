@@ -214,7 +214,7 @@ class Agent:
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(config).encode())
         proc.stdin.close()
-        self.broker.client.hset(self.broker.keys.worker(slot.wid), "pid", proc.pid)
+        self.broker.describe_worker(slot.wid, {"pid": proc.pid})
         slot.proc = proc
         slot.usage = psutil.Process(proc.pid)
         log.info("worker %s started (pid %d, CPU %d)", slot.wid, proc.pid, slot.cpu)

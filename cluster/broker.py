@@ -7,6 +7,7 @@ the script records a reference to it (or deletes it when the result is a duplica
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +32,44 @@ class Work:
 
 
 BLOB_THRESHOLD = 32 * 1024  # results at least this large travel beside the RECORD script
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A results entry: units of one batch recorded for the first time (payloads may be
+    ``R...`` references to the job's blobs, see ``fetch_blobs``)."""
+
+    wid: str
+    seconds: float  # compute time of the whole batch
+    batch: int  # units in the batch, duplicates included
+    units: list[tuple[int, bytes]]
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A results entry: a unit recorded as failed for good."""
+
+    index: int
+    error: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A results entry: a later result for ``index`` differed from the first one."""
+
+    index: int
+    wid: str
+
+
+def parse_result(fields: dict[bytes, bytes]) -> Recorded | Failed | Mismatch:
+    """One entry of a job's results stream, as RECORD and REISSUE write it."""
+    if b"f" in fields:
+        return Failed(int(fields[b"f"]), json.loads(fields[b"e"]))
+    if b"m" in fields:
+        return Mismatch(int(fields[b"m"]), fields[b"w"].decode())
+    items = list(fields.items())
+    units = [(int(i), p) for i, p in items[2:]]
+    return Recorded(items[0][1].decode(), float(items[1][1]), len(units), units)
 
 
 @dataclass(frozen=True)
@@ -206,6 +245,18 @@ class Broker:
     def live_agents(self, lease_ms: int) -> list[str]:
         return self._alive(self.keys.agents, lease_ms)
 
+    def agent_fingerprints(self, lease_ms: int) -> dict[str, str | None]:
+        """Live agent -> fingerprint of the cluster key it holds."""
+        prints: dict[str, str | None] = {}
+        for aid in self.live_agents(lease_ms):
+            value = self.client.hget(self.keys.agent(aid), "key")
+            prints[aid] = value.decode() if value is not None else None
+        return prints
+
+    def set_total(self, jid: str, total: int) -> None:
+        """Scatter is done: the job has ``total`` units (kept for a resuming coordinator)."""
+        self.client.hset(self.keys.job(jid), "total", total)
+
     def _alive(self, zset: str, lease_ms: int) -> list[str]:
         now = self.server_time_ms()
         return [m.decode() for m in self.client.zrangebyscore(zset, now - lease_ms, "+inf")]
@@ -269,6 +320,10 @@ class Broker:
         pipe.zrem(self.keys.agents, aid)
         pipe.delete(self.keys.agent(aid))
         pipe.execute()
+
+    def describe_worker(self, wid: str, info: dict[str, Any]) -> None:
+        """Add to what `cluster status` shows of a worker (pid, current job and unit)."""
+        self.client.hset(self.keys.worker(wid), mapping=info)
 
     def register_worker(self, wid: str, info: dict[str, Any]) -> None:
         args: list[Any] = [wid]

@@ -15,7 +15,6 @@ What it survives:
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import secrets
 import time
@@ -26,7 +25,7 @@ from typing import Any
 import redis
 
 from . import codec
-from .broker import Broker
+from .broker import Broker, Failed, Mismatch, parse_result
 from .errors import (
     ClusterError,
     CodecError,
@@ -103,7 +102,7 @@ class Coordinator:
 
     def run(self) -> RunResult:
         self.started = self.clock()
-        self.open()
+        self.open(self.options.resume)
         try:
             self.wait_for_workers()
             self.units = self.scatter()
@@ -137,13 +136,14 @@ class Coordinator:
 
     # -- setup ------------------------------------------------------------------------------
 
-    def open(self) -> None:
+    def open(self, resume: str | None = None) -> None:
+        """Register the job, or take over the one to resume; it expires unless refreshed."""
         opened = open_job(self.broker, self.job, self.params, self.seed, jid=self.jid,
                           owner=self.owner, key=self.key, max_attempts=self.options.max_attempts,
-                          resume=self.options.resume, auto=self.options.auto_resume)
+                          resume=resume, auto=self.options.auto_resume)
         self.jid, self.identity = opened.jid, opened.identity
         self.skip = self.sent = opened.scattered
-        self.total = opened.total
+        self.total = opened.total or self.total
         self.broker.expire_job(self.jid, self.options.keep_s, self.identity)
         log.info("job=%s %s (%s, seed %d)", self.jid,
                  "resumed" if opened.resumed else "submitted", self.job.name, self.seed)
@@ -164,9 +164,8 @@ class Coordinator:
     def check_keys(self) -> None:
         """Fail fast when the only agents there cannot verify our job code."""
         mine = codec.fingerprint(self.key)
-        prints = {aid: self.broker.client.hget(self.broker.keys.agent(aid), "key")
-                  for aid in self.broker.live_agents(self.lease_ms)}
-        if prints and all(p is not None and p.decode() != mine for p in prints.values()):
+        prints = self.broker.agent_fingerprints(self.lease_ms)
+        if prints and all(p is not None and p != mine for p in prints.values()):
             raise InfraError(f"every agent ({', '.join(sorted(prints))}) has a different "
                              "cluster key than this coordinator: copy the key file to them")
 
@@ -265,7 +264,7 @@ class Coordinator:
         except StopIteration:
             self.tally.exhausted = True
             self.total = index
-            self.broker.client.hset(self.broker.keys.job(self.jid), "total", index)
+            self.broker.set_total(self.jid, index)
             return index, None
         except Exception as exc:  # noqa: BLE001
             raise self.user_error("scatter()", exc) from None
@@ -284,19 +283,16 @@ class Coordinator:
         self.reporter.update(self.tally.done, self.total, self.stats.get("reissued", 0))
 
     def take(self, fields: dict[bytes, bytes]) -> None:
-        if b"f" in fields:
-            self.unit_failed(int(fields[b"f"]), json.loads(fields[b"e"]))
+        entry = parse_result(fields)
+        if isinstance(entry, Failed):
+            self.unit_failed(entry.index, entry.error)
             return
-        if b"m" in fields:
-            index = int(fields[b"m"])
-            self.mismatched.append(index)
+        if isinstance(entry, Mismatch):
+            self.mismatched.append(entry.index)
             log.warning("unit=%d job=%s: a duplicate result from %s differs from the recorded "
-                        "one: compute() is not deterministic", index, self.jid,
-                        fields[b"w"].decode())
+                        "one: compute() is not deterministic", entry.index, self.jid, entry.wid)
             return
-        items = list(fields.items())
-        wid, seconds = items[0][1].decode(), float(items[1][1])
-        units = [(int(i), p) for i, p in items[2:] if self.results.mark(int(i))]
+        units = [(i, p) for i, p in entry.units if self.results.mark(i)]
         refs = [p for _, p in units if p[:1] == b"R"]
         if refs:
             blobs = iter(self.broker.fetch_blobs(self.jid, refs))
@@ -307,8 +303,8 @@ class Coordinator:
             except Exception as exc:  # noqa: BLE001 - reduce() is the job's code
                 raise self.user_error("reduce()", exc) from None
         self.tally.recorded += len(units)
-        self.tally.by_worker[wid] += len(units)
-        self.batcher.observe(len(items) - 2, seconds, sum(len(p) for _, p in units))
+        self.tally.by_worker[entry.wid] += len(units)
+        self.batcher.observe(entry.batch, entry.seconds, sum(len(p) for _, p in units))
 
     def unit_failed(self, index: int, error: dict[str, Any]) -> None:
         if not self.results.mark(index):
@@ -377,15 +373,10 @@ class Coordinator:
                   "unit not yet gathered", self.jid)
         note("rebuilt", self.jid, self.identity, self.job.path, self.broker.where)
         self.broker.ensure_group()
-        self.skip = self.sent = 0
         self.unsent = []
         self.last_id = "0-0"
         self.tally.exhausted = False
-        opened = open_job(self.broker, self.job, self.params, self.seed, jid=self.jid,
-                          owner=self.owner, key=self.key, max_attempts=self.options.max_attempts,
-                          resume=None, auto=self.options.auto_resume)
-        self.jid = opened.jid
-        self.broker.expire_job(self.jid, self.options.keep_s, self.identity)
+        self.open()
         self.units = self.scatter()
 
     def check_deadline(self) -> None:

@@ -101,9 +101,3 @@ class JobTimeout(ClusterError):
     """The job did not finish within ``--timeout``."""
 
     exit_code = ExitCode.TIMEOUT
-
-
-class Interrupted(ClusterError):
-    """The run was interrupted by a signal."""
-
-    exit_code = ExitCode.INTERRUPTED

@@ -70,8 +70,7 @@ class Worker:
 
     def handle(self, work: Work) -> None:
         job = self.job(work.jid)
-        self.broker.client.hset(self.broker.keys.worker(self.wid),
-                                mapping={"job": work.jid, "unit": work.units[0][0]})
+        self.broker.describe_worker(self.wid, {"job": work.jid, "unit": work.units[0][0]})
         started = time.perf_counter()
         outcomes = [] if job is None else [self.run_unit(job, work, i, b) for i, b in work.units]
         self.commit(work, time.perf_counter() - started, outcomes)
