@@ -13,9 +13,22 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+
+def hosts_ini(client_key: Path, hosts: list[NsHost], *, name: str, state: Path,
+              cluster: dict[str, object] | None = None) -> str:
+    """A hosts.ini for test hosts: Redis on node1, one core each, this Python on every host."""
+    lines = ["[cluster]", f"name = {name}", "redis = node1", f"identity_file = {client_key}",
+             f"python = {sys.executable}", f"state_dir = {state}", "connect_timeout = 3"]
+    lines += [f"{k} = {v}" for k, v in (cluster or {}).items()]
+    for h in hosts:
+        lines += ["", f"[host {h.name}]", f"address = {h.address}",
+                  f"install_dir = {h.install_dir}", "cores = 1"]
+    return "\n".join(lines) + "\n"
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

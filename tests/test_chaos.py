@@ -12,8 +12,8 @@ Every test checks the same invariants at the end:
 
 Victims are picked deterministically: the first unit to start on a given host is made slow
 (tests/jobs/chaos_units.py), so it is surely mid-unit when the fault hits; or one unit is held
-until the test releases it (tests/jobs/chaos_held.py), so the job surely runs until then. No
-assertion is about time; subprocess timeouts only stop a hang.
+until the test releases it (its ``hold_index``), so the job surely runs until then. No assertion
+is about time; subprocess timeouts only stop a hang.
 """
 
 from __future__ import annotations
@@ -34,14 +34,13 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import ROOT, SAMPLES, need_root_network, run_cli
-from netns import NsHost, NsNetwork
+from netns import NsHost, NsNetwork, hosts_ini
 
 from cluster.errors import ExitCode
 
 pytestmark = pytest.mark.slow
 
 JOB = SAMPLES / "chaos_units.py"
-HELD_JOB = SAMPLES / "chaos_held.py"
 LEASE = 2  # seconds: small, so that lost units come back quickly
 REDIS_GRACE = 30  # agents ride out a network cut much shorter than this
 
@@ -111,14 +110,8 @@ class Site:
         return self.work / "state"
 
     def write_ini(self) -> None:
-        lines = ["[cluster]", "name = chaos", "redis = node1",
-                 f"identity_file = {self.net.client_key}", f"python = {sys.executable}",
-                 f"state_dir = {self.state}", "connect_timeout = 3",
-                 f"redis_grace = {REDIS_GRACE}", ""]
-        for h in self.net.hosts:
-            lines += [f"[host {h.name}]", f"address = {h.address}",
-                      f"install_dir = {h.install_dir}", "cores = 1", ""]
-        self.ini.write_text("\n".join(lines))
+        self.ini.write_text(hosts_ini(self.net.client_key, self.net.hosts, name="chaos",
+                                      state=self.state, cluster={"redis_grace": REDIS_GRACE}))
 
     def host(self, name: str) -> NsHost:
         return next(h for h in self.net.hosts if h.name == name)
@@ -315,7 +308,7 @@ class Run:
         return next(s for s in self.starts() if s.slow and s.host == host)
 
     def held(self) -> Start:
-        """The held unit (chaos_held.py), once it has started: the job cannot end until it is
+        """The held unit (``hold_index``), once it has started: the job cannot end until it is
         released."""
         wait_for(lambda: any(s.slow for s in self.starts()), 60, "the held unit to start")
         return next(s for s in self.starts() if s.slow)
@@ -367,15 +360,15 @@ class Run:
         return int(found.group(1))
 
 
-def submit(site: Site, where: Path, units: int, sleep: float, *args: str, job: Path = JOB,
+def submit(site: Site, where: Path, units: int, sleep: float, *args: str,
            journal: Path | None = None, **params: object) -> Run:
-    """`cluster submit` of chaos_units.py (or ``job``) on the site, in the background; with
+    """`cluster submit` of chaos_units.py on the site, in the background; with
     ``journal``, its local journal (CLUSTER_JOURNAL) goes there."""
     where.mkdir(parents=True, exist_ok=True)
     log, out = where / "units.log", where / "out.json"
     given = {"units": units, "sleep": sleep, "log": str(log), "hosts": site.hosts_param(),
              **params}
-    command = [sys.executable, "-m", "cluster", "submit", str(job), "--hosts", str(site.ini),
+    command = [sys.executable, "-m", "cluster", "submit", str(JOB), "--hosts", str(site.ini),
                "--lease", str(LEASE), "--output", str(out), "--progress", "none", *args]
     for key, value in given.items():
         text = json.dumps(value) if isinstance(value, bool) else str(value)
@@ -660,7 +653,7 @@ def test_redis_restarted_mid_job_with_aof(site: Site, tmp_path: Path):
     conf, pidfile = home / "redis.conf", home / "redis.pid"
     [old] = of_kind(node1, "redis")
     assert int(pidfile.read_text()) == old.pid
-    run = submit(site, tmp_path, 40, 0.1, job=HELD_JOB, hold_index=0, release=release)
+    run = submit(site, tmp_path, 40, 0.1, hold_index=0, release=release)
     try:
         run.held()  # the job cannot end before the test releases this unit
         jid = running_job(site)
@@ -699,7 +692,7 @@ def test_redis_flushed_mid_job_is_noticed(site: Site, tmp_path: Path):
     # Flushed once scatter is done, so that the coordinator has no unit left to add when the job
     # vanishes (a flush while it still adds units: the test below).
     release = tmp_path / "release"
-    run = submit(site, tmp_path, 30, 0.1, "--no-speculate", job=HELD_JOB, hold_index=0,
+    run = submit(site, tmp_path, 30, 0.1, "--no-speculate", hold_index=0,
                  release=release)
     try:
         held = run.held()  # the job cannot end before the test releases this unit
@@ -762,7 +755,7 @@ def test_coordinator_killed_mid_scatter_then_resumed(site: Site, tmp_path: Path)
 def test_a_second_coordinator_fences_the_first(site: Site, tmp_path: Path):
     journal, release = tmp_path / "journal.jsonl", tmp_path / "release"
     units = 40
-    first = submit(site, tmp_path, units, 0.1, "--no-speculate", job=HELD_JOB, journal=journal,
+    first = submit(site, tmp_path, units, 0.1, "--no-speculate", journal=journal,
                    hold_index=0, release=release)
     try:
         first.held()  # the first cannot finish until the test releases this unit

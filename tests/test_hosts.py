@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import JOBS, need_root_network, run_cli
-from netns import NsHost, NsNetwork
+from netns import NsHost, NsNetwork, hosts_ini
 
 pytestmark = pytest.mark.slow
 
@@ -38,18 +37,11 @@ class Site:
     def state(self) -> Path:
         return self.work / "state"
 
-    def write_ini(self, hosts: list[NsHost], extra: dict[str, dict[str, str]] | None = None,
-                  name: str = "t", state: Path | None = None, path: Path | None = None) -> Path:
-        lines = ["[cluster]", f"name = {name}", "redis = node1",
-                 f"identity_file = {self.net.client_key}", f"python = {sys.executable}",
-                 f"state_dir = {state or self.state}", "connect_timeout = 3", ""]
-        for h in hosts:
-            lines += [f"[host {h.name}]", f"address = {h.address}",
-                      f"install_dir = {h.install_dir}", "cores = 1"]
-            lines += [f"{k} = {v}" for k, v in (extra or {}).get(h.name, {}).items()]
-            lines.append("")
+    def write_ini(self, hosts: list[NsHost], name: str = "t", state: Path | None = None,
+                  path: Path | None = None, cluster: dict[str, object] | None = None) -> Path:
         target = path or self.ini
-        target.write_text("\n".join(lines))
+        target.write_text(hosts_ini(self.net.client_key, hosts, name=name,
+                                    state=state or self.state, cluster=cluster))
         return target
 
     def hosts_ini_with_unreachable(self) -> Path:
@@ -265,9 +257,7 @@ def test_down_leaves_nothing_in_any_namespace(site: Site):
 
 def test_agents_stop_on_their_own_when_redis_is_gone(site: Site):
     ini = site.write_ini(site.net.hosts[:2], name="orphans", path=site.work / "orphans.ini",
-                         state=site.work / "orphans-state")
-    ini.write_text(ini.read_text().replace("connect_timeout = 3", "connect_timeout = 3\n"
-                                           "redis_grace = 2"))
+                         state=site.work / "orphans-state", cluster={"redis_grace": 2})
     r = run_cli("up", str(ini), "--accept-new-host-keys", timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     node1 = site.net.hosts[0]

@@ -13,6 +13,9 @@ are namespaces: ``{"<inode of the namespace>": "node2"}``), else ``?``.
 - ``busy``: the slow unit spins in numpy instead of sleeping.
 - ``raise_index``: that unit raises on every attempt.
 - ``die_index``: that unit SIGKILLs its own worker on every attempt.
+- ``hold_index``: that unit (every attempt of it) waits until the file ``release`` exists, so the
+  job cannot finish before the test says so; its start line ends with `` slow`` too. It gives
+  up (raises) after ``hold_max`` seconds, so that a test that never releases it fails, not hangs.
 """
 
 import os
@@ -24,7 +27,8 @@ import numpy as np
 from cluster import unit_index
 
 PARAMS = {"units": 30, "sleep": 0.2, "log": "", "hosts": {}, "slow_host": "",
-          "slow_sleep": 0.0, "busy": False, "raise_index": -1, "die_index": -1}
+          "slow_sleep": 0.0, "busy": False, "raise_index": -1, "die_index": -1,
+          "hold_index": -1, "release": "", "hold_max": 90.0}
 
 
 def scatter(params):
@@ -67,11 +71,22 @@ def _spin(seconds, seed):
         a /= np.abs(a).max()
 
 
+def _hold(index, release, most):
+    deadline = time.monotonic() + most
+    while not os.path.exists(release):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"unit {index} was never released")
+        time.sleep(0.02)
+
+
 def compute(unit):
     index = unit_index()
     host = _host(unit["hosts"])
     slow = _first_slow(unit, host)
-    _log(unit["log"], f"start {index} {os.getpid()} {host}" + (" slow" if slow else ""))
+    held = index == unit["hold_index"]
+    _log(unit["log"], f"start {index} {os.getpid()} {host}" + (" slow" if slow or held else ""))
+    if held:
+        _hold(index, unit["release"], unit["hold_max"])
     if index == unit["die_index"]:
         os.kill(os.getpid(), signal.SIGKILL)
     if index == unit["raise_index"]:
