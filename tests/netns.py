@@ -163,3 +163,19 @@ class NsNetwork:
                 host.sshd.wait(5)
             run("ip", "netns", "del", host.netns, check=False)
         run("ip", "link", "del", self.bridge, check=False)
+
+
+@dataclass
+class NsSite:
+    """Test hosts and the working directory that holds their hosts.ini and state."""
+
+    net: NsNetwork
+    work: Path
+
+    @property
+    def ini(self) -> Path:
+        return self.work / "hosts.ini"
+
+    @property
+    def state(self) -> Path:
+        return self.work / "state"

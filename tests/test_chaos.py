@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import ROOT, SAMPLES, need_root_network, run_cli
-from netns import NsHost, NsNetwork, hosts_ini
+from netns import NsHost, NsNetwork, NsSite, hosts_ini
 
 from cluster.errors import ExitCode
 
@@ -96,18 +96,7 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None
 # -- the site: three hosts, their hosts.ini, their Redis ----------------------------------------
 
 
-@dataclass
-class Site:
-    net: NsNetwork
-    work: Path
-
-    @property
-    def ini(self) -> Path:
-        return self.work / "hosts.ini"
-
-    @property
-    def state(self) -> Path:
-        return self.work / "state"
+class Site(NsSite):
 
     def write_ini(self) -> None:
         self.ini.write_text(hosts_ini(self.net.client_key, self.net.hosts, name="chaos",

@@ -12,30 +12,16 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import JOBS, need_root_network, run_cli
-from netns import NsHost, NsNetwork, hosts_ini
+from netns import NsHost, NsNetwork, NsSite, hosts_ini
 
 pytestmark = pytest.mark.slow
 
 
-@dataclass
-class Site:
-    """Test hosts and the hosts.ini that names them."""
-
-    net: NsNetwork
-    work: Path
-
-    @property
-    def ini(self) -> Path:
-        return self.work / "hosts.ini"
-
-    @property
-    def state(self) -> Path:
-        return self.work / "state"
+class Site(NsSite):
 
     def write_ini(self, hosts: list[NsHost], name: str = "t", state: Path | None = None,
                   path: Path | None = None, cluster: dict[str, object] | None = None) -> Path:
