@@ -7,8 +7,10 @@ Signals (deploy/ follows these):
   then they are killed and what they held is reissued); the agent unregisters and exits 0.
 - a second SIGTERM or SIGINT: immediate stop; workers are killed, their units reissued.
 - the ``shutdown`` key in Redis (``cluster down``): graceful stop.
-- Redis unreachable for longer than ``redis_grace_s``: workers are stopped and the agent exits 3,
-  so a torn-down cluster leaves nothing running.
+- Redis unreachable (or refusing writes: a full disk under its AOF, out of memory) for longer
+  than ``redis_grace_s``: workers are stopped and the agent exits 3, so a torn-down cluster
+  leaves nothing running. Any shorter trouble, with Redis or with starting a worker, is ridden
+  out: a worker that cannot start is retried with a backoff that resets after a healthy period.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .config import parse_cpus
 from .credentials import Credentials
 from .errors import ExitCode, RedisUnavailable, UsageError
 from .proc import die_with_parent
+from .worker import RECYCLE
 
 log = logging.getLogger("cluster.agent")
 
@@ -64,7 +67,11 @@ class Slot:
     usage: psutil.Process | None = None  # for CPU load and memory in `cluster status`
     kill_at: float | None = None  # asked to stop: killed if still there by then
     restart_at: float = 0.0
-    deaths: int = 0
+    deaths: int = 0  # in a row: reset once a worker has stayed up for HEALTHY_S
+    started_at: float = 0.0
+
+
+HEALTHY_S = 30.0  # a worker up this long resets its slot's restart backoff
 
 
 def available_cpus() -> tuple[int, ...]:
@@ -118,6 +125,7 @@ class Agent:
         self.stopping = False
         self.immediate = False
         self.redis_down_since: float | None = None
+        self.registered = False
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -131,8 +139,6 @@ class Agent:
                 Path(self.settings.pidfile).unlink(missing_ok=True)
 
     def serve(self) -> int:
-        self.register()
-        self.broker.renew(self.aid, [])
         log.info("agent %s up: %d workers on CPUs %s", self.aid, len(self.slots),
                  ",".join(map(str, self.settings.cpus)))
         code = ExitCode.OK
@@ -158,10 +164,14 @@ class Agent:
     def step(self) -> bool:
         """One heartbeat. False when Redis has been unreachable for too long."""
         try:
+            if not self.registered:
+                self.register()
+                self.broker.renew(self.aid, [])
+                self.registered = True
             self.check_workers()
             self.renew()
             self.redis_down_since = None
-        except (redis.ConnectionError, redis.TimeoutError, RedisUnavailable) as exc:
+        except (redis.RedisError, RedisUnavailable) as exc:
             now = self.clock()
             self.redis_down_since = self.redis_down_since or now
             down = now - self.redis_down_since
@@ -189,13 +199,37 @@ class Agent:
             if slot.proc is not None and slot.proc.poll() is not None:
                 self.worker_died(slot, describe_exit(slot.proc.returncode))
             if slot.proc is None and self.clock() >= slot.restart_at and not self.stopping:
-                self.start_worker(slot)
+                self.try_start(slot)
+
+    def try_start(self, slot: Slot) -> None:
+        try:
+            self.start_worker(slot)
+            slot.started_at = self.clock()
+        except OSError as exc:
+            log.error("could not start worker on CPU %d: %s", slot.cpu, exc)
+            if slot.proc is not None and slot.proc.poll() is None:
+                slot.proc.kill()
+            slot.proc = None
+            self.back_off(slot)
 
     def worker_died(self, slot: Slot, how: str) -> None:
-        moved = self.broker.reissue(slot.wid, charge=True, reason=f"worker {slot.wid} {how}")
-        log.warning("worker %s %s; %d units reissued", slot.wid, how, moved)
+        recycled = slot.proc is not None and slot.proc.returncode == RECYCLE
+        moved = self.broker.reissue(slot.wid, charge=not recycled,
+                                    reason=f"worker {slot.wid} {how}")
+        if recycled:
+            log.info("worker %s recycled after its job finished", slot.wid)
+        else:
+            log.warning("worker %s %s; %d units reissued", slot.wid, how, moved)
         slot.proc = None
         slot.kill_at = None
+        if recycled:
+            slot.restart_at = self.clock()
+        else:
+            self.back_off(slot)
+
+    def back_off(self, slot: Slot) -> None:
+        if self.clock() - slot.started_at > HEALTHY_S:
+            slot.deaths = 0
         slot.deaths += 1
         slot.restart_at = self.clock() + min(0.05 * 2 ** min(slot.deaths, 7), 5.0)
 
@@ -221,18 +255,17 @@ class Agent:
 
     def publish_usage(self) -> None:
         """CPU load (% of one core) and resident memory of each worker, for `cluster status`."""
-        pipe = self.broker.client.pipeline(transaction=False)
+        usage: dict[str, dict[str, float]] = {}
         for slot in self.slots:
             if slot.usage is None or slot.proc is None:
                 continue
             try:
-                load = slot.usage.cpu_percent(None)
-                rss = slot.usage.memory_info().rss
+                usage[slot.wid] = {"load": slot.usage.cpu_percent(None),
+                                   "rss": slot.usage.memory_info().rss}
             except psutil.Error:
                 continue
-            pipe.hset(self.broker.keys.worker(slot.wid), mapping={"load": load, "rss": rss})
         try:
-            pipe.execute()
+            self.broker.publish_usage(usage)
         except (redis.RedisError, RedisUnavailable) as exc:
             log.debug("could not publish usage: %s", exc)
 

@@ -1,23 +1,30 @@
 """The only Redis client code: the rest of ``cluster`` sees Redis through ``Broker``.
 
 The protocol's atomic steps are Lua scripts, in ``scripts.py``. A large result does not pass
-through a script: the worker stores it in the job's ``blobs`` hash in the same round trip, and
-the script records a reference to it (or deletes it when the result is a duplicate or stale).
+through a script: the worker stores it in the job's ``blobs`` hash in the same transaction
+(MULTI/EXEC: both happen or neither), under a field unique to that commit attempt, and the
+script records a reference to it (or deletes it when the result is a duplicate or stale).
+
+Redis errors are translated here, at the edge (``translate_errors``): callers see
+``RedisUnavailable`` (unreachable, refusing writes, or ``RedisFull``), ``JobGone`` and
+``Fenced``, never redis-py's exceptions or error text.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Iterator, Sequence
+import secrets
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
 import redis
 
 from . import scripts
-from .errors import InfraError, RedisUnavailable
+from .errors import Fenced, JobGone, RedisFull, RedisUnavailable
 from .keys import GROUP, Keys
 
 
@@ -32,6 +39,27 @@ class Work:
 
 
 BLOB_THRESHOLD = 32 * 1024  # results at least this large travel beside the RECORD script
+
+
+@dataclass(frozen=True)
+class Commit:
+    """RECORD's answer: ``RECORDED`` (``done`` first results, ``dups`` duplicates), ``AGAIN``
+    (this worker's retry of a commit that went through), ``STALE`` (the entry was reissued
+    while this worker held it), ``GONE`` (the job is not in Redis) or ``NOBLOB`` (a large result
+    did not reach Redis: commit again)."""
+
+    status: str
+    done: int = 0
+    dups: int = 0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a coordinator taking a job over sees at that instant: the recorded bitmap, and the
+    id of the last results entry then (``0-0`` when none was left)."""
+
+    recorded: bytes
+    last_result: str
 
 
 @dataclass(frozen=True)
@@ -92,20 +120,49 @@ def redact(url: str) -> str:
     return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
 
 
+REFUSING = ("MISCONF", "LOADING", "READONLY", "MASTERDOWN", "BUSY ", "NOREPLICAS")
+
+
 @contextmanager
 def translate_errors(where: str) -> Iterator[None]:
-    """Turn redis-py's connection and authentication errors into ``RedisUnavailable``."""
+    """Turn redis-py's connection and authentication errors, and Redis refusing writes, into
+    ``RedisUnavailable`` (``RedisFull`` when it is out of memory)."""
     try:
         yield
     except redis.AuthenticationError as exc:
         raise RedisUnavailable(f"Redis at {where} refused the password: {exc}") from None
+    except redis.exceptions.OutOfMemoryError as exc:
+        raise RedisFull(f"Redis at {where} is out of memory: {exc}") from None
     except redis.ResponseError as exc:
         text = str(exc)
         if text.startswith(("NOAUTH", "WRONGPASS", "invalid password", "invalid username")):
             raise RedisUnavailable(f"Redis at {where} refused us: {text}") from None
+        if text.startswith("OOM"):
+            raise RedisFull(f"Redis at {where} is out of memory: {text}") from None
+        if text.startswith(REFUSING):
+            raise RedisUnavailable(f"Redis at {where} refuses writes: {text}") from None
         raise
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         raise RedisUnavailable(f"Redis at {where} is unreachable: {exc}") from None
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def edge(method: Callable[Concatenate[Broker, P], R]) -> Callable[Concatenate[Broker, P], R]:
+    """A Broker method whose Redis errors are translated (see ``translate_errors``)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Broker, *args: P.args, **kwargs: P.kwargs) -> R:
+        with translate_errors(self.where):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _status(reply: Any) -> str:
+    return str(reply[0].decode() if isinstance(reply[0], bytes) else reply[0])
 
 
 class Broker:
@@ -125,6 +182,8 @@ class Broker:
         self._purge = reg(scripts.PURGE)
         self._takeover = reg(scripts.TAKEOVER)
         self._copy = reg(scripts.COPY)
+        self._consume = reg(scripts.CONSUME)
+        self._reclaim = reg(scripts.RECLAIM)
 
     @classmethod
     def connect(
@@ -146,37 +205,50 @@ class Broker:
     def close(self) -> None:
         self.client.close()
 
+    @edge
     def ensure_group(self) -> None:
-        with translate_errors(self.where):
-            try:
-                self.client.xgroup_create(self.keys.units, GROUP, id="0", mkstream=True)
-            except redis.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+        try:
+            self.client.xgroup_create(self.keys.units, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
 
+    @edge
     def server_time_ms(self) -> int:
         seconds, micros = self.client.time()
         return int(seconds) * 1000 + int(micros) // 1000
 
     # -- coordinator -------------------------------------------------------------------------
 
+    @edge
     def create_job(self, jid: str, fields: dict[str, Any]) -> None:
         pipe = self.client.pipeline()
         pipe.hset(self.keys.job(jid), mapping=fields)
         pipe.sadd(self.keys.jobs, jid)
         pipe.execute()
 
+    @edge
     def add_units(self, jid: str, owner: str, batches: Sequence[Sequence[tuple[int, bytes]]]
                   ) -> None:
-        """Queue batches of encoded units, in one round trip."""
+        """Queue batches of encoded units, in one round trip. ``JobGone`` or ``Fenced`` when
+        the job is not ours to add to (then none of the batches was queued)."""
         pipe = self.client.pipeline(transaction=False)
         for batch in batches:
             args: list[Any] = [owner, jid, 1]
             for index, blob in batch:
                 args += (index, blob)
             self._add(keys=[self.keys.units, self.keys.job(jid)], args=args, client=pipe)
-        pipe.execute()
+        for reply in pipe.execute():
+            self._owned(jid, _status(reply))
 
+    @staticmethod
+    def _owned(jid: str, status: str) -> None:
+        if status == "GONE":
+            raise JobGone(jid)
+        if status == "FENCED":
+            raise Fenced(jid)
+
+    @edge
     def read_results(self, jid: str, after: str, count: int, block_ms: int
                      ) -> list[tuple[str, dict[bytes, bytes]]]:
         reply = self.client.xread({self.keys.results(jid): after}, count=count, block=block_ms)
@@ -184,49 +256,98 @@ class Broker:
             return []
         return [(mid.decode(), fields) for mid, fields in reply[0][1]]
 
-    def fetch_blobs(self, jid: str, refs: Sequence[bytes]) -> list[bytes]:
-        """The large results named by ``R<field>`` references, in one round trip."""
-        values = self.client.hmget(self.keys.blobs(jid), [r[1:] for r in refs])
-        if any(v is None for v in values):
-            raise InfraError(f"job {jid}: a recorded result is missing from Redis (was it "
-                             "flushed or restarted without persistence?)")
-        return values
+    @edge
+    def fetch_blobs(self, jid: str, refs: Sequence[bytes]) -> list[bytes | None]:
+        """The large results named by ``R<field>`` references, in one round trip (None for
+        one that is not there)."""
+        return list(self.client.hmget(self.keys.blobs(jid), [r[1:] for r in refs]))
 
+    @edge
+    def consume(self, jid: str, owner: str, upto: str, refs: Sequence[bytes]) -> None:
+        """Drop what the coordinator has gathered: results entries up to ``upto`` (an entry
+        id, inclusive; "" for none) and the large results named by ``refs``. Idempotent."""
+        k = self.keys
+        minid = ""
+        if upto:
+            ms, _, seq = upto.partition("-")
+            minid = f"{ms}-{int(seq) + 1}"
+        reply = self._consume(keys=[k.job(jid), k.results(jid), k.blobs(jid)],
+                              args=[owner, minid, *[r[1:] for r in refs]])
+        self._owned(jid, _status(reply))
+
+    @edge
+    def reclaim(self, jid: str, owner: str, mask: bytes) -> None:
+        """Clear the recorded bits set in ``mask`` (results lost with a previous coordinator),
+        so that those units are recorded again."""
+        reply = self._reclaim(keys=[self.keys.job(jid), self.keys.recorded(jid)],
+                              args=[owner, mask])
+        self._owned(jid, _status(reply))
+
+    @edge
     def job_stats(self, jid: str) -> dict[str, int]:
         raw = self.client.hgetall(self.keys.stats(jid))
         return {k.decode(): int(v) for k, v in raw.items()}
 
+    @edge
     def purge_job(self, jid: str, owner: str, identity: str = "") -> None:
-        """Remove the job's keys and queued units; refused (FENCED) to a stale coordinator."""
-        self._purge(keys=[self.keys.units, self.keys.jobs, *self.keys.job_keys(jid)],
-                    args=[GROUP, jid, owner])
+        """Remove the job's keys and queued units; ``Fenced`` for a stale coordinator.
+        Idempotent: purging a job that is gone already succeeds."""
+        reply = self._purge(keys=[self.keys.units, self.keys.jobs, *self.keys.job_keys(jid)],
+                            args=[GROUP, jid, owner])
+        self._owned(jid, _status(reply))
         if identity:
             self.client.delete(self.keys.resume(identity))
 
+    @edge
     def job_fields(self, jid: str) -> dict[str, str] | None:
         raw = self.client.hgetall(self.keys.job(jid))
         return {k.decode(): v.decode(errors="replace") for k, v in raw.items()} or None
 
-    def take_over(self, jid: str, owner: str) -> bool:
-        """Become the job's owner (the previous coordinator is fenced from now on)."""
-        return bool(self._takeover(keys=[self.keys.job(jid)], args=[owner]))
+    @edge
+    def job_exists(self, jid: str) -> bool:
+        return bool(self.client.exists(self.keys.job(jid)))
 
+    @edge
+    def take_over(self, jid: str, owner: str) -> Snapshot | None:
+        """Become the job's owner (the previous coordinator is fenced from now on); None when
+        the job is gone. Idempotent for the same ``owner``."""
+        k = self.keys
+        reply = self._takeover(keys=[k.job(jid), k.recorded(jid), k.results(jid)], args=[owner])
+        if _status(reply) != "OK":
+            return None
+        return Snapshot(bytes(reply[1]), reply[2].decode())
+
+    @edge
+    def find_resumable(self, identity: str) -> str | None:
+        found = self.client.get(self.keys.resume(identity))
+        return found.decode() if found else None
+
+    @edge
+    def set_resumable(self, identity: str, jid: str) -> None:
+        self.client.set(self.keys.resume(identity), jid)
+
+    @edge
     def owner(self, jid: str) -> str | None:
         value = self.client.hget(self.keys.job(jid), "owner")
         return value.decode() if value is not None else None
 
+    @edge
     def pending(self, count: int = 1000) -> list[tuple[str, str, int]]:
         """(entry id, worker, ms since delivery) of delivered, unrecorded entries, any job."""
         rows = self.client.xpending_range(self.keys.units, GROUP, "-", "+", count)
         return [(r["message_id"].decode(), r["consumer"].decode(), int(r["time_since_delivered"]))
                 for r in rows]
 
+    @edge
     def copy_entry(self, jid: str, owner: str, msgid: str) -> int:
         """Queue a speculative copy of entry ``msgid`` of this job; units copied."""
         k = self.keys
-        return int(self._copy(keys=[k.units, k.job(jid), k.stats(jid), k.recorded(jid)],
-                              args=[owner, msgid, jid]))
+        reply = self._copy(keys=[k.units, k.job(jid), k.stats(jid), k.recorded(jid)],
+                           args=[owner, msgid, jid])
+        self._owned(jid, _status(reply))
+        return int(reply[1])
 
+    @edge
     def expire_job(self, jid: str, seconds: int, identity: str = "") -> None:
         """Keep an unfinished job for ``seconds`` after its coordinator was last heard of."""
         pipe = self.client.pipeline(transaction=False)
@@ -234,6 +355,7 @@ class Broker:
             pipe.expire(key, seconds)
         pipe.execute()
 
+    @edge
     def expired_workers(self, lease_ms: int) -> list[str]:
         """Consumers of the work stream whose lease is older than ``lease_ms``."""
         return [w.decode() for w in self._expired(keys=[self.keys.units, self.keys.workers],
@@ -245,6 +367,7 @@ class Broker:
     def live_agents(self, lease_ms: int) -> list[str]:
         return self._alive(self.keys.agents, lease_ms)
 
+    @edge
     def agent_fingerprints(self, lease_ms: int) -> dict[str, str | None]:
         """Live agent -> fingerprint of the cluster key it holds."""
         prints: dict[str, str | None] = {}
@@ -253,16 +376,25 @@ class Broker:
             prints[aid] = value.decode() if value is not None else None
         return prints
 
+    @edge
     def set_total(self, jid: str, total: int) -> None:
         """Scatter is done: the job has ``total`` units (kept for a resuming coordinator)."""
         self.client.hset(self.keys.job(jid), "total", total)
 
+    @edge
+    def memory(self) -> tuple[int, int]:
+        """(used, maxmemory) in bytes; maxmemory 0 means no limit."""
+        info = self.client.info("memory")
+        return int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+
+    @edge
     def _alive(self, zset: str, lease_ms: int) -> list[str]:
         now = self.server_time_ms()
         return [m.decode() for m in self.client.zrangebyscore(zset, now - lease_ms, "+inf")]
 
     # -- worker --------------------------------------------------------------------------------
 
+    @edge
     def read_work(self, wid: str, block_ms: int, own: bool = False) -> Work | None:
         """The next entry for worker ``wid``; with ``own``, one already delivered to it and
         not acknowledged (after a lost connection, a delivery may never have reached it)."""
@@ -285,21 +417,38 @@ class Broker:
         units = [(int(k), v) for k, v in items[2:]]
         return Work(msgid.decode(), jid, attempt, units)
 
+    @edge
     def job_info(self, jid: str) -> dict[str, bytes] | None:
         raw = self.client.hgetall(self.keys.job(jid))
         return {k.decode(): v for k, v in raw.items()} or None
 
-    def record(self, work: Work, wid: str, seconds: float, outcomes: Sequence[Outcome]
-               ) -> tuple[int, int]:
-        """Commit a batch. Returns (results recorded, duplicates); (-2, 0) when it was stale
-        (this worker lost its lease), (-1, 0) when the job is gone."""
-        k = self.keys
+    @edge
+    def jobs_exist(self, jids: Sequence[str]) -> list[bool]:
         pipe = self.client.pipeline(transaction=False)
+        for jid in jids:
+            pipe.exists(self.keys.job(jid))
+        return [bool(n) for n in pipe.execute()]
+
+    @edge
+    def started(self, wid: str, work: Work) -> None:
+        """The worker starts computing ``work``: a death from now on is charged to it (and
+        ``cluster status`` shows the job and unit)."""
+        self.client.hset(self.keys.worker(wid), mapping={
+            "job": work.jid, "unit": work.units[0][0], "entry": work.msgid})
+
+    @edge
+    def record(self, work: Work, wid: str, seconds: float, outcomes: Sequence[Outcome]
+               ) -> Commit:
+        """Commit a batch (see ``Commit`` for the answers). Safe to call again with the same
+        arguments after a lost reply."""
+        k = self.keys
+        pipe = self.client.pipeline(transaction=True)
+        attempt = secrets.token_hex(4)  # no commit can touch another commit's large results
         args: list[Any] = [GROUP, work.msgid, wid, f"{seconds:.6f}", work.jid, work.attempt]
         for o in outcomes:
             payload = o.payload
             if o.kind == "ok" and len(payload) >= BLOB_THRESHOLD:
-                field = f"{work.msgid}:{o.index}"
+                field = f"{work.msgid}:{o.index}:{attempt}"
                 pipe.hset(k.blobs(work.jid), field, payload)
                 payload = b"R" + field.encode()
             args += (o.index, o.kind, payload, o.unit, o.digest)
@@ -307,30 +456,35 @@ class Broker:
                            k.stats(work.jid), k.blobs(work.jid), k.digests(work.jid),
                            k.worker(wid)],
                      args=args, client=pipe)
-        done, dups = pipe.execute()[-1]
-        return int(done), int(dups)
+        reply = pipe.execute()[-1]
+        return Commit(_status(reply), int(reply[1]), int(reply[2]))
 
     # -- agent -----------------------------------------------------------------------------------
 
+    @edge
     def register_agent(self, aid: str, info: dict[str, Any]) -> None:
         self.client.hset(self.keys.agent(aid), mapping=info)
 
+    @edge
     def unregister_agent(self, aid: str) -> None:
         pipe = self.client.pipeline()
         pipe.zrem(self.keys.agents, aid)
         pipe.delete(self.keys.agent(aid))
         pipe.execute()
 
+    @edge
     def describe_worker(self, wid: str, info: dict[str, Any]) -> None:
         """Add to what `cluster status` shows of a worker (pid, current job and unit)."""
         self.client.hset(self.keys.worker(wid), mapping=info)
 
+    @edge
     def register_worker(self, wid: str, info: dict[str, Any]) -> None:
         args: list[Any] = [wid]
         for key, value in info.items():
             args += (key, value)
         self._register_worker(keys=[self.keys.workers, self.keys.worker(wid)], args=args)
 
+    @edge
     def renew(self, aid: str, wids: Sequence[str]) -> tuple[bool, list[str], bool]:
         """Heartbeat of an agent and lease renewal of its workers. Returns (shutdown requested,
         workers whose lease was already taken, whether the agent's registration is there)."""
@@ -339,12 +493,30 @@ class Broker:
             args=[aid, *wids])
         return bool(shutdown), [w.decode() for w in refused], bool(registered)
 
+    @edge
     def reissue(self, wid: str, *, charge: bool, reason: str, lease_ms: int = 0) -> int:
         """Queue again what ``wid`` held; with ``lease_ms``, only if its lease is that old.
+        With ``charge``, the entry it had started computing costs its units an attempt.
 
         Returns how many units were queued again, or -1 when the lease was still fresh."""
+        return self._queue_again(wid, "1" if charge else "0", reason, lease_ms)
+
+    @edge
+    def give_back(self, wid: str) -> None:
+        """A worker about to exit gives back what was delivered to it and that it did not
+        start (not charged, not counted as reissued), and leaves the cluster."""
+        self._queue_again(wid, "back", "given back", 0)
+
+    def _queue_again(self, wid: str, mode: str, reason: str, lease_ms: int) -> int:
         moved = self._reissue(
             keys=[self.keys.units, self.keys.workers, self.keys.worker(wid)],
-            args=[GROUP, wid, "1" if charge else "0", reason, lease_ms,
-                  *self.keys.job_templates()])
+            args=[GROUP, wid, mode, reason, lease_ms, *self.keys.job_templates()])
         return int(moved)
+
+    @edge
+    def publish_usage(self, usage: dict[str, dict[str, float]]) -> None:
+        """CPU load and memory of workers, for ``cluster status`` (one round trip)."""
+        pipe = self.client.pipeline(transaction=False)
+        for wid, values in usage.items():
+            pipe.hset(self.keys.worker(wid), mapping=values)
+        pipe.execute()

@@ -4,17 +4,21 @@ Decisions (batch size, how far scatter may run ahead) come from ``plan.py``; thi
 I/O around them. ``clock`` is injectable so tests decide time instead of sleeping.
 
 What it survives:
-- Redis unreachable for up to ``redis_grace_s``: it retries with backoff; batches it was sending
-  are reconciled with the job's ``scattered`` counter, so none is queued twice or lost.
+- Redis unreachable, or a reply lost, for up to ``redis_grace_s``: every step that touches Redis
+  runs in ``guarded``, which repeats it; a step changes local state only after the I/O it
+  depends on succeeded (the results cursor moves last, building a batch does no I/O), and
+  batches it was sending are reconciled with the job's ``scattered`` counter, so none is queued
+  twice or lost.
 - Redis losing its data (restarted without persistence, flushed): the job's hash is gone; the
   job is registered again and every unit not yet gathered is queued again.
 - Its own death: the job stays in Redis (``keep_s``) and a new coordinator resumes it
-  (``resume.py``); a coordinator whose job was taken over is fenced and stops.
+  (``resume.py``); a coordinator whose job was taken over is fenced and stops. Results leave
+  Redis once gathered, so the new coordinator has the units whose results died with the old
+  one computed again (``catch_up``).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import secrets
 import time
@@ -25,13 +29,14 @@ from typing import Any
 import redis
 
 from . import codec
-from .broker import Broker, Failed, Mismatch, parse_result
+from .broker import Broker, Failed, Mismatch, Snapshot, parse_result
 from .errors import (
     ClusterError,
     CodecError,
     Fenced,
     InfraError,
     JobFailed,
+    JobGone,
     JobTimeout,
     NoWorkers,
     RedisUnavailable,
@@ -40,7 +45,7 @@ from .errors import (
 from .jobfile import Job, user_traceback
 from .plan import Batcher, Tally, host_of, speculation_threshold_ms
 from .progress import NoReporter, Reporter
-from .results import Results, RunResult
+from .results import Results, RunResult, redis_bitmap
 from .resume import note, open_job
 
 log = logging.getLogger("cluster.coordinator")
@@ -59,6 +64,7 @@ class RunOptions:
     maintain_every_s: float = 0.5
     redis_grace_s: float = 60.0
     keep_s: int = 86400  # an unfinished job stays resumable this long
+    max_result_bytes: int = 256 << 20  # an encoded unit (or result) larger than this is refused
     speculate: bool = True
     resume: str | None = None  # a job id to resume
     auto_resume: bool = False  # resume the unfinished job of the same identity, if any
@@ -86,7 +92,15 @@ class Coordinator:
         self.unsent: list[Batch] = []
         self.sent = 0  # units confirmed queued in Redis (its `scattered` counter)
         self.skip = 0  # units the previous coordinator had queued already
+        self.snapshot: Snapshot | None = None  # resumed: recorded units at the takeover
+        self.reclaimed: set[int] = set()  # their results died with the previous coordinator
         self.last_id = "0-0"
+        self.drop_upto = ""  # gathered results entries not yet dropped from Redis
+        self.drop_refs: list[bytes] = []
+        self.opened = False
+        self.lost = False  # Redis lost the job: rebuild it before anything else
+        self.total_saved = False
+        self.last_progress = 0.0
         self.workers = 0
         self.hosts_seen: set[str] = set()
         self.stats: dict[str, int] = {}
@@ -101,15 +115,16 @@ class Coordinator:
         self.total: int | None = None
 
     def run(self) -> RunResult:
-        self.started = self.clock()
-        self.open(self.options.resume)
+        self.started = self.last_progress = self.clock()
         try:
+            self.guarded(lambda: self.open(self.options.resume))
+            self.guarded(self.catch_up)
             self.wait_for_workers()
             self.units = self.scatter()
             while not self.tally.finished:
                 self.guarded(self.step)
             value = self.finish()
-            self.stats = self.broker.job_stats(self.jid)
+            self.guarded(self.fetch_stats)
         except (JobFailed, JobTimeout, KeyboardInterrupt):
             self.close(purge=True)
             raise
@@ -134,25 +149,47 @@ class Coordinator:
         self.collect(block_ms=100)
         self.maintain()
 
+    def fetch_stats(self) -> None:
+        self.stats = self.broker.job_stats(self.jid)
+
     # -- setup ------------------------------------------------------------------------------
 
     def open(self, resume: str | None = None) -> None:
         """Register the job, or take over the one to resume; it expires unless refreshed."""
         opened = open_job(self.broker, self.job, self.params, self.seed, jid=self.jid,
                           owner=self.owner, key=self.key, max_attempts=self.options.max_attempts,
+                          max_result=self.options.max_result_bytes,
                           resume=resume, auto=self.options.auto_resume)
+        self.broker.expire_job(opened.jid, self.options.keep_s, opened.identity)
         self.jid, self.identity = opened.jid, opened.identity
         self.skip = self.sent = opened.scattered
         self.total = opened.total or self.total
-        self.broker.expire_job(self.jid, self.options.keep_s, self.identity)
+        self.snapshot = opened.snapshot
+        self.opened = True
         log.info("job=%s %s (%s, seed %d)", self.jid,
                  "resumed" if opened.resumed else "submitted", self.job.name, self.seed)
+
+    def catch_up(self) -> None:
+        """Resumed: take the results recorded up to the takeover; those the snapshot says were
+        recorded but that are no longer in Redis were gathered by the previous coordinator and
+        died with it: clear their recorded bits, so that they are queued and computed again."""
+        snapshot = self.snapshot
+        if snapshot is None:
+            return
+        while _after(snapshot.last_result, self.last_id) and self.collect(block_ms=None):
+            pass
+        lost = self.results.missing(snapshot.recorded)
+        if lost:
+            self.broker.reclaim(self.jid, self.owner, redis_bitmap(lost))
+            log.warning("job=%s: %d results were gathered by the previous coordinator and lost "
+                        "with it; computing them again", self.jid, len(lost))
+        self.reclaimed = set(lost)
+        self.snapshot = None
 
     def wait_for_workers(self) -> None:
         deadline = self.clock() + self.options.worker_timeout
         while True:
-            self.workers = len(self.broker.live_workers(self.lease_ms))
-            self.check_keys()
+            self.guarded(self.count_workers)
             if self.workers:
                 return
             self.check_deadline()
@@ -160,6 +197,10 @@ class Coordinator:
                 raise NoWorkers(f"no worker appeared within {self.options.worker_timeout:g} s "
                                 f"(Redis at {self.broker.where})")
             time.sleep(0.05)
+
+    def count_workers(self) -> None:
+        self.workers = len(self.broker.live_workers(self.lease_ms))
+        self.check_keys()
 
     def check_keys(self) -> None:
         """Fail fast when the only agents there cannot verify our job code."""
@@ -170,7 +211,7 @@ class Coordinator:
                              "cluster key than this coordinator: copy the key file to them")
 
     def scatter(self) -> Iterator[Any]:
-        """The job's units from the start; a resumed job skips those already queued."""
+        """The job's units from the start (``next_unit`` skips those queued already)."""
         try:
             units = self.job.scatter(self.params)
             if hasattr(units, "__len__"):
@@ -178,34 +219,38 @@ class Coordinator:
             elif self.job.count is not None and self.total is None:
                 self.total = int(self.job.count(self.params))
             iterator = iter(units)
-            if self.skip:
-                for _ in itertools.islice(iterator, self.skip):
-                    pass
         except Exception as exc:  # noqa: BLE001 - the job's own failure
             raise self.user_error("scatter()", exc) from None
-        self.tally.scattered = self.skip
+        self.tally.scattered = 0
         return iterator
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def guarded(self, action: Callable[[], None]) -> None:
-        """Run ``action``, riding out a Redis outage of up to ``redis_grace_s``."""
-        delay = 0.1
+    def guarded(self, action: Callable[[], None], grace: float | None = None) -> None:
+        """Run ``action``, riding out a Redis outage (or lost replies) of up to ``grace``
+        (default ``redis_grace_s``), and rebuilding the job if Redis lost it. ``action`` must
+        be safe to repeat: it changes local state only after its I/O succeeded."""
+        grace = self.options.redis_grace_s if grace is None else grace
+        delay = 0.05
         while True:
             try:
-                if self.redis_down_since is not None:
+                if self.lost:
+                    self.rebuild()
+                elif self.redis_down_since is not None and self.opened:
                     self.resync()
                 action()
                 self.redis_down_since = None
                 return
+            except JobGone:
+                self.lost = True
             except REDIS_ERRORS as exc:
                 now = self.clock()
                 self.redis_down_since = self.redis_down_since or now
-                if now - self.redis_down_since > self.options.redis_grace_s:
+                if now - self.redis_down_since > grace:
                     raise RedisUnavailable(f"Redis at {self.broker.where} unreachable for "
-                                           f"{self.options.redis_grace_s:g} s: {exc}") from None
+                                           f"{grace:g} s: {exc}") from None
                 log.warning("job=%s: Redis unavailable (%s); retrying", self.jid, exc)
-                time.sleep(delay)
+                time.sleep(delay * (0.5 + secrets.randbelow(1000) / 1000))
                 delay = min(delay * 2, 2.0)
 
     def resync(self) -> None:
@@ -236,68 +281,74 @@ class Coordinator:
             if current:
                 self.unsent.append(current)
         if self.unsent:
-            if not self.fenced(self.broker.add_units, self.jid, self.owner, self.unsent):
-                return
+            self.broker.add_units(self.jid, self.owner, self.unsent)
             self.sent += sum(len(b) for b in self.unsent)
             self.unsent = []
-
-    def fenced(self, script: Callable[..., Any], *args: Any) -> bool:
-        """Run a script that checks ownership: False (and the job rebuilt) when Redis lost the
-        job; ``Fenced`` when another coordinator owns it now."""
-        try:
-            script(*args)
-            return True
-        except redis.ResponseError as exc:
-            reply = str(exc).split("caused error: ")[-1]  # a pipeline prefixes its command
-            if reply.startswith("GONE"):
-                self.rebuild()
-                return False
-            if reply.startswith("FENCED"):
-                raise Fenced(f"job {self.jid} was taken over by another coordinator; "
-                             "this one stops") from None
-            raise
+        if self.tally.exhausted and not self.total_saved:
+            self.broker.set_total(self.jid, self.tally.scattered)
+            self.total_saved = True
 
     def next_unit(self) -> tuple[int, bytes | None]:
+        """The next unit from scatter, encoded; ``b""`` for one that needs no queueing (it is
+        gathered already, or queued by a previous coordinator); None when scatter is done.
+        No I/O: building a batch must not be cut in half by a Redis error."""
         index = self.tally.scattered
         try:
             unit = next(self.units)
         except StopIteration:
             self.tally.exhausted = True
             self.total = index
-            self.broker.set_total(self.jid, index)
             return index, None
         except Exception as exc:  # noqa: BLE001
             raise self.user_error("scatter()", exc) from None
         self.tally.scattered += 1
-        if self.results.is_taken(index):
-            return index, b""  # already gathered before Redis lost its data
+        if self.results.is_taken(index) or (index < self.skip and index not in self.reclaimed):
+            return index, b""
         try:
-            return index, codec.encode(unit)
+            blob = codec.encode(unit)
         except CodecError as exc:
             raise JobFailed(f"unit {index} from scatter() {exc}") from None
+        if len(blob) > self.options.max_result_bytes:
+            raise JobFailed(f"unit {index} from scatter() is {len(blob) / 1e6:.1f} MB encoded, "
+                            f"more than the limit of {self.options.max_result_bytes / 1e6:g} MB "
+                            "(--max-result-size)")
+        return index, blob
 
-    def collect(self, block_ms: int) -> None:
-        for mid, fields in self.broker.read_results(self.jid, self.last_id, 512, block_ms):
-            self.last_id = mid
-            self.take(fields)
+    def collect(self, block_ms: int | None) -> int:
+        """Take the results recorded since the last call; drop them from Redis once taken.
+        Returns how many entries were read."""
+        entries = self.broker.read_results(self.jid, self.last_id, 512, block_ms)
+        for mid, fields in entries:
+            self.drop_refs += self.take(fields)
+            self.last_id = self.drop_upto = mid
+        if self.drop_upto or self.drop_refs:
+            self.broker.consume(self.jid, self.owner, self.drop_upto, self.drop_refs)
+            self.drop_upto, self.drop_refs = "", []
         self.reporter.update(self.tally.done, self.total, self.stats.get("reissued", 0))
+        return len(entries)
 
-    def take(self, fields: dict[bytes, bytes]) -> None:
+    def take(self, fields: dict[bytes, bytes]) -> list[bytes]:
+        """Take one results entry (first result wins here too); returns the references of
+        its large results, to drop from Redis."""
         entry = parse_result(fields)
         if isinstance(entry, Failed):
             self.unit_failed(entry.index, entry.error)
-            return
+            return []
         if isinstance(entry, Mismatch):
             self.mismatched.append(entry.index)
             log.warning("unit=%d job=%s: a duplicate result from %s differs from the recorded "
                         "one: compute() is not deterministic", entry.index, self.jid, entry.wid)
-            return
-        units = [(i, p) for i, p in entry.units if self.results.mark(i)]
-        refs = [p for _, p in units if p[:1] == b"R"]
-        if refs:
-            blobs = iter(self.broker.fetch_blobs(self.jid, refs))
-            units = [(i, next(blobs) if p[:1] == b"R" else p) for i, p in units]
+            return []
+        refs = [p for _, p in entry.units if p[:1] == b"R"]
+        units = [(i, p) for i, p in entry.units if not self.results.is_taken(i)]
+        wanted = [p for _, p in units if p[:1] == b"R"]
+        if wanted:
+            blobs = self.broker.fetch_blobs(self.jid, wanted)
+            self.check_blobs(units, blobs)
+            found = iter(blobs)
+            units = [(i, next(found) or b"" if p[:1] == b"R" else p) for i, p in units]
         for index, payload in units:
+            self.results.mark(index)
             try:
                 self.results.add(index, codec.decode(payload))
             except Exception as exc:  # noqa: BLE001 - reduce() is the job's code
@@ -305,6 +356,20 @@ class Coordinator:
         self.tally.recorded += len(units)
         self.tally.by_worker[entry.wid] += len(units)
         self.batcher.observe(entry.batch, entry.seconds, sum(len(p) for _, p in units))
+        self.last_progress = self.clock()
+        return refs
+
+    def check_blobs(self, units: list[tuple[int, bytes]], blobs: list[bytes | None]) -> None:
+        """A large result named by a results entry is missing: Redis lost the job (flushed),
+        or something else deleted it."""
+        if all(b is not None for b in blobs):
+            return
+        if not self.broker.job_exists(self.jid):
+            raise JobGone(self.jid)
+        refs = [i for i, p in units if p[:1] == b"R"]
+        missing = [i for i, b in zip(refs, blobs, strict=True) if b is None]
+        raise InfraError(f"job {self.jid}: the recorded result of unit {missing[0]} is missing "
+                         "from Redis (was it evicted? Redis needs maxmemory-policy noeviction)")
 
     def unit_failed(self, index: int, error: dict[str, Any]) -> None:
         if not self.results.mark(index):
@@ -324,10 +389,9 @@ class Coordinator:
         self.next_maintenance = now + self.options.maintain_every_s
         owner = self.broker.owner(self.jid)
         if owner is None:
-            self.rebuild()
-            return
+            raise JobGone(self.jid)
         if owner != self.owner:
-            raise Fenced(f"job {self.jid} was taken over by another coordinator; this one stops")
+            raise Fenced(self.jid)
         for wid in self.broker.expired_workers(self.lease_ms):
             moved = self.broker.reissue(wid, charge=False, reason=f"worker {wid} lost its lease",
                                         lease_ms=self.lease_ms)
@@ -342,6 +406,7 @@ class Coordinator:
             self.broker.expire_job(self.jid, self.options.keep_s, self.identity)
         self.speculate()
         self.check_workers(now, {host_of(w) for w in live})
+        self.check_memory(now)
 
     def check_workers(self, now: float, alive: set[str]) -> None:
         if self.workers:
@@ -361,8 +426,7 @@ class Coordinator:
         for msgid, wid, idle in self.broker.pending():
             if idle > threshold and msgid not in self.copied:
                 self.copied.add(msgid)
-                if not self.fenced(self.broker.copy_entry, self.jid, self.owner, msgid):
-                    return
+                self.broker.copy_entry(self.jid, self.owner, msgid)
                 log.info("job=%s: straggling entry %s on %s gets a speculative copy",
                          self.jid, msgid, wid)
 
@@ -373,11 +437,15 @@ class Coordinator:
                   "unit not yet gathered", self.jid)
         note("rebuilt", self.jid, self.identity, self.job.path, self.broker.where)
         self.broker.ensure_group()
-        self.unsent = []
-        self.last_id = "0-0"
-        self.tally.exhausted = False
+        self.unsent, self.drop_refs = [], []
+        self.last_id, self.drop_upto = "0-0", ""
+        self.tally.exhausted = self.total_saved = False
+        self.reclaimed = set()
         self.open()
+        self.skip = self.sent = 0
+        self.snapshot = None
         self.units = self.scatter()
+        self.lost = False
 
     def check_deadline(self) -> None:
         timeout = self.options.timeout
@@ -396,13 +464,28 @@ class Coordinator:
 
     def close(self, purge: bool) -> None:
         """Remove the job from Redis (done or failed), or keep it for a later resume."""
+        if not self.opened:
+            return
+        self.lost = False  # a job gone from Redis needs no cleaning up
         try:
             if purge:
-                self.broker.purge_job(self.jid, self.owner, self.identity)
+                self.guarded(lambda: self.broker.purge_job(self.jid, self.owner, self.identity),
+                             grace=min(self.options.redis_grace_s, 10.0))
             note("finished" if purge else "kept", self.jid, self.identity, self.job.path,
                  self.broker.where)
         except (redis.RedisError, ClusterError) as exc:
             log.warning("job=%s: could not clean up in Redis: %s", self.jid, exc)
+
+    def check_memory(self, now: float) -> None:
+        """No result for a while and Redis full: say so instead of waiting forever."""
+        stalled = now - self.last_progress
+        if stalled < 10:
+            return
+        used, limit = self.broker.memory()
+        if limit and used >= 0.95 * limit and stalled > self.options.redis_grace_s:
+            raise InfraError(f"Redis at {self.broker.where} is out of memory ({used >> 20} MB "
+                             f"used of maxmemory {limit >> 20} MB) and no result was recorded "
+                             f"for {stalled:.0f} s; raise maxmemory or shrink the results")
 
     @property
     def lease_ms(self) -> int:
@@ -411,3 +494,12 @@ class Coordinator:
     def user_error(self, where: str, exc: Exception) -> JobFailed:
         return JobFailed(f"{where} raised {type(exc).__name__}: {exc}",
                          detail=user_traceback(exc, self.job.path))
+
+
+def _after(a: str, b: str) -> bool:
+    """Stream id ``a`` comes after ``b``."""
+    def key(mid: str) -> tuple[int, int]:
+        ms, _, seq = mid.partition("-")
+        return int(ms), int(seq or 0)
+
+    return key(a) > key(b)

@@ -89,12 +89,28 @@ class RedisUnavailable(InfraError):
     """Redis cannot be reached, or refuses our credentials."""
 
 
+class RedisFull(RedisUnavailable):
+    """Redis refused a write: it is out of memory (``maxmemory``)."""
+
+
+class JobGone(InfraError):
+    """The job's keys are gone from Redis (restarted without persistence, or flushed)."""
+
+    def __init__(self, jid: str) -> None:
+        super().__init__(f"job {jid} is gone from Redis (restarted empty or flushed)")
+        self.jid = jid
+
+
 class NoWorkers(InfraError):
     """No live worker took part within the allowed time."""
 
 
 class Fenced(InfraError):
     """Another coordinator took the job over; this one must stop."""
+
+    def __init__(self, jid: str) -> None:
+        super().__init__(f"job {jid} was taken over by another coordinator; this one stops")
+        self.jid = jid
 
 
 class JobTimeout(ClusterError):

@@ -38,6 +38,16 @@ class Results:
         self.taken[byte] |= 1 << (index & 7)
         return True
 
+    def missing(self, recorded: bytes) -> list[int]:
+        """Units set in a Redis bitmap ``recorded`` (bit 0 is the high bit of byte 0) that were
+        not taken here."""
+        lost = []
+        for byte, bits in enumerate(recorded):
+            for bit in range(8):
+                if bits & (0x80 >> bit) and not self.is_taken(byte * 8 + bit):
+                    lost.append(byte * 8 + bit)
+        return lost
+
     def add(self, index: int, value: Any) -> None:
         """Keep (or fold) the result of a unit just marked."""
         if self.reduce is None:
@@ -55,6 +65,14 @@ class Results:
         ordered = [self.values.get(i) for i in range(count)]
         self.values.clear()
         return ordered
+
+
+def redis_bitmap(indices: list[int]) -> bytes:
+    """A Redis bitmap (bit 0 is the high bit of byte 0) with the bits of ``indices`` set."""
+    mask = bytearray((max(indices) >> 3) + 1 if indices else 0)
+    for index in indices:
+        mask[index >> 3] |= 0x80 >> (index & 7)
+    return bytes(mask)
 
 
 @dataclass

@@ -4,7 +4,9 @@ A job's state lives in Redis (with AOF on a cluster that `up` started): the unit
 results recorded, how many units scatter has produced. A job is found again by its id
 (``--resume JOB_ID``) or, when the same command runs again (cron), by its identity: a hash of the
 job's code, params and seed. Taking a job over changes its owner token, which fences the previous
-coordinator off. A small local journal (one JSON line per event) records which job ids were
+coordinator off, and gives the new one a snapshot of what was recorded: results that the old
+coordinator had gathered (and dropped from Redis) are lost with it, and are computed again.
+A small local journal (one JSON line per event) records which job ids were
 started, resumed, kept and finished, so a user can find them.
 """
 
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import codec
-from .broker import Broker
+from .broker import Broker, Snapshot
 from .errors import UsageError
 from .jobfile import Job
 
@@ -33,6 +35,7 @@ class Opened:
     resumed: bool
     scattered: int = 0  # units already queued by the previous coordinator
     total: int | None = None  # known when its scatter had finished
+    snapshot: Snapshot | None = None  # resumed: what was recorded when it was taken over
 
 
 def identity(job: Job, params: dict[str, Any], seed: int) -> str:
@@ -41,15 +44,14 @@ def identity(job: Job, params: dict[str, Any], seed: int) -> str:
 
 
 def open_job(broker: Broker, job: Job, params: dict[str, Any], seed: int, *, jid: str,
-             owner: str, key: bytes, max_attempts: int, resume: str | None, auto: bool
-             ) -> Opened:
+             owner: str, key: bytes, max_attempts: int, resume: str | None, auto: bool,
+             max_result: int = 256 << 20) -> Opened:
     """Resume ``resume`` (or, with ``auto``, the unfinished job of the same identity), or
-    register a new job ``jid``."""
+    register a new job ``jid``. Safe to call again after a lost reply."""
     ident = identity(job, params, seed)
     wanted = resume
     if wanted is None and auto:
-        found = broker.client.get(broker.keys.resume(ident))
-        wanted = found.decode() if found else None
+        wanted = broker.find_resumable(ident)
     if wanted:
         fields = broker.job_fields(wanted)
         if fields is None and resume:
@@ -59,20 +61,21 @@ def open_job(broker: Broker, job: Job, params: dict[str, Any], seed: int, *, jid
             if fields.get("identity") != ident:
                 raise UsageError(f"job {wanted} was submitted with other code, params or seed; "
                                  "run the same job file and --param values to resume it")
-            broker.take_over(wanted, owner)
-            total = fields.get("total")
-            note("resumed", wanted, ident, job.path, broker.where)
-            return Opened(wanted, ident, True, int(fields.get("scattered", 0)),
-                          int(total) if total else None)
+            snapshot = broker.take_over(wanted, owner)
+            if snapshot is not None:
+                total = fields.get("total")
+                note("resumed", wanted, ident, job.path, broker.where)
+                return Opened(wanted, ident, True, int(fields.get("scattered", 0)),
+                              int(total) if total else None, snapshot)
     code = job.source.encode()
     broker.create_job(jid, {
         "name": job.name, "path": job.path, "code": code, "sig": codec.sign(key, code),
         "seed": seed, "params": json.dumps(params, default=str), "identity": ident,
-        "max_attempts": max_attempts, "owner": owner, "scattered": 0,
+        "max_attempts": max_attempts, "owner": owner, "scattered": 0, "max_result": max_result,
         "started": broker.server_time_ms(),
     })
     if auto:
-        broker.client.set(broker.keys.resume(ident), jid)
+        broker.set_resumable(ident, jid)
     note("started", jid, ident, job.path, broker.where)
     return Opened(jid, ident, False)
 

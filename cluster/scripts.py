@@ -1,47 +1,83 @@
 """The Lua scripts of the protocol, each one atomic step. Key names come from ``keys.py``
 (scripts that reach per-job keys from a stream entry get them as templates, ``JOB_TEMPLATES``).
 
+Every outcome is an explicit return value (a status word first, ``OK``, ``GONE``, ``FENCED``,
+``RECORDED``, ``AGAIN``, ``STALE``, ``NOBLOB``), never an error reply to be parsed. Every step
+may be retried after a lost reply and recognises its own earlier success.
+
 - ``ADD``: a coordinator appends a batch of units, fenced by its owner token, and counts them.
 - ``RECORD``: a worker commits a batch: for each unit, the first result wins (a bit in the job's
   ``recorded`` bitmap); a duplicate is discarded and counted. The first digest seen for a unit
   is kept and every later result's compared with it, in whichever order they come (a differing
-  one is reported: nondeterministic compute). A unit that raised
-  is re-queued until it runs out of attempts, then recorded as failed; then the entry is
-  acknowledged. A commit for an entry no longer pending for that worker (its lease was lost and
-  the entry was reissued) is discarded and counted as stale.
-- ``REISSUE``: the entries pending for a dead worker are queued again (split into single units
-  when the death is charged to them as an attempt, so a unit that kills its worker is isolated).
+  one is reported: nondeterministic compute). A unit that raised is re-queued until it runs out
+  of attempts, then recorded as failed; then the entry is acknowledged. A commit for an entry
+  no longer pending for that worker is either the same worker's retry of a commit that went
+  through (its reply was lost: ``AGAIN``, nothing counted) or a late commit after the entry was
+  reissued (``STALE``, discarded and counted). Large results arrive in the job's ``blobs`` hash
+  in the same transaction, under a field unique to this commit attempt; the script checks they
+  are there before recording anything and deletes only its own fields when it discards them.
+- ``REISSUE``: the entries pending for a dead worker are queued again (the entry it was running
+  split into single units when the death is charged to it as an attempt, so a unit that kills
+  its worker is isolated; entries it never started are not charged).
 - ``RENEW``: an agent renews its heartbeat and the leases of its workers, on Redis server time.
 - ``EXPIRED``: consumers whose lease is older than the lease time.
-- ``TAKEOVER``: a resuming coordinator becomes the job's owner; the previous one is fenced.
+- ``TAKEOVER``: a resuming coordinator becomes the job's owner; the previous one is fenced. It
+  gets a snapshot of the recorded bitmap and of the last results entry, to find the results the
+  previous coordinator gathered (and took with it) and have them computed again.
+- ``CONSUME``: the coordinator drops results it has gathered (fenced).
+- ``RECLAIM``: a resuming coordinator clears the recorded bits of results lost with the previous
+  coordinator, so that they are recorded again (fenced).
 - ``COPY``: a speculative copy of a straggling entry (units not yet recorded only).
 - ``PURGE``: a finished job's keys and any of its entries still queued are removed (fenced).
+
+Keys that a script creates after the coordinator last refreshed the job's expiry inherit the
+expiry of the job's hash (``inherit``), so an abandoned job's keys all expire.
 """
 
 JOBKEYS = """
 local function jobkey(template, jid) return (string.gsub(template, '{jid}', jid)) end
 """
 
-ADD = """
-local owner = redis.call('HGET', KEYS[2], 'owner')
-if not owner then return redis.error_reply('GONE job ' .. ARGV[2] .. ' is not in Redis') end
-if owner ~= ARGV[1] then
-  return redis.error_reply('FENCED job ' .. ARGV[2] .. ' is owned by another coordinator')
+INHERIT = """
+local function inherit(job, ...)
+  local ttl = redis.call('PTTL', job)
+  if ttl <= 0 then return end
+  for _, k in ipairs({...}) do
+    if redis.call('PTTL', k) == -1 then redis.call('PEXPIRE', k, ttl) end
+  end
 end
+"""
+
+OWNED = """
+local function owned(job, owner)  -- nil when the caller owns the job, else the status
+  local current = redis.call('HGET', job, 'owner')
+  if not current then return 'GONE' end
+  if current ~= owner then return 'FENCED' end
+  return nil
+end
+"""
+
+ADD = OWNED + """
+local refused = owned(KEYS[2], ARGV[1])
+if refused then return {refused} end
 local fields = {'j', ARGV[2], 'a', ARGV[3]}
 for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HINCRBY', KEYS[2], 'scattered', (#ARGV - 3) / 2)
-return redis.call('XADD', KEYS[1], '*', unpack(fields))
+return {'OK', redis.call('XADD', KEYS[1], '*', unpack(fields))}
 """
 
-RECORD = """
+RECORD = INHERIT + """
 local units, job, recorded, results, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local blobs, digests = KEYS[6], KEYS[7]
+local blobs, digests, worker = KEYS[6], KEYS[7], KEYS[8]
 local group, msgid, wid, seconds, jid = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local attempt = tonumber(ARGV[6])
 local n = (#ARGV - 6) / 5
-local function drop(payload)  -- a large result sent beside the script, not recorded
-  if string.sub(payload, 1, 1) == 'R' then redis.call('HDEL', blobs, string.sub(payload, 2)) end
+local function is_ref(payload) return string.sub(payload, 1, 1) == 'R' end
+local function drop(payload)  -- this commit's own large result, not recorded
+  if is_ref(payload) then redis.call('HDEL', blobs, string.sub(payload, 2)) end
+end
+local function drop_all()
+  for i = 7, #ARGV, 5 do drop(ARGV[i + 2]) end
 end
 local ZERO = string.rep('\0', 8)
 local function compare(idx, digest)  -- two results for one unit: are they the same?
@@ -60,15 +96,23 @@ if redis.call('EXISTS', job) == 0 then
   redis.call('XACK', units, group, msgid)
   redis.call('XDEL', units, msgid)
   redis.call('DEL', blobs)
-  return {-1, 0}
+  return {'GONE', 0, 0}
 end
 if #redis.call('XPENDING', units, group, msgid, msgid, 1, wid) == 0 then
+  drop_all()
+  if redis.call('HGET', worker, 'committed') == msgid then return {'AGAIN', 0, 0} end
   for i = 7, #ARGV, 5 do
-    drop(ARGV[i + 2])
     if ARGV[i + 1] == 'ok' then compare(tonumber(ARGV[i]), ARGV[i + 4]) end
   end
   redis.call('HINCRBY', stats, 'stale', n)
-  return {-2, 0}
+  inherit(job, stats, digests, results)
+  return {'STALE', 0, 0}
+end
+for i = 7, #ARGV, 5 do
+  local payload = ARGV[i + 2]
+  if is_ref(payload) and redis.call('HEXISTS', blobs, string.sub(payload, 2)) == 0 then
+    return {'NOBLOB', 0, 0}
+  end
 end
 local max_attempts = tonumber(redis.call('HGET', job, 'max_attempts'))
 local out = {'w', wid, 't', seconds}
@@ -102,13 +146,18 @@ end
 if dups > 0 then redis.call('HINCRBY', stats, 'duplicates', dups) end
 redis.call('XACK', units, group, msgid)
 redis.call('XDEL', units, msgid)
-redis.call('HDEL', KEYS[8], 'job', 'unit')
-return {done, dups}
+if redis.call('EXISTS', worker) == 1 then
+  redis.call('HDEL', worker, 'job', 'unit', 'entry')
+  redis.call('HSET', worker, 'committed', msgid)
+end
+inherit(job, recorded, results, stats, blobs, digests)
+return {'RECORDED', done, dups}
 """
 
-REISSUE = JOBKEYS + """
+REISSUE = JOBKEYS + INHERIT + """
 local units, workers = KEYS[1], KEYS[2]
 local group, wid, charge, reason = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4]
+local counted = ARGV[3] ~= 'back'  -- 'back': a worker gives back what it did not start
 local lease = tonumber(ARGV[5])
 if lease > 0 then
   local seen = redis.call('ZSCORE', workers, wid)
@@ -116,10 +165,12 @@ if lease > 0 then
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   if seen and now - tonumber(seen) <= lease then return -1 end
 end
+local running = redis.call('HGET', KEYS[3], 'entry')  -- the entry it had started computing
 local moved = 0
 local pending = redis.call('XPENDING', units, group, '-', '+', 100000, wid)
 for _, p in ipairs(pending) do
   local id = p[1]
+  local charged = charge and id == running
   local entry = redis.call('XRANGE', units, id, id)
   redis.call('XACK', units, group, id)
   redis.call('XDEL', units, id)
@@ -136,7 +187,7 @@ for _, p in ipairs(pending) do
         local idx, unit = f[i], f[i + 1]
         if redis.call('GETBIT', recorded, idx) == 0 then
           moved = moved + 1
-          if not charge then
+          if not charged then
             whole[#whole + 1] = idx
             whole[#whole + 1] = unit
           elseif attempt < max_attempts then
@@ -150,7 +201,8 @@ for _, p in ipairs(pending) do
         end
       end
       if #whole > 4 then redis.call('XADD', units, '*', unpack(whole)) end
-      redis.call('HINCRBY', stats, 'reissued', moved)
+      if counted then redis.call('HINCRBY', stats, 'reissued', moved) end
+      inherit(job, recorded, results, stats)
     end
   end
 end
@@ -199,9 +251,7 @@ return dead
 PURGE = """
 local units, group, jid = KEYS[1], ARGV[1], ARGV[2]
 local owner = redis.call('HGET', KEYS[3], 'owner')
-if owner and owner ~= ARGV[3] then
-  return redis.error_reply('FENCED job ' .. jid .. ' is owned by another coordinator')
-end
+if owner and owner ~= ARGV[3] then return {'FENCED'} end
 for _, e in ipairs(redis.call('XRANGE', units, '-', '+')) do
   if e[2][2] == jid then
     redis.call('XACK', units, group, e[1])
@@ -210,27 +260,47 @@ for _, e in ipairs(redis.call('XRANGE', units, '-', '+')) do
 end
 redis.call('SREM', KEYS[2], jid)
 for i = 3, #KEYS do redis.call('DEL', KEYS[i]) end
-return 1
+return {'OK'}
 """
-
-
 
 TAKEOVER = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'GONE'} end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1])
-return 1
+local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+return {'OK', redis.call('GET', KEYS[2]) or '', last[1] and last[1][1] or '0-0'}
 """
 
-COPY = """
-local owner = redis.call('HGET', KEYS[2], 'owner')
-if not owner then return redis.error_reply('GONE job is not in Redis') end
-if owner ~= ARGV[1] then
-  return redis.error_reply('FENCED job is owned by another coordinator')
+CONSUME = OWNED + """
+local refused = owned(KEYS[1], ARGV[1])
+if refused then return {refused} end
+if ARGV[2] ~= '' then redis.call('XTRIM', KEYS[2], 'MINID', ARGV[2]) end
+for i = 3, #ARGV do redis.call('HDEL', KEYS[3], ARGV[i]) end
+return {'OK'}
+"""
+
+RECLAIM = OWNED + """
+local refused = owned(KEYS[1], ARGV[1])
+if refused then return {refused} end
+local current, mask = redis.call('GET', KEYS[2]) or '', ARGV[2]
+local out, cleared = {}, 0
+for i = 1, #current do
+  local c = string.byte(current, i)
+  local m = i <= #mask and string.byte(mask, i) or 0
+  local kept = bit.band(c, bit.bnot(m))
+  if kept ~= c then cleared = cleared + 1 end
+  out[i] = string.char(kept)
 end
+if cleared > 0 then redis.call('SET', KEYS[2], table.concat(out), 'KEEPTTL') end
+return {'OK'}
+"""
+
+COPY = OWNED + """
+local refused = owned(KEYS[2], ARGV[1])
+if refused then return {refused} end
 local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
-if #entry == 0 then return 0 end
+if #entry == 0 then return {'OK', 0} end
 local f = entry[1][2]
-if f[2] ~= ARGV[3] then return 0 end
+if f[2] ~= ARGV[3] then return {'OK', 0} end
 local fields, n = {}, 0
 for i = 1, #f, 2 do
   if i > 4 and redis.call('GETBIT', KEYS[4], f[i]) == 1 then
@@ -240,8 +310,8 @@ for i = 1, #f, 2 do
     if i > 4 then n = n + 1 end
   end
 end
-if n == 0 then return 0 end
+if n == 0 then return {'OK', 0} end
 redis.call('XADD', KEYS[1], '*', unpack(fields))
 redis.call('HINCRBY', KEYS[3], 'speculated', n)
-return n
+return {'OK', n}
 """

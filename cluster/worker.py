@@ -3,6 +3,11 @@
 The agent passes the worker its settings and credentials as JSON on stdin (never as arguments).
 Signals: SIGTERM or SIGINT asks the worker to stop after the batch it is computing (at once when
 it is idle); the worker also stops when its agent goes away.
+
+A worker runs the code of one job after another in a fresh process: once a job it ran has
+finished, it exits with ``RECYCLE`` (giving back, uncharged, a delivery of another job it had
+not started), and its agent starts a new worker at once. So no job's imports, globals or memory
+carry over to the next.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import signal
 import struct
 import sys
@@ -25,20 +31,30 @@ from . import codec
 from .broker import Broker, Outcome, Work
 from .context import running_unit
 from .credentials import Credentials
-from .errors import ClusterError, CodecError, RedisUnavailable
+from .errors import ClusterError, CodecError, RedisFull, RedisUnavailable
 from .jobfile import load_source
 from .proc import die_with_parent
 
 log = logging.getLogger("cluster.worker")
 
+RECYCLE = 75  # exit code: "a job I ran has finished, start a fresh worker in my place"
+DEFAULT_MAX_RESULT = 256 << 20  # bytes of an encoded result, unless the job says otherwise
+FULL_RETRIES_S = 30.0  # how long a commit refused by a full Redis is retried before failing
+
+
+class CommitAgain(Exception):
+    """The commit did not go through as a whole (a large result was missing): retry it."""
+
 
 class LoadedJob:
     """Job code as a worker runs it, or the reason it cannot run here."""
 
-    def __init__(self, module: types.ModuleType | None, seed: int, error: str = "") -> None:
+    def __init__(self, module: types.ModuleType | None, seed: int, error: str = "",
+                 max_result: int = DEFAULT_MAX_RESULT) -> None:
         self.module = module
         self.seed = seed
         self.error = error
+        self.max_result = max_result
 
 
 class Worker:
@@ -54,6 +70,9 @@ class Worker:
         self.stopping = False
         self.recovering = True  # first take back what was delivered to us and not recorded
         self.unrecorded: tuple[Work, float, list[Outcome]] | None = None  # commit to retry
+        self.full_since: float | None = None  # Redis refused our commit for lack of memory
+        self.successes = 0  # Redis calls that went through (resets the reconnect backoff)
+        self.recycle = False
 
     def run(self) -> None:
         if self.unrecorded is not None:  # computed before Redis went away: commit it now
@@ -61,39 +80,82 @@ class Worker:
         while not self.stopping and (self.parent is None or os.getppid() == self.parent):
             self.idle = True
             work = self.broker.read_work(self.wid, self.block_ms, own=self.recovering)
+            self.successes += 1
             if work is None and self.recovering:
                 self.recovering = False
                 continue
             self.idle = False
-            if work is not None:
+            if work is None:
+                self.forget_finished(idle=True)
+            elif work.jid not in self.jobs and self.forget_finished(idle=False):
+                self.broker.give_back(self.wid)
+            else:
                 self.handle(work)
 
     def handle(self, work: Work) -> None:
         job = self.job(work.jid)
-        self.broker.describe_worker(self.wid, {"job": work.jid, "unit": work.units[0][0]})
+        self.broker.started(self.wid, work)
         started = time.perf_counter()
         outcomes = [] if job is None else [self.run_unit(job, work, i, b) for i, b in work.units]
         self.commit(work, time.perf_counter() - started, outcomes)
 
     def commit(self, work: Work, seconds: float, outcomes: list[Outcome]) -> None:
-        """Record a batch; kept for a retry if Redis is unreachable (when it is back, a batch
-        reissued meanwhile is discarded as stale, and compared with what was recorded)."""
+        """Record a batch; kept for a retry if Redis is unreachable. A retry whose first try
+        went through is recognised (``AGAIN``); a batch reissued meanwhile is discarded as
+        stale, and compared with what was recorded."""
         self.unrecorded = (work, seconds, outcomes)
-        done, dups = self.broker.record(work, self.wid, seconds, outcomes)
+        try:
+            answer = self.broker.record(work, self.wid, seconds, outcomes)
+        except RedisFull:
+            self.unrecorded = (work, seconds, self.when_full(work, outcomes))
+            raise
         self.unrecorded = None
-        if done == -2:
+        self.full_since = None
+        self.successes += 1
+        if answer.status == "NOBLOB":
+            self.unrecorded = (work, seconds, outcomes)
+            raise CommitAgain(f"job={work.jid}: a large result did not reach Redis")
+        if answer.status == "STALE":
             log.warning("job=%s: this worker lost its lease; its batch was reissued and its "
                         "results discarded; stopping to be replaced", work.jid)
             self.stopping = True
             return
-        log.debug("← job=%s units=%d recorded=%d duplicates=%d %.3fs", work.jid,
-                  len(work.units), done, dups, seconds)
+        log.debug("← job=%s units=%d %s recorded=%d duplicates=%d %.3fs", work.jid,
+                  len(work.units), answer.status, answer.done, answer.dups, seconds)
+
+    def when_full(self, work: Work, outcomes: list[Outcome]) -> list[Outcome]:
+        """Redis is out of memory: retry the commit for a while (the coordinator frees memory
+        as it gathers), then report the units as failed (an attempt each) instead."""
+        now = time.monotonic()
+        self.full_since = self.full_since or now
+        if now - self.full_since < FULL_RETRIES_S:
+            return outcomes
+        log.error("job=%s: Redis has been out of memory for %.0f s: failing the batch",
+                  work.jid, now - self.full_since)
+        blobs = dict(work.units)
+        return [o if o.kind != "ok" else self.failure(
+            work, o.index, blobs.get(o.index, b""), "err",
+            f"Redis is out of memory: it refused the result ({len(o.payload)} bytes) for "
+            f"{FULL_RETRIES_S:g} s", "") for o in outcomes]
 
     def job(self, jid: str) -> LoadedJob | None:
         """The job's code, loaded once per worker; None when the job is gone."""
         if jid not in self.jobs:
             self.jobs[jid] = self.load(jid)
         return self.jobs[jid]
+
+    def forget_finished(self, idle: bool) -> bool:
+        """True (and this worker is to be recycled) when a job it ran has finished."""
+        if not self.jobs:
+            return False
+        jids = list(self.jobs)
+        finished = [j for j, alive in zip(jids, self.broker.jobs_exist(jids), strict=True)
+                    if not alive]
+        if not finished:
+            return False
+        log.info("job=%s finished; this worker is replaced by a fresh one", ",".join(finished))
+        self.recycle = self.stopping = True
+        return True
 
     def load(self, jid: str) -> LoadedJob | None:
         info = self.broker.job_info(jid)
@@ -106,13 +168,14 @@ class Worker:
             return LoadedJob(None, seed, f"worker {self.wid} refused the job: its code is not "
                              "signed by this cluster's key (the key files differ)")
         name = info.get("name", b"job").decode()
+        max_result = int(info.get("max_result", DEFAULT_MAX_RESULT))
         try:
             module = load_source(code.decode(), info.get("path", b"job.py").decode(),
                                  module_name=f"cluster_job_{name}_{jid}")
         except ClusterError as exc:
             return LoadedJob(None, seed, f"on worker {self.wid}: {exc}")
         log.info("job=%s loaded (%s)", jid, name)
-        return LoadedJob(module, seed)
+        return LoadedJob(module, seed, max_result=max_result)
 
     def run_unit(self, job: LoadedJob, work: Work, index: int, blob: bytes) -> Outcome:
         if job.module is None:
@@ -124,7 +187,7 @@ class Worker:
         try:
             with running_unit(job.seed, index):
                 result = job.module.compute(unit)
-        except Exception as exc:  # noqa: BLE001 - the job's own failure, reported with its unit
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - the job's own failure
             tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next
                                                     if exc.__traceback__ else None))
             log.warning("unit=%d job=%s attempt=%d raised %s: %s", index, work.jid,
@@ -135,6 +198,11 @@ class Worker:
         except CodecError as exc:
             return self.failure(work, index, blob, "fatal",
                                 f"compute() returned a result that {exc}", "")
+        if len(payload) > job.max_result:
+            return self.failure(work, index, blob, "fatal",
+                                f"its result is {len(payload) / 1e6:.1f} MB encoded, more than "
+                                f"the limit of {job.max_result / 1e6:g} MB (--max-result-size)",
+                                "")
         return Outcome(index, "ok", payload, digest=digest(payload))
 
     def failure(self, work: Work, index: int, blob: bytes, kind: str, error: str, tb: str
@@ -159,36 +227,58 @@ def main() -> int:
     logging.basicConfig(level=config.get("log_level", "INFO"),
                         format=f"%(asctime)s {config['wid']} %(levelname)s %(message)s")
     creds = Credentials.from_json(json.dumps(config["credentials"]), "stdin")
-    if os.getppid() != parent:
-        return 0
-    broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix,
-                            socket_timeout=10)
-    worker = Worker(broker, config["wid"], creds.key, block_ms=config.get("block_ms", 500),
-                    parent=parent)
+    stopping = False
 
     def stop(signum: int, frame: object) -> None:
-        worker.stopping = True
-        if worker.idle:
+        nonlocal stopping
+        stopping = True
+        if worker is None or worker.idle:
             raise SystemExit(0)
+        worker.stopping = True
 
+    worker: Worker | None = None
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    broker = connect(creds, parent)
+    if broker is None:
+        return 0
+    worker = Worker(broker, config["wid"], creds.key, block_ms=config.get("block_ms", 500),
+                    parent=parent)
+    worker.stopping = stopping
     return run_forever(worker, parent)
 
 
+def connect(creds: Credentials, parent: int) -> Broker | None:
+    """Connect to Redis, retrying with backoff and jitter while the agent lives (a worker
+    that cannot connect must not crash-loop); None when the agent went away."""
+    delay = 0.1
+    while os.getppid() == parent:
+        try:
+            return Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix,
+                                  socket_timeout=10)
+        except RedisUnavailable as exc:
+            log.warning("cannot reach Redis (%s); retrying", exc)
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 2.0)
+    return None
+
+
 def run_forever(worker: Worker, parent: int) -> int:
-    """Run, riding out Redis outages, until asked to stop or orphaned."""
-    backoff = 0.1
+    """Run, riding out Redis outages and lost replies, until asked to stop, orphaned or
+    recycled. The reconnect delay starts small again once Redis answered."""
+    delay, seen = 0.05, -1
     while (not worker.stopping or worker.unrecorded) and os.getppid() == parent:
         try:
             worker.run()
-            backoff = 0.1
-        except (redis.ConnectionError, redis.TimeoutError, RedisUnavailable) as exc:
+        except (redis.ConnectionError, redis.TimeoutError, RedisUnavailable,
+                CommitAgain) as exc:
+            if worker.successes != seen:
+                delay, seen = 0.05, worker.successes
             worker.recovering = True
-            log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 1.0)
-    return 0
+            log.warning("Redis unavailable (%s); retrying in %.2fs", exc, delay)
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 1.0)
+    return RECYCLE if worker.recycle else 0
 
 
 if __name__ == "__main__":

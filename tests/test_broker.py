@@ -6,7 +6,8 @@ import json
 import pytest
 
 from cluster import codec
-from cluster.broker import Broker, Outcome
+from cluster.broker import Broker, Outcome, Work
+from cluster.errors import Fenced
 
 JID, OWNER = "j1", "owner-token"
 
@@ -22,6 +23,13 @@ def job(broker: Broker) -> Broker:
 
 def ok(index: int, value: object) -> Outcome:
     return Outcome(index, "ok", codec.encode(value))
+
+
+def rec(broker: Broker, work: Work | None, wid: str, seconds: float, outcomes: list[Outcome]
+        ) -> tuple[str, int, int]:
+    assert work is not None
+    answer = broker.record(work, wid, seconds, outcomes)
+    return answer.status, answer.done, answer.dups
 
 
 def recorded(broker: Broker) -> dict[int, object]:
@@ -42,7 +50,7 @@ def test_a_batch_is_recorded_and_acknowledged_atomically(job: Broker):
     work = job.read_work("w1", 0)
     assert work is not None and [i for i, _ in work.units] == [0, 1]
     assert pending(job) == 1
-    assert job.record(work, "w1", 0.01, [ok(0, "a"), ok(1, "b")]) == (2, 0)
+    assert rec(job, work, "w1", 0.01, [ok(0, "a"), ok(1, "b")]) == ("RECORDED", 2, 0)
     assert pending(job) == 0
     assert job.client.xlen(job.keys.units) == 0
     assert recorded(job) == {0: "a", 1: "b"}
@@ -52,8 +60,8 @@ def test_first_result_wins_and_a_duplicate_is_counted(job: Broker):
     # two copies of unit 0 (as a speculative copy would be), taken by two workers
     job.add_units(JID, OWNER, [[(0, codec.encode(0))], [(0, codec.encode(0))]])
     first, second = job.read_work("w1", 0), job.read_work("w2", 0)
-    assert job.record(second, "w2", 0.0, [ok(0, "second")]) == (1, 0)
-    assert job.record(first, "w1", 0.0, [ok(0, "first")]) == (0, 1)
+    assert rec(job, second, "w2", 0.0, [ok(0, "second")]) == ("RECORDED", 1, 0)
+    assert rec(job, first, "w1", 0.0, [ok(0, "first")]) == ("RECORDED", 0, 1)
     assert recorded(job) == {0: "second"}
     assert job.job_stats(JID)["duplicates"] == 1
 
@@ -64,8 +72,8 @@ def test_a_late_commit_after_reissue_is_discarded(job: Broker):
     assert job.reissue("w1", charge=False, reason="lease expired") == 2
     again = job.read_work("w2", 0)
     assert again is not None and again.attempt == 1 and len(again.units) == 2  # whole batch
-    assert job.record(lost, "w1", 0.0, [ok(0, "late"), ok(1, "late")]) == (-2, 0)
-    assert job.record(again, "w2", 0.0, [ok(0, "x"), ok(1, "y")]) == (2, 0)
+    assert rec(job, lost, "w1", 0.0, [ok(0, "late"), ok(1, "late")]) == ("STALE", 0, 0)
+    assert rec(job, again, "w2", 0.0, [ok(0, "x"), ok(1, "y")]) == ("RECORDED", 2, 0)
     assert recorded(job) == {0: "x", 1: "y"}
     stats = job.job_stats(JID)
     assert stats["stale"] == 2 and stats["reissued"] == 2 and pending(job) == 0
@@ -93,19 +101,32 @@ def test_an_expired_lease_is_found_and_a_late_renewal_refused(job: Broker):
 def test_a_death_splits_the_batch_and_costs_an_attempt(job: Broker):
     job.add_units(JID, OWNER, [[(0, codec.encode(0)), (1, codec.encode(1)), (2, codec.encode(2))]])
     work = job.read_work("w1", 0)
+    assert work is not None
+    job.started("w1", work)
     assert job.reissue("w1", charge=True, reason="worker w1 killed") == 3
     singles = [job.read_work("w2", 0) for _ in range(3)]
     assert [len(w.units) for w in singles] == [1, 1, 1]
     assert {w.attempt for w in singles} == {2}
-    assert work is not None
+
+
+def test_a_death_is_not_charged_to_an_entry_never_started(job: Broker):
+    job.add_units(JID, OWNER, [[(0, codec.encode(0)), (1, codec.encode(1))],
+                               [(2, codec.encode(2))]])
+    running, unstarted = job.read_work("w1", 0), job.read_work("w1", 0)
+    assert running is not None and unstarted is not None
+    job.started("w1", running)
+    assert job.reissue("w1", charge=True, reason="worker w1 killed") == 3
+    again = [job.read_work("w2", 0) for _ in range(3)]
+    attempts = {u[0]: w.attempt for w in again if w is not None for u in w.units}
+    assert attempts == {0: 2, 1: 2, 2: 1}  # the entry it never started costs nothing
 
 
 def test_a_unit_that_keeps_killing_workers_is_recorded_as_failed(job: Broker):
     job.add_units(JID, OWNER, [[(0, codec.encode(0))]])
-    job.read_work("w1", 0)
+    job.started("w1", job.read_work("w1", 0))
     job.reissue("w1", charge=True, reason="worker w1 killed by SIGKILL")  # attempt 2 of 2
     job.register_worker("w3", {"host": "h"})
-    job.read_work("w3", 0)
+    job.started("w3", job.read_work("w3", 0))
     job.reissue("w3", charge=True, reason="worker w3 killed by SIGKILL")
     results = job.read_results(JID, "0-0", 10, 0)
     assert len(results) == 1 and int(results[0][1][b"f"]) == 0
@@ -119,19 +140,17 @@ def test_an_error_is_retried_then_recorded_as_failed(job: Broker):
     error = json.dumps({"error": "ValueError: no", "traceback": "tb", "worker": "w1",
                         "attempts": 1}).encode()
     first = job.read_work("w1", 0)
-    assert job.record(first, "w1", 0.0, [Outcome(0, "err", error, blob)]) == (0, 0)
+    assert rec(job, first, "w1", 0.0, [Outcome(0, "err", error, blob)]) == ("RECORDED", 0, 0)
     retry = job.read_work("w2", 0)
     assert retry.attempt == 2 and retry.units == [(0, blob)]
-    job.record(retry, "w2", 0.0, [Outcome(0, "err", error, blob)])
+    rec(job, retry, "w2", 0.0, [Outcome(0, "err", error, blob)])
     results = job.read_results(JID, "0-0", 10, 0)
     assert [int(f[b"f"]) for _, f in results] == [0]
     assert job.job_stats(JID) == {"retried": 1, "failed": 1}
 
 
 def test_a_fenced_coordinator_cannot_add_units(job: Broker):
-    import redis
-
-    with pytest.raises(redis.ResponseError, match="FENCED"):
+    with pytest.raises(Fenced, match="taken over"):
         job.add_units(JID, "someone-else", [[(0, codec.encode(0))]])
 
 
@@ -148,7 +167,7 @@ def test_a_commit_for_a_purged_job_is_dropped(job: Broker):
     job.add_units(JID, OWNER, [[(0, codec.encode(0))]])
     work = job.read_work("w1", 0)
     job.client.delete(job.keys.job(JID))
-    assert job.record(work, "w1", 0.0, [ok(0, 1)]) == (-1, 0)
+    assert rec(job, work, "w1", 0.0, [ok(0, 1)]) == ("GONE", 0, 0)
     assert pending(job) == 0
 
 
@@ -159,10 +178,10 @@ def test_large_results_travel_beside_the_script_and_duplicates_leave_no_blob(job
     job.add_units(JID, OWNER, [[(0, codec.encode(0))], [(0, codec.encode(0))],
                                [(1, codec.encode(1))]])
     a, b, c = job.read_work("w1", 0), job.read_work("w2", 0), job.read_work("w2", 0)
-    assert job.record(a, "w1", 0.0, [ok(0, big)]) == (1, 0)
-    assert job.record(b, "w2", 0.0, [ok(0, big * 2)]) == (0, 1)  # duplicate
+    assert rec(job, a, "w1", 0.0, [ok(0, big)]) == ("RECORDED", 1, 0)
+    assert rec(job, b, "w2", 0.0, [ok(0, big * 2)]) == ("RECORDED", 0, 1)  # duplicate
     job.reissue("w2", charge=False, reason="lost")
-    assert job.record(c, "w2", 0.0, [ok(1, big)]) == (-2, 0)  # stale
+    assert rec(job, c, "w2", 0.0, [ok(1, big)]) == ("STALE", 0, 0)  # stale
     assert job.client.hlen(job.keys.blobs(JID)) == 1  # only the recorded one is kept
     (_, fields), = job.read_results(JID, "0-0", 10, 0)
     ref = fields[b"0"]
@@ -182,9 +201,9 @@ def digest(value: object) -> bytes:
 def test_a_differing_duplicate_is_reported_as_nondeterminism(job: Broker, same: bool):
     job.add_units(JID, OWNER, [[(0, codec.encode(0))], [(0, codec.encode(0))]])
     first, second = job.read_work("w1", 0), job.read_work("w2", 0)
-    job.record(first, "w1", 0.0, [Outcome(0, "ok", codec.encode(1), digest=digest(1))])
+    rec(job, first, "w1", 0.0, [Outcome(0, "ok", codec.encode(1), digest=digest(1))])
     other = 1 if same else 2
-    job.record(second, "w2", 0.0, [Outcome(0, "ok", codec.encode(other), digest=digest(other))])
+    rec(job, second, "w2", 0.0, [Outcome(0, "ok", codec.encode(other), digest=digest(other))])
     flagged = [int(f[b"m"]) for _, f in job.read_results(JID, "0-0", 10, 0) if b"m" in f]
     assert flagged == ([] if same else [0])
     assert job.job_stats(JID).get("mismatched", 0) == (0 if same else 1)
@@ -195,7 +214,126 @@ def test_a_stale_result_before_the_recorded_one_is_compared_too(job: Broker):
     lost = job.read_work("w1", 0)
     job.reissue("w1", charge=False, reason="lease expired")
     again = job.read_work("w2", 0)
-    job.record(lost, "w1", 0.0, [Outcome(0, "ok", codec.encode(5), digest=digest(5))])  # stale
-    job.record(again, "w2", 0.0, [Outcome(0, "ok", codec.encode(6), digest=digest(6))])
+    rec(job, lost, "w1", 0.0, [Outcome(0, "ok", codec.encode(5), digest=digest(5))])  # stale
+    rec(job, again, "w2", 0.0, [Outcome(0, "ok", codec.encode(6), digest=digest(6))])
     assert job.job_stats(JID)["mismatched"] == 1
     assert recorded(job) == {0: 6}  # the stale one was not recorded
+
+
+def test_a_retried_commit_that_went_through_is_recognised(job: Broker):
+    """The reply to RECORD was lost and the worker commits again: AGAIN, nothing of the first
+    commit is deleted, nothing is counted, and the large result is still there."""
+    import numpy as np
+
+    big = np.arange(50_000, dtype=np.float64)
+    job.add_units(JID, OWNER, [[(0, codec.encode(0)), (1, codec.encode(1))]])
+    work = job.read_work("w1", 0)
+    outcomes = [ok(0, big), ok(1, "small")]
+    assert rec(job, work, "w1", 0.0, outcomes) == ("RECORDED", 2, 0)
+    assert rec(job, work, "w1", 0.0, outcomes) == ("AGAIN", 0, 0)
+    (_, fields), = job.read_results(JID, "0-0", 10, 0)
+    blob, = job.fetch_blobs(JID, [fields[b"0"]])
+    np.testing.assert_array_equal(codec.decode(blob), big)
+    assert job.client.hlen(job.keys.blobs(JID)) == 1  # the retry's own copy is gone
+    stats = job.job_stats(JID)
+    assert stats["recorded"] == 2 and "duplicates" not in stats and "stale" not in stats
+
+
+def test_gathered_results_leave_redis(job: Broker):
+    import numpy as np
+
+    job.add_units(JID, OWNER, [[(0, codec.encode(0))], [(1, codec.encode(1))]])
+    first, second = job.read_work("w1", 0), job.read_work("w2", 0)
+    rec(job, first, "w1", 0.0, [ok(0, np.zeros(10_000))])
+    rec(job, second, "w2", 0.0, [ok(1, "x")])
+    entries = job.read_results(JID, "0-0", 10, 0)
+    job.consume(JID, OWNER, entries[0][0], [entries[0][1][b"0"]])
+    assert job.client.hlen(job.keys.blobs(JID)) == 0
+    assert [mid for mid, _ in job.read_results(JID, "0-0", 10, 0)] == [entries[1][0]]
+    job.consume(JID, OWNER, entries[0][0], [entries[0][1][b"0"]])  # again: no harm
+    with pytest.raises(Fenced):
+        job.consume(JID, "someone-else", entries[1][0], [])
+    assert job.client.xlen(job.keys.results(JID)) == 1
+
+
+def test_a_takeover_sees_what_was_recorded_and_can_reclaim_lost_results(job: Broker):
+    job.add_units(JID, OWNER, [[(i, codec.encode(i)) for i in range(10)]])
+    work = job.read_work("w1", 0)
+    rec(job, work, "w1", 0.0, [ok(i, i) for i in range(10)])
+    (mid, _), = job.read_results(JID, "0-0", 10, 0)
+    job.consume(JID, OWNER, mid, [])  # the old coordinator gathered them all, then died
+    snapshot = job.take_over(JID, "new-owner")
+    assert snapshot is not None and snapshot.last_result == "0-0"
+    assert snapshot.recorded == b"\xff\xc0"  # units 0-9
+    with pytest.raises(Fenced):
+        job.add_units(JID, OWNER, [[(10, codec.encode(10))]])
+    job.reclaim(JID, "new-owner", b"\x81")  # units 0 and 7 are to be recorded again
+    assert job.client.get(job.keys.recorded(JID)) == b"\x7e\xc0"
+    assert job.take_over("no-such-job", "x") is None
+
+
+def test_keys_made_after_the_last_expiry_refresh_expire_with_the_job(job: Broker):
+    import numpy as np
+
+    job.expire_job(JID, 3600)
+    job.add_units(JID, OWNER, [[(0, codec.encode(0))], [(1, codec.encode(1))]])
+    first, second = job.read_work("w1", 0), job.read_work("w2", 0)
+    rec(job, first, "w1", 0.0, [Outcome(0, "ok", codec.encode(np.zeros(10_000)),
+                                        digest=digest(1))])
+    job.reissue("w2", charge=False, reason="lost")
+    rec(job, second, "w2", 0.0, [ok(1, 1)])  # stale
+    for key in job.keys.job_keys(JID):
+        assert job.client.exists(key), key
+        assert 0 < job.client.ttl(key) <= 3600, key
+
+
+@pytest.fixture
+def small_redis(tmp_path) -> Broker:
+    """A private redis-server whose memory limit a test may lower."""
+    import subprocess
+
+    from conftest import need
+
+    from cluster.local import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([need("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        broker = None
+        for _ in range(200):
+            try:
+                broker = Broker.connect(f"redis://127.0.0.1:{port}/0")
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                import time
+
+                time.sleep(0.02)
+        assert broker is not None
+        yield broker
+        broker.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_a_commit_refused_for_lack_of_memory_records_nothing(small_redis: Broker):
+    import numpy as np
+
+    from cluster.errors import RedisFull
+
+    job = small_redis
+    job.create_job(JID, {"name": "t", "code": b"", "sig": "", "seed": 0, "max_attempts": 2,
+                         "owner": OWNER})
+    job.register_worker("w1", {"host": "h"})
+    job.add_units(JID, OWNER, [[(0, codec.encode(0))]])
+    work = job.read_work("w1", 0)
+    used, _ = job.memory()
+    job.client.config_set("maxmemory", used + 256 * 1024)
+    outcomes = [ok(0, np.zeros(1 << 20 // 8 * 8))]  # 8 MB: does not fit
+    with pytest.raises(RedisFull, match="out of memory"):
+        job.record(work, "w1", 0.0, outcomes)
+    assert not job.client.getbit(job.keys.recorded(JID), 0)
+    assert pending(job) == 1 and job.client.hlen(job.keys.blobs(JID)) == 0
+    job.client.config_set("maxmemory", 0)
+    assert rec(job, work, "w1", 0.0, outcomes) == ("RECORDED", 1, 0)
