@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep an unfinished job resumable this long (default 24)")
     submit.add_argument("--redis-grace", type=float, default=60.0, metavar="SECONDS",
                         help="ride out a Redis outage this long (default 60)")
+    submit.add_argument("--max-result-size", type=float, default=256.0, metavar="MB",
+                        help="largest encoded unit or result; a larger one fails its unit "
+                        "(default 256)")
     submit.add_argument("--no-speculate", dest="speculate", action="store_false",
                         help="no speculative copies of straggling units")
     submit.add_argument("--cores", type=int, help="local cluster only: workers to start "
@@ -181,6 +184,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                          worker_timeout=args.worker_timeout, lease_s=lease,
                          redis_grace_s=args.redis_grace, keep_s=int(args.keep * 3600),
                          speculate=args.speculate, resume=args.resume,
+                         max_result_bytes=int(args.max_result_size * 1e6),
                          auto_resume=creds is not None and not args.fresh)
     if creds is None:
         with LocalCluster(cores=args.cores) as local:

@@ -64,7 +64,7 @@ class RunOptions:
     maintain_every_s: float = 0.5
     redis_grace_s: float = 60.0
     keep_s: int = 86400  # an unfinished job stays resumable this long
-    max_result_bytes: int = 256 << 20  # an encoded unit (or result) larger than this is refused
+    max_result_bytes: int = 256_000_000  # an encoded unit (or result) larger than this is refused
     speculate: bool = True
     resume: str | None = None  # a job id to resume
     auto_resume: bool = False  # resume the unfinished job of the same identity, if any
@@ -159,6 +159,7 @@ class Coordinator:
         opened = open_job(self.broker, self.job, self.params, self.seed, jid=self.jid,
                           owner=self.owner, key=self.key, max_attempts=self.options.max_attempts,
                           max_result=self.options.max_result_bytes,
+                          redis_grace=self.options.redis_grace_s,
                           resume=resume, auto=self.options.auto_resume)
         self.broker.expire_job(opened.jid, self.options.keep_s, opened.identity)
         self.jid, self.identity = opened.jid, opened.identity
@@ -265,7 +266,7 @@ class Coordinator:
 
     def fill(self) -> None:
         batch = self.batcher.size()
-        room = self.tally.room(self.workers, batch)
+        room = self.tally.room(self.workers, batch, batch * self.batcher.result_bytes)
         building = not self.unsent  # batches left over from an outage go first
         while building and room > 0 and not self.tally.exhausted and len(self.unsent) < 64:
             current: Batch = []
@@ -321,11 +322,16 @@ class Coordinator:
         for mid, fields in entries:
             self.drop_refs += self.take(fields)
             self.last_id = self.drop_upto = mid
-        if self.drop_upto or self.drop_refs:
-            self.broker.consume(self.jid, self.owner, self.drop_upto, self.drop_refs)
-            self.drop_upto, self.drop_refs = "", []
+            if self.drop_refs:  # large results: out of Redis at once, not after the batch
+                self.drop()
+        if self.drop_upto:
+            self.drop()
         self.reporter.update(self.tally.done, self.total, self.stats.get("reissued", 0))
         return len(entries)
+
+    def drop(self) -> None:
+        self.broker.consume(self.jid, self.owner, self.drop_upto, self.drop_refs)
+        self.drop_upto, self.drop_refs = "", []
 
     def take(self, fields: dict[bytes, bytes]) -> list[bytes]:
         """Take one results entry (first result wins here too); returns the references of

@@ -43,6 +43,9 @@ class Batcher:
         return max(1, min(self.max_units, by_time, by_bytes))
 
 
+INFLIGHT_BYTES = 24 << 20  # results queued ahead may hold this much of Redis's memory
+
+
 @dataclass
 class Tally:
     """Counts of one run, and the window of units allowed in flight."""
@@ -66,9 +69,16 @@ class Tally:
     def finished(self) -> bool:
         return self.exhausted and self.done == self.scattered
 
-    def room(self, workers: int, batch: int) -> int:
-        """How many more units may be queued now."""
-        window = max(1, workers) * self.per_worker_batches * batch
+    def room(self, workers: int, batch: int, batch_bytes: float = 0.0) -> int:
+        """How many more units may be queued now: ``per_worker_batches`` per worker, fewer when
+        their results (``batch_bytes`` per batch) would hold more than ``INFLIGHT_BYTES`` in
+        Redis between their recording and the coordinator gathering them; never less than a
+        batch per worker and one more."""
+        workers = max(1, workers)
+        window = workers * self.per_worker_batches * batch
+        if batch_bytes > 0:
+            fits = int(INFLIGHT_BYTES / batch_bytes) * batch
+            window = min(window, max(fits, (workers + 1) * batch))
         return max(0, window - self.outstanding)
 
     def hosts(self) -> set[str]:

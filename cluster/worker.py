@@ -38,8 +38,7 @@ from .proc import die_with_parent
 log = logging.getLogger("cluster.worker")
 
 RECYCLE = 75  # exit code: "a job I ran has finished, start a fresh worker in my place"
-DEFAULT_MAX_RESULT = 256 << 20  # bytes of an encoded result, unless the job says otherwise
-FULL_RETRIES_S = 30.0  # how long a commit refused by a full Redis is retried before failing
+DEFAULT_MAX_RESULT = 256_000_000  # bytes of an encoded result, unless the job says otherwise
 
 
 class CommitAgain(Exception):
@@ -50,11 +49,12 @@ class LoadedJob:
     """Job code as a worker runs it, or the reason it cannot run here."""
 
     def __init__(self, module: types.ModuleType | None, seed: int, error: str = "",
-                 max_result: int = DEFAULT_MAX_RESULT) -> None:
+                 max_result: int = DEFAULT_MAX_RESULT, full_wait: float = 60.0) -> None:
         self.module = module
         self.seed = seed
         self.error = error
         self.max_result = max_result
+        self.full_wait = full_wait  # how long a commit refused by a full Redis is retried
 
 
 class Worker:
@@ -128,7 +128,9 @@ class Worker:
         as it gathers), then report the units as failed (an attempt each) instead."""
         now = time.monotonic()
         self.full_since = self.full_since or now
-        if now - self.full_since < FULL_RETRIES_S:
+        job = self.jobs.get(work.jid)
+        wait = job.full_wait if job is not None else 60.0
+        if now - self.full_since < wait:
             return outcomes
         log.error("job=%s: Redis has been out of memory for %.0f s: failing the batch",
                   work.jid, now - self.full_since)
@@ -136,7 +138,7 @@ class Worker:
         return [o if o.kind != "ok" else self.failure(
             work, o.index, blobs.get(o.index, b""), "err",
             f"Redis is out of memory: it refused the result ({len(o.payload)} bytes) for "
-            f"{FULL_RETRIES_S:g} s", "") for o in outcomes]
+            f"{wait:g} s", "") for o in outcomes]
 
     def job(self, jid: str) -> LoadedJob | None:
         """The job's code, loaded once per worker; None when the job is gone."""
@@ -169,13 +171,14 @@ class Worker:
                              "signed by this cluster's key (the key files differ)")
         name = info.get("name", b"job").decode()
         max_result = int(info.get("max_result", DEFAULT_MAX_RESULT))
+        full_wait = float(info.get("redis_grace", 60.0))
         try:
             module = load_source(code.decode(), info.get("path", b"job.py").decode(),
                                  module_name=f"cluster_job_{name}_{jid}")
         except ClusterError as exc:
             return LoadedJob(None, seed, f"on worker {self.wid}: {exc}")
         log.info("job=%s loaded (%s)", jid, name)
-        return LoadedJob(module, seed, max_result=max_result)
+        return LoadedJob(module, seed, max_result=max_result, full_wait=full_wait)
 
     def run_unit(self, job: LoadedJob, work: Work, index: int, blob: bytes) -> Outcome:
         if job.module is None:

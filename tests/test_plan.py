@@ -63,3 +63,10 @@ def test_speculation_only_at_the_tail_with_idle_workers():
     fast = Batcher()
     fast.observe(100, 0.01)
     assert speculation_threshold_ms(t, fast, workers=4) == 2000.0  # never under 2 s
+
+
+def test_fewer_batches_of_large_results_are_queued_ahead():
+    t = Tally()
+    assert t.room(workers=2, batch=1, batch_bytes=8 << 20) == 3  # 24 MB
+    assert t.room(workers=2, batch=1, batch_bytes=1 << 20) == 6
+    assert t.room(workers=8, batch=1, batch_bytes=8 << 20) == 9  # a batch per worker and one
