@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import random
 import secrets
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +27,7 @@ from urllib.parse import urlsplit
 import redis
 
 from . import scripts
-from .errors import Fenced, JobGone, RedisFull, RedisUnavailable
+from .errors import Fenced, JobGone, RedisFull, RedisRefused, RedisUnavailable
 from .keys import GROUP, Keys
 
 
@@ -130,13 +133,13 @@ def translate_errors(where: str) -> Iterator[None]:
     try:
         yield
     except redis.AuthenticationError as exc:
-        raise RedisUnavailable(f"Redis at {where} refused the password: {exc}") from None
+        raise RedisRefused(f"Redis at {where} refused the password: {exc}") from None
     except redis.exceptions.OutOfMemoryError as exc:
         raise RedisFull(f"Redis at {where} is out of memory: {exc}") from None
     except redis.ResponseError as exc:
         text = str(exc)
         if text.startswith(("NOAUTH", "WRONGPASS", "invalid password", "invalid username")):
-            raise RedisUnavailable(f"Redis at {where} refused us: {text}") from None
+            raise RedisRefused(f"Redis at {where} refused us: {text}") from None
         if text.startswith("OOM"):
             raise RedisFull(f"Redis at {where} is out of memory: {text}") from None
         if text.startswith(REFUSING):
@@ -146,6 +149,7 @@ def translate_errors(where: str) -> Iterator[None]:
         raise RedisUnavailable(f"Redis at {where} is unreachable: {exc}") from None
 
 
+log = logging.getLogger("cluster.broker")
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -188,18 +192,41 @@ class Broker:
     @classmethod
     def connect(
         cls, url: str, password: str | None = None, *, prefix: str = "cluster:",
-        timeout: float = 5.0, socket_timeout: float = 60.0,
+        timeout: float = 5.0, socket_timeout: float = 60.0, retry_s: float = 0.0,
     ) -> Broker:
-        """Connect and check that Redis answers and accepts our credentials."""
+        """Connect and check that Redis answers and accepts our credentials; an unreachable
+        Redis (not a refused password) is tried again for up to ``retry_s`` seconds."""
+        deadline = time.monotonic() + retry_s
+        delay = 0.05
+        while True:
+            try:
+                return cls._connect(url, password, prefix, timeout, socket_timeout)
+            except RedisRefused:
+                raise
+            except RedisUnavailable as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                if delay == 0.05:
+                    log.warning("%s; retrying for up to %.0f s", exc, retry_s)
+                time.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(2 * delay, 2.0)
+
+    @classmethod
+    def _connect(cls, url: str, password: str | None, prefix: str, timeout: float,
+                 socket_timeout: float) -> Broker:
         where = redact(url)
-        with translate_errors(where):
-            client = redis.Redis.from_url(
-                url, password=password or None, socket_connect_timeout=timeout,
-                socket_timeout=socket_timeout, socket_keepalive=True, health_check_interval=30,
-            )
-            client.ping()
-        broker = cls(client, Keys(prefix), where)
-        broker.ensure_group()
+        client = redis.Redis.from_url(
+            url, password=password or None, socket_connect_timeout=timeout,
+            socket_timeout=socket_timeout, socket_keepalive=True, health_check_interval=30,
+        )
+        try:
+            with translate_errors(where):
+                client.ping()
+            broker = cls(client, Keys(prefix), where)
+            broker.ensure_group()
+        except BaseException:
+            client.close()
+            raise
         return broker
 
     def close(self) -> None:

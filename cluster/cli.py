@@ -269,7 +269,8 @@ def report_table(reports: list[HostReport], with_agent: bool = False) -> str:
 
 def run_job(creds: Credentials, job: Job, params: dict[str, Any], options: RunOptions,
             progress_mode: str) -> RunResult:
-    broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+    broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix,
+                            retry_s=options.redis_grace_s)
     try:
         coordinator = Coordinator(broker, job, params, creds.key, options,
                                   progress.reporter(progress_mode))
@@ -289,7 +290,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
                              pidfile=args.pidfile)
     # a short socket timeout: a silently cut network must not stall heartbeats past the grace
     broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix,
-                            socket_timeout=max(1.0, 4 * args.heartbeat))
+                            socket_timeout=max(1.0, 4 * args.heartbeat),
+                            retry_s=min(args.redis_grace, 10.0))
     agent = Agent(broker, creds, settings)
     signal.signal(signal.SIGTERM, agent.request_stop)
     signal.signal(signal.SIGINT, agent.request_stop)

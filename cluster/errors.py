@@ -89,6 +89,10 @@ class RedisUnavailable(InfraError):
     """Redis cannot be reached, or refuses our credentials."""
 
 
+class RedisRefused(RedisUnavailable):
+    """Redis refused our credentials: waiting will not help."""
+
+
 class RedisFull(RedisUnavailable):
     """Redis refused a write: it is out of memory (``maxmemory``)."""
 

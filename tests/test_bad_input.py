@@ -193,7 +193,7 @@ def test_output_with_an_unknown_extension(local_cluster: Path, tmp_path: Path) -
 def test_redis_unreachable() -> None:
     port = free_port()
     result = run_cli("submit", job("tiny"), "--redis", f"redis://127.0.0.1:{port}/0",
-                     timeout=20)
+                     "--redis-grace", "1", timeout=20)
     line = failed(result, ExitCode.INFRA)
     assert f"127.0.0.1:{port}" in line and "unreachable" in line
     assert_no_traceback(result)
