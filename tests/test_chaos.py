@@ -727,15 +727,19 @@ def test_coordinator_killed_mid_scatter_then_resumed(site: Site, tmp_path: Path)
     fields = site.redis().hgetall(f"{site.prefix}job:{jid}")
     assert b"total" not in fields, fields  # scatter was not finished ...
     assert 0 < int(fields[b"scattered"]) < units, fields  # ... but under way
-    assert recorded_units(site, jid), "no unit was recorded before the kill"
+    before = recorded_units(site, jid)
+    assert before, "no unit was recorded before the kill"
     assert not run.out.exists()
 
     resumed = run.resumed(jid)
     rc = resumed.wait()
     assert_completed(site, resumed, rc)
-    # every unit started exactly once: none recorded before the kill was computed again, and
-    # none queued by the dead coordinator was queued again
-    assert run.counts() == Counter(range(units)), run.counts()
+    # every unit started once, except units whose results the dead coordinator had gathered
+    # (they left Redis with it): those started twice; none queued by the dead coordinator was
+    # queued again
+    counts = run.counts()
+    assert set(counts) == set(range(units)) and max(counts.values()) <= 2, counts
+    assert {i for i, n in counts.items() if n == 2} <= before, counts
     assert journal_events(journal) == [("started", jid), ("resumed", jid), ("finished", jid)]
     wait_healthy(site)
 
@@ -759,6 +763,7 @@ def test_a_second_coordinator_fences_the_first(site: Site, tmp_path: Path):
     assert "taken over by another coordinator" in first.stderr, first.stderr
     assert not first.out.exists()
     assert_completed(site, second, second.wait())
-    assert first.counts() == Counter(range(units)), first.counts()  # each unit queued once
+    counts = first.counts()  # queued once; gathered by the fenced one: computed again
+    assert set(counts) == set(range(units)) and max(counts.values()) <= 2, counts
     assert journal_events(journal) == [("started", jid), ("resumed", jid), ("finished", jid)]
     wait_healthy(site)
