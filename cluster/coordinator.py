@@ -29,7 +29,7 @@ from typing import Any
 import redis
 
 from . import codec
-from .broker import Broker, Failed, Mismatch, Snapshot, parse_result
+from .broker import Broker, Snapshot
 from .errors import (
     ClusterError,
     CodecError,
@@ -40,12 +40,12 @@ from .errors import (
     JobTimeout,
     NoWorkers,
     RedisUnavailable,
-    UnitFailed,
 )
+from .gathering import Gatherer
 from .jobfile import Job, user_traceback
 from .plan import Batcher, Tally, host_of, speculation_threshold_ms
 from .progress import NoReporter, Reporter
-from .results import Results, RunResult, redis_bitmap
+from .results import Results, RunResult
 from .resume import note, open_job
 
 log = logging.getLogger("cluster.coordinator")
@@ -94,18 +94,15 @@ class Coordinator:
         self.skip = 0  # units the previous coordinator had queued already
         self.snapshot: Snapshot | None = None  # resumed: recorded units at the takeover
         self.reclaimed: set[int] = set()  # their results died with the previous coordinator
-        self.last_id = "0-0"
-        self.drop_upto = ""  # gathered results entries not yet dropped from Redis
-        self.drop_refs: list[bytes] = []
+        self.gatherer = Gatherer(broker, self.results, self.tally, self.batcher,
+                                 options.max_failed, lambda exc: self.user_error("reduce()", exc),
+                                 clock)
         self.opened = False
         self.lost = False  # Redis lost the job: rebuild it before anything else
         self.total_saved = False
-        self.last_progress = 0.0
         self.workers = 0
         self.hosts_seen: set[str] = set()
         self.stats: dict[str, int] = {}
-        self.failed: list[int] = []
-        self.mismatched: list[int] = []
         self.copied: set[str] = set()
         self.started = 0.0
         self.next_maintenance = 0.0
@@ -115,7 +112,7 @@ class Coordinator:
         self.total: int | None = None
 
     def run(self) -> RunResult:
-        self.started = self.last_progress = self.clock()
+        self.started = self.clock()
         try:
             self.guarded(lambda: self.open(self.options.resume))
             self.guarded(self.catch_up)
@@ -141,12 +138,13 @@ class Coordinator:
             self.reporter.close()
         self.close(purge=True)
         return RunResult(self.jid, value, self.tally, self.clock() - self.started, self.stats,
-                         sorted(self.failed), sorted(self.mismatched))
+                         sorted(self.gatherer.failed), sorted(self.gatherer.mismatched))
 
     def step(self) -> None:
         self.check_deadline()
         self.fill()
-        self.collect(block_ms=100)
+        self.gatherer.collect(block_ms=100)
+        self.reporter.update(self.tally.done, self.total, self.stats.get("reissued", 0))
         self.maintain()
 
     def fetch_stats(self) -> None:
@@ -166,26 +164,16 @@ class Coordinator:
         self.skip = self.sent = opened.scattered
         self.total = opened.total or self.total
         self.snapshot = opened.snapshot
+        self.gatherer.restart(self.jid, self.owner)
         self.opened = True
         log.info("job=%s %s (%s, seed %d)", self.jid,
                  "resumed" if opened.resumed else "submitted", self.job.name, self.seed)
 
     def catch_up(self) -> None:
-        """Resumed: take the results recorded up to the takeover; those the snapshot says were
-        recorded but that are no longer in Redis were gathered by the previous coordinator and
-        died with it: clear their recorded bits, so that they are queued and computed again."""
-        snapshot = self.snapshot
-        if snapshot is None:
-            return
-        while _after(snapshot.last_result, self.last_id) and self.collect(block_ms=None):
-            pass
-        lost = self.results.missing(snapshot.recorded)
-        if lost:
-            self.broker.reclaim(self.jid, self.owner, redis_bitmap(lost))
-            log.warning("job=%s: %d results were gathered by the previous coordinator and lost "
-                        "with it; computing them again", self.jid, len(lost))
-        self.reclaimed = set(lost)
-        self.snapshot = None
+        """Resumed: results that died with the previous coordinator are queued again."""
+        if self.snapshot is not None:
+            self.reclaimed = self.gatherer.catch_up(self.snapshot)
+            self.snapshot = None
 
     def wait_for_workers(self) -> None:
         deadline = self.clock() + self.options.worker_timeout
@@ -315,78 +303,6 @@ class Coordinator:
                             "(--max-result-size)")
         return index, blob
 
-    def collect(self, block_ms: int | None) -> int:
-        """Take the results recorded since the last call; drop them from Redis once taken.
-        Returns how many entries were read."""
-        entries = self.broker.read_results(self.jid, self.last_id, 512, block_ms)
-        for mid, fields in entries:
-            self.drop_refs += self.take(fields)
-            self.last_id = self.drop_upto = mid
-            if self.drop_refs:  # large results: out of Redis at once, not after the batch
-                self.drop()
-        if self.drop_upto:
-            self.drop()
-        self.reporter.update(self.tally.done, self.total, self.stats.get("reissued", 0))
-        return len(entries)
-
-    def drop(self) -> None:
-        self.broker.consume(self.jid, self.owner, self.drop_upto, self.drop_refs)
-        self.drop_upto, self.drop_refs = "", []
-
-    def take(self, fields: dict[bytes, bytes]) -> list[bytes]:
-        """Take one results entry (first result wins here too); returns the references of
-        its large results, to drop from Redis."""
-        entry = parse_result(fields)
-        if isinstance(entry, Failed):
-            self.unit_failed(entry.index, entry.error)
-            return []
-        if isinstance(entry, Mismatch):
-            self.mismatched.append(entry.index)
-            log.warning("unit=%d job=%s: a duplicate result from %s differs from the recorded "
-                        "one: compute() is not deterministic", entry.index, self.jid, entry.wid)
-            return []
-        refs = [p for _, p in entry.units if p[:1] == b"R"]
-        units = [(i, p) for i, p in entry.units if not self.results.is_taken(i)]
-        wanted = [p for _, p in units if p[:1] == b"R"]
-        if wanted:
-            blobs = self.broker.fetch_blobs(self.jid, wanted)
-            self.check_blobs(units, blobs)
-            found = iter(blobs)
-            units = [(i, next(found) or b"" if p[:1] == b"R" else p) for i, p in units]
-        for index, payload in units:
-            self.results.mark(index)
-            try:
-                self.results.add(index, codec.decode(payload))
-            except Exception as exc:  # noqa: BLE001 - reduce() is the job's code
-                raise self.user_error("reduce()", exc) from None
-        self.tally.recorded += len(units)
-        self.tally.by_worker[entry.wid] += len(units)
-        self.batcher.observe(entry.batch, entry.seconds, sum(len(p) for _, p in units))
-        self.last_progress = self.clock()
-        return refs
-
-    def check_blobs(self, units: list[tuple[int, bytes]], blobs: list[bytes | None]) -> None:
-        """A large result named by a results entry is missing: Redis lost the job (flushed),
-        or something else deleted it."""
-        if all(b is not None for b in blobs):
-            return
-        if not self.broker.job_exists(self.jid):
-            raise JobGone(self.jid)
-        refs = [i for i, p in units if p[:1] == b"R"]
-        missing = [i for i, b in zip(refs, blobs, strict=True) if b is None]
-        raise InfraError(f"job {self.jid}: the recorded result of unit {missing[0]} is missing "
-                         "from Redis (was it evicted? Redis needs maxmemory-policy noeviction)")
-
-    def unit_failed(self, index: int, error: dict[str, Any]) -> None:
-        if not self.results.mark(index):
-            return
-        self.tally.failed += 1
-        self.failed.append(index)
-        log.warning("unit=%d job=%s failed: %s", index, self.jid, error.get("error"))
-        if self.tally.failed > self.options.max_failed:
-            raise UnitFailed(index, error.get("error", "?"), attempts=error.get("attempts", 0),
-                             worker=error.get("worker", "?"), detail=error.get("traceback", ""))
-
     def maintain(self) -> None:
         """Reissue what dead workers held; notice lost data, a takeover, no workers left."""
         now = self.clock()
@@ -443,8 +359,7 @@ class Coordinator:
                   "unit not yet gathered", self.jid)
         note("rebuilt", self.jid, self.identity, self.job.path, self.broker.where)
         self.broker.ensure_group()
-        self.unsent, self.drop_refs = [], []
-        self.last_id, self.drop_upto = "0-0", ""
+        self.unsent = []
         self.tally.exhausted = self.total_saved = False
         self.reclaimed = set()
         self.open()
@@ -484,7 +399,7 @@ class Coordinator:
 
     def check_memory(self, now: float) -> None:
         """No result for a while and Redis full: say so instead of waiting forever."""
-        stalled = now - self.last_progress
+        stalled = now - self.gatherer.last_progress
         if stalled < 10:
             return
         used, limit = self.broker.memory()
@@ -501,11 +416,3 @@ class Coordinator:
         return JobFailed(f"{where} raised {type(exc).__name__}: {exc}",
                          detail=user_traceback(exc, self.job.path))
 
-
-def _after(a: str, b: str) -> bool:
-    """Stream id ``a`` comes after ``b``."""
-    def key(mid: str) -> tuple[int, int]:
-        ms, _, seq = mid.partition("-")
-        return int(ms), int(seq or 0)
-
-    return key(a) > key(b)

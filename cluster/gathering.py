@@ -1,0 +1,142 @@
+"""The coordinator's reading side: results entries in recording order, each unit taken once,
+and dropped from Redis once taken.
+
+Every method that does I/O changes local state only after that I/O succeeded, so the
+coordinator can repeat it after a Redis error or a lost reply (``Coordinator.guarded``): the
+cursor moves past an entry only once the entry is taken, and dropping what was taken is
+idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from . import codec
+from .broker import Broker, Failed, Mismatch, Snapshot, parse_result
+from .errors import InfraError, JobFailed, JobGone, UnitFailed
+from .plan import Batcher, Tally
+from .results import Results, redis_bitmap
+
+log = logging.getLogger("cluster.coordinator")
+
+
+class Gatherer:
+    def __init__(self, broker: Broker, results: Results, tally: Tally, batcher: Batcher,
+                 max_failed: int, reduce_failed: Callable[[Exception], JobFailed],
+                 clock: Callable[[], float]) -> None:
+        self.broker = broker
+        self.results = results
+        self.tally = tally
+        self.batcher = batcher
+        self.max_failed = max_failed
+        self.reduce_failed = reduce_failed
+        self.clock = clock
+        self.jid = self.owner = ""
+        self.last_id = "0-0"
+        self.drop_upto = ""  # taken results entries not yet dropped from Redis
+        self.drop_refs: list[bytes] = []
+        self.failed: list[int] = []
+        self.mismatched: list[int] = []
+        self.last_progress = clock()
+
+    def restart(self, jid: str, owner: str) -> None:
+        """Read the job's results from the start (a new job, or one Redis lost)."""
+        self.jid, self.owner = jid, owner
+        self.last_id, self.drop_upto, self.drop_refs = "0-0", "", []
+
+    def catch_up(self, snapshot: Snapshot) -> set[int]:
+        """Resumed: take the results recorded up to the takeover. Those the snapshot says were
+        recorded but that are no longer in Redis were gathered by the previous coordinator and
+        died with it: their recorded bits are cleared, so that they are recorded again. Returns
+        those units, to be queued again."""
+        while _after(snapshot.last_result, self.last_id) and self.collect(block_ms=None):
+            pass
+        lost = self.results.missing(snapshot.recorded)
+        if lost:
+            self.broker.reclaim(self.jid, self.owner, redis_bitmap(lost))
+            log.warning("job=%s: %d results were gathered by the previous coordinator and lost "
+                        "with it; computing them again", self.jid, len(lost))
+        return set(lost)
+
+    def collect(self, block_ms: int | None) -> int:
+        """Take the results recorded since the last call; drop them from Redis once taken.
+        Returns how many entries were read."""
+        entries = self.broker.read_results(self.jid, self.last_id, 512, block_ms)
+        for mid, fields in entries:
+            self.drop_refs += self.take(fields)
+            self.last_id = self.drop_upto = mid
+            if self.drop_refs:  # large results: out of Redis at once, not after the batch
+                self.drop()
+        if self.drop_upto:
+            self.drop()
+        return len(entries)
+
+    def drop(self) -> None:
+        self.broker.consume(self.jid, self.owner, self.drop_upto, self.drop_refs)
+        self.drop_upto, self.drop_refs = "", []
+
+    def take(self, fields: dict[bytes, bytes]) -> list[bytes]:
+        """Take one results entry (first result wins here too); returns the references of
+        its large results, to drop from Redis."""
+        entry = parse_result(fields)
+        if isinstance(entry, Failed):
+            self.unit_failed(entry.index, entry.error)
+            return []
+        if isinstance(entry, Mismatch):
+            self.mismatched.append(entry.index)
+            log.warning("unit=%d job=%s: a duplicate result from %s differs from the recorded "
+                        "one: compute() is not deterministic", entry.index, self.jid, entry.wid)
+            return []
+        units = [(i, p) for i, p in entry.units if not self.results.is_taken(i)]
+        wanted = [p for _, p in units if p[:1] == b"R"]
+        if wanted:
+            blobs = self.broker.fetch_blobs(self.jid, wanted)
+            self.check_blobs(units, blobs)
+            found = iter(blobs)
+            units = [(i, (next(found) or b"") if p[:1] == b"R" else p) for i, p in units]
+        for index, payload in units:
+            self.results.mark(index)
+            try:
+                self.results.add(index, codec.decode(payload))
+            except Exception as exc:  # noqa: BLE001 - reduce() is the job's code
+                raise self.reduce_failed(exc) from None
+        self.tally.recorded += len(units)
+        self.tally.by_worker[entry.wid] += len(units)
+        self.batcher.observe(entry.batch, entry.seconds, sum(len(p) for _, p in units))
+        if units:
+            self.last_progress = self.clock()
+        return [p for _, p in entry.units if p[:1] == b"R"]
+
+    def check_blobs(self, units: list[tuple[int, bytes]], blobs: list[bytes | None]) -> None:
+        """A large result named by a results entry is missing: Redis lost the job (flushed),
+        or something else deleted it."""
+        if all(b is not None for b in blobs):
+            return
+        if not self.broker.job_exists(self.jid):
+            raise JobGone(self.jid)
+        refs = [i for i, p in units if p[:1] == b"R"]
+        missing = [i for i, b in zip(refs, blobs, strict=True) if b is None]
+        raise InfraError(f"job {self.jid}: the recorded result of unit {missing[0]} is missing "
+                         "from Redis (was it evicted? Redis needs maxmemory-policy noeviction)")
+
+    def unit_failed(self, index: int, error: dict[str, Any]) -> None:
+        if not self.results.mark(index):
+            return
+        self.tally.failed += 1
+        self.failed.append(index)
+        self.last_progress = self.clock()
+        log.warning("unit=%d job=%s failed: %s", index, self.jid, error.get("error"))
+        if self.tally.failed > self.max_failed:
+            raise UnitFailed(index, error.get("error", "?"), attempts=error.get("attempts", 0),
+                             worker=error.get("worker", "?"), detail=error.get("traceback", ""))
+
+
+def _after(a: str, b: str) -> bool:
+    """Stream id ``a`` comes after ``b``."""
+    def key(mid: str) -> tuple[int, int]:
+        ms, _, seq = mid.partition("-")
+        return int(ms), int(seq or 0)
+
+    return key(a) > key(b)
