@@ -11,7 +11,10 @@ key                            type    meaning
                                        unit: ``<index>`` -> encoded unit. An entry stays
                                        pending (XPENDING) until its results are recorded.
 {p}workers                     ZSET    worker id -> last lease renewal (ms), written by agents
-{p}worker:{wid}                HASH    host, agent, pid, cpu of one worker
+{p}worker:{wid}                HASH    host, agent, pid, cpu of one worker; ``job``, ``unit``,
+                                       ``entry`` while it computes an entry (a death is charged
+                                       to that entry only); ``committed``: the entry it last
+                                       committed (a retried commit is recognised)
 {p}agents                      ZSET    agent id -> last heartbeat (ms)
 {p}agent:{aid}                 HASH    host, pid, version, cpus, key fingerprint, started
 {p}shutdown                    STRING  present: every agent stops (``cluster down``)
@@ -25,16 +28,22 @@ key                            type    meaning
                                        failure) is recorded. First one wins.
 {p}job:{jid}:results           STREAM  what was recorded, in recording order: ``w`` worker,
                                        ``t`` compute seconds, ``<index>`` -> encoded result;
-                                       or a failure: ``f`` index, ``e`` JSON error
+                                       or a failure: ``f`` index, ``e`` JSON error. Trimmed
+                                       as the coordinator gathers it
 {p}job:{jid}:stats             HASH    recorded, failed, duplicates, stale, reissued, retried
 {p}job:{jid}:digests           STRING  8 bytes per unit: digest of its recorded result, to tell
                                        a differing duplicate (nondeterministic compute)
-{p}job:{jid}:blobs             HASH    ``<msgid>:<index>`` -> a large encoded result, which the
-                                       results entry names as ``R<msgid>:<index>`` (large values
-                                       stay out of Lua, which would copy them twice)
+{p}job:{jid}:blobs             HASH    ``<msgid>:<index>:<attempt>`` -> a large encoded result,
+                                       which the results entry names as ``R<field>`` (large
+                                       values stay out of Lua, which would copy them twice);
+                                       ``attempt`` is unique to one commit attempt. Deleted as
+                                       the coordinator gathers it
 =============================  ======  =====================================================
 
-The Lua scripts in ``broker.py`` receive key names from here (``JOB_TEMPLATES``) and fill in the
+Every ``job:{jid}*`` key expires with the job: the coordinator refreshes the expiry, and a
+script that creates one of them gives it the job hash's remaining time.
+
+The Lua scripts in ``scripts.py`` receive key names from here (``JOB_TEMPLATES``) and fill in the
 job id with ``string.gsub``, so the layout above stays the only one.
 """
 
