@@ -25,6 +25,8 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from . import scripts
 from .errors import Fenced, JobGone, RedisFull, RedisRefused, RedisUnavailable
@@ -215,9 +217,13 @@ class Broker:
     def _connect(cls, url: str, password: str | None, prefix: str, timeout: float,
                  socket_timeout: float) -> Broker:
         where = redact(url)
+        # No retries inside redis-py: a request whose reply was lost would be sent again
+        # behind our back (an XREADGROUP would deliver a second entry while the first stays
+        # pending, an ADD would queue a batch twice). Every retry is ours, and knows the step.
         client = redis.Redis.from_url(
             url, password=password or None, socket_connect_timeout=timeout,
             socket_timeout=socket_timeout, socket_keepalive=True, health_check_interval=30,
+            retry=Retry(NoBackoff(), 0),
         )
         try:
             with translate_errors(where):
