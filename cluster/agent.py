@@ -72,6 +72,7 @@ class Slot:
 
 
 HEALTHY_S = 30.0  # a worker up this long resets its slot's restart backoff
+EXIT_POLL_S = 0.05  # between heartbeats, how often the agent looks for workers that exited
 
 
 def available_cpus() -> tuple[int, ...]:
@@ -150,9 +151,22 @@ class Agent:
             beats += 1
             if beats % max(1, int(2 / self.settings.heartbeat_s)) == 0:
                 self.publish_usage()
-            time.sleep(self.settings.heartbeat_s)
+            self.wait_for_next_beat()
         self.stop_workers()
         return int(code)
+
+    def wait_for_next_beat(self) -> None:
+        """Sleep until the next heartbeat, or less: a worker that exits is handled at once
+        (its units reissued, or a recycled worker replaced) instead of at the next beat."""
+        deadline = self.clock() + self.settings.heartbeat_s
+        while not self.stopping:
+            left = deadline - self.clock()
+            if left <= 0:
+                return
+            time.sleep(min(left, EXIT_POLL_S))
+            if any(slot.proc is not None and slot.proc.poll() is not None
+                   for slot in self.slots):
+                return
 
     def register(self) -> None:
         self.broker.register_agent(self.aid, {

@@ -537,7 +537,7 @@ class Broker:
     @edge
     def give_back(self, wid: str) -> None:
         """A worker about to exit gives back what was delivered to it and that it did not
-        start (not charged, not counted as reissued), and leaves the cluster."""
+        start (not charged, not counted as reissued); its agent removes it once it exited."""
         self._queue_again(wid, "back", "given back", 0)
 
     def _queue_again(self, wid: str, mode: str, reason: str, lease_ms: int) -> int:

@@ -206,9 +206,11 @@ for _, p in ipairs(pending) do
     end
   end
 end
-redis.call('XGROUP', 'DELCONSUMER', units, group, wid)
-redis.call('ZREM', workers, wid)
-redis.call('DEL', KEYS[3])
+if counted then  -- a worker giving back is still alive: its agent cleans up after it
+  redis.call('XGROUP', 'DELCONSUMER', units, group, wid)
+  redis.call('ZREM', workers, wid)
+  redis.call('DEL', KEYS[3])
+end
 return moved
 """
 
