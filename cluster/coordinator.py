@@ -324,7 +324,7 @@ class Coordinator:
         self.hosts_seen.update(host_of(w) for w in live)
         self.stats = self.broker.job_stats(self.jid)
         if now >= self.next_expiry:
-            self.next_expiry = now + 30
+            self.next_expiry = now + min(30.0, self.options.keep_s / 3)
             self.broker.expire_job(self.jid, self.options.keep_s, self.identity)
         self.speculate()
         self.check_workers(now, {host_of(w) for w in live})

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,29 @@ def test_a_result_that_never_fits_fails_with_a_reason(small_redis: SmallRedis):
                   "2", "--max-attempts", "1")  # 48 MB: more than Redis may hold
     assert done.returncode == 1, done.stderr
     assert "Redis is out of memory" in done.stderr
+
+
+def test_an_abandoned_job_leaves_no_key_behind(small_redis: SmallRedis, tmp_path: Path):
+    """The coordinator dies; after --keep, every key of its job has expired, also those made
+    after it last refreshed their expiry."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster", "submit", str(SAMPLES / "big_results.py"),
+         "--credentials", str(small_redis.creds), "--progress", "none", "-p", "units=400",
+         "-p", "floats=8192", "--keep", "0.002"],  # 7.2 s
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**__import__("os").environ, "CLUSTER_JOURNAL": str(tmp_path / "journal")})
+    client = small_redis.client
+    try:
+        deadline = time.monotonic() + 60
+        while not client.keys("b:job:*:recorded"):
+            assert time.monotonic() < deadline, "no result was recorded"
+            time.sleep(0.01)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 60
+    while client.keys("b:job:*") or client.keys("b:resume:*"):
+        left = {k: client.pttl(k) for k in client.keys("b:job:*") + client.keys("b:resume:*")}
+        assert time.monotonic() < deadline, f"keys left: {left}"
+        assert all(ttl != -1 for ttl in left.values()), f"keys that never expire: {left}"
+        time.sleep(0.2)
