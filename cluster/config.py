@@ -84,6 +84,10 @@ class HostConfig:
     cpus: str | None = None
     cores: int | None = None
 
+    def cpu_count(self) -> int | None:
+        """How many workers its agent runs, where hosts.ini says (cores or cpus)."""
+        return len(parse_cpus(self.cpus)) if self.cpus else self.cores
+
     def agent_cpu_args(self) -> list[str]:
         if self.cpus:
             return ["--cpus", self.cpus]
@@ -118,6 +122,10 @@ class ClusterConfig:
 
     def host(self, name: str) -> HostConfig:
         return next(h for h in self.hosts if h.name == name)
+
+    def workers(self, guess: int) -> int:
+        """Workers of the whole cluster, counting ``guess`` for a host that uses all its CPUs."""
+        return sum(h.cpu_count() or guess for h in self.hosts)
 
     def redis_address(self) -> str:
         """redis://host:port that every host and this machine use."""
