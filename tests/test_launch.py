@@ -89,6 +89,23 @@ def test_up_sizes_redis_and_says_what_it_accepted(site: Site):
     assert files is not None and int(files[1]) >= 10_032  # room for every client it accepts
 
 
+def test_doctor_warns_near_maxclients_and_up_raises_it(site: Site):
+    broker = site.broker()
+    try:
+        broker.client.config_set("maxclients", 50)  # as a Redis started by hand might have
+        r = run_cli("doctor", str(site.ini), timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert ("ok: near the limit: Redis accepts 50 clients, and 2 workers and 2 agents "
+                "need up to 108") in rows(r.stdout)["node1"]
+        r = run_cli("up", str(site.ini), timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "redis running (maxclients 10000," in rows(r.stdout)["node1"]
+        assert Limits.of(broker).maxclients == 10_000
+    finally:
+        broker.client.config_set("maxclients", 10_000)
+        broker.close()
+
+
 def test_maxmemory_defaults_to_half_the_hosts_ram(site: Site, tmp_path: Path):
     ini = site.write_ini(site.net.hosts[:2], tmp_path / "default.ini")
     cfg = config.load(ini)
