@@ -359,15 +359,17 @@ class Broker:
         """Every registered agent: (id, seconds since its last heartbeat, what it registered)."""
         with self._translated():
             now = self.server_time_ms()
-            members = self.client.zrange(self.keys.agents, 0, -1, withscores=True)
-            infos = self._hashes([self.keys.agent(m.decode()) for m, _ in members])
-        return [(m.decode(), (now - score) / 1000, info)
-                for (m, score), info in zip(members, infos, strict=True)]
+            reply: Any = self.client.zrange(self.keys.agents, 0, -1, withscores=True)
+            members = [(m.decode(), float(score)) for m, score in reply]
+            infos = self._hashes([self.keys.agent(aid) for aid, _ in members])
+        return [(aid, (now - score) / 1000, info)
+                for (aid, score), info in zip(members, infos, strict=True)]
 
     def workers_seen(self) -> list[tuple[str, dict[str, str]]]:
         """Every registered worker, and what its agent published of it."""
         with self._translated():
-            wids = [m.decode() for m in self.client.zrange(self.keys.workers, 0, -1)]
+            reply: Any = self.client.zrange(self.keys.workers, 0, -1)
+            wids = [m.decode() for m in reply]
             return list(zip(wids, self._hashes([self.keys.worker(w) for w in wids]), strict=True))
 
     def live_agent(self, aid: str, lease_ms: int = AGENT_LEASE_MS) -> dict[str, str] | None:
@@ -427,8 +429,8 @@ class Broker:
         found: dict[str, str] = {}
         with self._translated():
             for name in names:
-                found.update({self._str(k): self._str(v)
-                              for k, v in self.client.config_get(name).items()})
+                reply: Any = self.client.config_get(name)
+                found.update({self._str(k): self._str(v) for k, v in reply.items()})
         return found
 
     def raise_maxclients(self, wanted: int) -> int:
