@@ -174,6 +174,8 @@ class Agent:
             "cpus": ",".join(map(str, self.settings.cpus)),
             "key": codec.fingerprint(self.creds.key), "started": self.broker.server_time_ms(),
         })
+        for old in self.broker.retire_replaced_agents(self.aid, self.settings.host):
+            log.info("agent %s replaces %s, silent beyond its lease", self.aid, old)
 
     def step(self) -> bool:
         """One heartbeat. False when Redis has been unreachable for too long."""

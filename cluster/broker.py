@@ -29,7 +29,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from . import scripts
-from .errors import Fenced, JobGone, RedisFull, RedisRefused, RedisUnavailable
+from .errors import Fenced, InfraError, JobGone, RedisFull, RedisRefused, RedisUnavailable
 from .keys import GROUP, Keys
 
 
@@ -553,3 +553,120 @@ class Broker:
         for wid, values in usage.items():
             pipe.hset(self.keys.worker(wid), mapping=values)
         pipe.execute()
+
+    # -- launcher / status ------------------------------------------------------------------
+    # Every call here translates Redis errors (``_translated``): `up`, `down`, `status` and
+    # `doctor` report a failing Redis in one line naming it, never with a traceback.
+
+    AGENT_LEASE_MS = 5000  # an agent silent this long is lost; a new one on its host replaces it
+
+    def agents_seen(self) -> list[tuple[str, float, dict[str, str]]]:
+        """Every registered agent: (id, seconds since its last heartbeat, what it registered)."""
+        with self._translated():
+            now = self.server_time_ms()
+            reply: Any = self.client.zrange(self.keys.agents, 0, -1, withscores=True)
+            members = [(m.decode(), float(score)) for m, score in reply]
+            infos = self._hashes([self.keys.agent(aid) for aid, _ in members])
+        return [(aid, (now - score) / 1000, info)
+                for (aid, score), info in zip(members, infos, strict=True)]
+
+    def workers_seen(self) -> list[tuple[str, dict[str, str]]]:
+        """Every registered worker, and what its agent published of it."""
+        with self._translated():
+            reply: Any = self.client.zrange(self.keys.workers, 0, -1)
+            wids = [m.decode() for m in reply]
+            return list(zip(wids, self._hashes([self.keys.worker(w) for w in wids]), strict=True))
+
+    def live_agent(self, aid: str, lease_ms: int = AGENT_LEASE_MS) -> dict[str, str] | None:
+        """What agent ``aid`` registered, if its heartbeat is younger than ``lease_ms``."""
+        with self._translated():
+            if aid not in self.live_agents(lease_ms):
+                return None
+            return self._hashes([self.keys.agent(aid)])[0]
+
+    def forget_agent(self, aid: str) -> None:
+        """Unregister an agent known to be gone (`up` replaced it)."""
+        with self._translated():
+            self.unregister_agent(aid)
+
+    def live_agent_ids(self, lease_ms: int = AGENT_LEASE_MS) -> list[str]:
+        with self._translated():
+            return self.live_agents(lease_ms)
+
+    def retire_replaced_agents(self, aid: str, host: str, lease_ms: int = AGENT_LEASE_MS
+                               ) -> list[str]:
+        """Unregister the other agents of ``host`` whose heartbeat is older than ``lease_ms``:
+        agent ``aid`` replaces them (their host lost power, or they were SIGKILLed). An agent
+        that was only paused registers again at its next heartbeat."""
+        retired = [other for other, age, info in self.agents_seen()
+                   if other != aid and age * 1000 > lease_ms
+                   and info.get("host", other.split("/")[0]) == host]
+        with self._translated():
+            for other in retired:
+                self.unregister_agent(other)
+        return retired
+
+    def request_shutdown(self) -> None:
+        """Ask every agent to stop (``cluster down``)."""
+        with self._translated():
+            self.client.set(self.keys.shutdown, 1)
+
+    def cancel_shutdown(self) -> None:
+        with self._translated():
+            self.client.delete(self.keys.shutdown)
+
+    def forget_agents(self) -> None:
+        """Drop every agent's heartbeat and worker's lease (after ``cluster down``)."""
+        with self._translated():
+            self.client.delete(self.keys.agents, self.keys.workers)
+
+    def shutdown_server(self) -> None:
+        """Stop Redis itself, saving first (its AOF is flushed)."""
+        try:
+            self.client.shutdown(nosave=False)
+        except redis.ConnectionError:
+            pass  # the connection closes as the server exits: that is success
+        except redis.RedisError as exc:
+            raise InfraError(f"Redis at {self.where} refused to shut down: {exc}") from None
+
+    def server_config(self, *names: str) -> dict[str, str]:
+        """``CONFIG GET`` of these parameters (maxclients, maxmemory...), as Redis runs now."""
+        found: dict[str, str] = {}
+        with self._translated():
+            for name in names:
+                reply: Any = self.client.config_get(name)
+                found.update({self._str(k): self._str(v) for k, v in reply.items()})
+        return found
+
+    def raise_maxclients(self, wanted: int) -> int:
+        """Raise ``maxclients`` to ``wanted`` if it is lower (Redis lowers what its file limit
+        cannot hold); the value Redis runs with afterwards."""
+        current = int(self.server_config("maxclients").get("maxclients", 0))
+        if current < wanted:
+            with self._translated():
+                try:
+                    self.client.config_set("maxclients", wanted)
+                except redis.ResponseError:
+                    pass  # beyond its file limit: it keeps what it has, said by the caller
+            current = int(self.server_config("maxclients").get("maxclients", 0))
+        return current
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        """``translate_errors``, and any other Redis error as an ``InfraError`` naming Redis."""
+        try:
+            with translate_errors(self.where):
+                yield
+        except redis.RedisError as exc:
+            raise InfraError(f"Redis at {self.where} failed: {exc}") from None
+
+    @staticmethod
+    def _str(value: bytes | str) -> str:
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    def _hashes(self, keys: list[str]) -> list[dict[str, str]]:
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(key)
+        return [{k.decode(): v.decode(errors="replace") for k, v in raw.items()}
+                for raw in pipe.execute()] if keys else []

@@ -11,14 +11,16 @@ import signal
 import socket
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from . import __version__, config, credentials, output, progress, status, wheelhouse
+from . import __version__, config, credentials, output, progress, settings, status, wheelhouse
 from .agent import Agent, AgentSettings, choose_cpus
 from .broker import Broker
+from .config import ClusterConfig
 from .coordinator import Coordinator, RunOptions
 from .credentials import Credentials, resolve
 from .doctor import Doctor
@@ -37,6 +39,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(ExitCode.USAGE, f"cluster: error: {message} (see cluster --help)\n")
 
 
+def within(accepted: settings.Range) -> Callable[[str], float]:
+    """An argparse type: the flag's value if ``accepted``, else a one-line error naming it."""
+
+    def parse(text: str) -> float:
+        try:
+            return accepted.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="cluster", description="Run a numeric Python job on every core of "
                     "many machines, through Redis.")
@@ -47,17 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("job", help="the job file (scatter, compute, gather)")
     submit.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE",
                         help="set a job parameter (JSON value, else a string); repeatable")
-    submit.add_argument("--seed", type=int, help="seed of every unit's generator "
+    submit.add_argument("--seed", type=within(settings.SEED), help="seed of every unit's generator "
                         "(default: the job's SEED, else 0)")
     submit.add_argument("--output", "-o", help="write the result to FILE (.npy, .npz, .json, .png)")
-    submit.add_argument("--timeout", type=float, help="give up after SECONDS (exit code 4)")
-    submit.add_argument("--worker-timeout", type=float, default=30.0, metavar="SECONDS",
+    submit.add_argument("--timeout", type=within(settings.TIMEOUT), metavar="SECONDS",
+                        help="give up after SECONDS (exit code 4)")
+    submit.add_argument("--worker-timeout", type=within(settings.WORKER_TIMEOUT), default=30.0,
+                        metavar="SECONDS",
                         help="fail when no worker is alive for this long (default 30)")
-    submit.add_argument("--max-attempts", type=int, default=3,
+    submit.add_argument("--max-attempts", type=within(settings.MAX_ATTEMPTS), default=3,
                         help="attempts per unit before the job fails (default 3)")
-    submit.add_argument("--max-failed", type=int, default=0,
+    submit.add_argument("--max-failed", type=within(settings.MAX_FAILED), default=0,
                         help="units allowed to fail for good; they gather as None (default 0)")
-    submit.add_argument("--lease", type=float, metavar="SECONDS",
+    submit.add_argument("--lease", type=within(settings.LEASE), metavar="SECONDS",
                         help="a worker whose lease is not renewed this long is lost (default: "
                         "hosts.ini's lease, else 5)")
     submit.add_argument("--resume", metavar="JOB_ID", help="pick up this unfinished job (the "
@@ -66,17 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--fresh", action="store_true",
                         help="start a new job even if an unfinished one of the same job, "
                         "params and seed is there")
-    submit.add_argument("--keep", type=float, default=24.0, metavar="HOURS",
+    submit.add_argument("--keep", type=within(settings.KEEP_HOURS), default=24.0,
+                        metavar="HOURS",
                         help="keep an unfinished job resumable this long (default 24)")
-    submit.add_argument("--redis-grace", type=float, default=60.0, metavar="SECONDS",
+    submit.add_argument("--redis-grace", type=within(settings.REDIS_GRACE), default=60.0,
+                        metavar="SECONDS",
                         help="ride out a Redis outage this long (default 60)")
-    submit.add_argument("--max-result-size", type=float, default=256.0, metavar="MB",
+    submit.add_argument("--max-result-size", type=within(settings.MAX_RESULT_MB),
+                        default=256.0, metavar="MB",
                         help="largest encoded unit or result; a larger one fails its unit "
                         "(default 256)")
     submit.add_argument("--no-speculate", dest="speculate", action="store_false",
                         help="no speculative copies of straggling units")
-    submit.add_argument("--cores", type=int, help="local cluster only: workers to start "
-                        "(default: one per core)")
+    submit.add_argument("--cores", type=within(settings.CORES),
+                        help="local cluster only: workers to start (default: one per core)")
     submit.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
                         help="progress display (default: a bar on a terminal, else lines)")
     _connection_flags(submit)
@@ -115,12 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     agent = commands.add_parser("agent", help="run this host's agent and its workers")
     _connection_flags(agent)
     agent.add_argument("--cpus", help="CPUs to use, e.g. 0-3,8 (default: all)")
-    agent.add_argument("--cores", type=int, help="use the first N CPUs")
-    agent.add_argument("--threads", type=int, default=1,
+    agent.add_argument("--cores", type=within(settings.CORES), help="use the first N CPUs")
+    agent.add_argument("--threads", type=within(settings.THREADS), default=1,
                        help="OMP/OpenBLAS/MKL threads per worker (default 1)")
     agent.add_argument("--name", help="host name reported to the cluster (default: hostname)")
-    agent.add_argument("--heartbeat", type=float, default=0.5, metavar="SECONDS")
-    agent.add_argument("--redis-grace", type=float, default=60.0, metavar="SECONDS",
+    agent.add_argument("--heartbeat", type=within(settings.HEARTBEAT),
+                       default=settings.HEARTBEAT_S, metavar="SECONDS",
+                       help="heartbeat and lease renewal interval (default 0.5)")
+    agent.add_argument("--redis-grace", type=within(settings.REDIS_GRACE), default=60.0,
+                       metavar="SECONDS",
                        help="stop when Redis is unreachable this long (default 60)")
     agent.add_argument("--pidfile", help="write the agent's pid to this file while it runs")
     agent.add_argument("--log-level", default="INFO")
@@ -170,18 +192,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     params = parse_params(args.param, job.defaults)
     if args.output:
         output.check_path(args.output)
-    if args.max_attempts < 1 or args.max_failed < 0:
-        raise UsageError("--max-attempts must be at least 1 and --max-failed at least 0")
     cfg = config.load(args.hosts) if args.hosts else None
     creds = credentials.for_cluster(cfg, create=False) if cfg else resolve(args.redis,
                                                                             args.credentials)
-    lease = args.lease or (cfg.lease if cfg else 5.0)
-    if creds is None and args.resume:
-        raise UsageError("--resume needs a running cluster (--redis, --credentials or --hosts): "
-                         "a private local cluster does not outlive its submit")
+    check_local_flags(args, local=creds is None)
     options = RunOptions(seed=args.seed, max_attempts=args.max_attempts,
                          max_failed=args.max_failed, timeout=args.timeout,
-                         worker_timeout=args.worker_timeout, lease_s=lease,
+                         worker_timeout=args.worker_timeout,
+                         lease_s=submit_lease(args.lease, cfg, local=creds is None),
                          redis_grace_s=args.redis_grace, keep_s=int(args.keep * 3600),
                          speculate=args.speculate, resume=args.resume,
                          max_result_bytes=int(args.max_result_size * 1e6),
@@ -202,8 +220,31 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return ExitCode.PARTIAL if result.failed else ExitCode.OK
 
 
-def cluster_credentials(hosts_ini: str) -> Credentials:
-    return credentials.for_cluster(config.load(hosts_ini), create=False)
+def check_local_flags(args: argparse.Namespace, local: bool) -> None:
+    """--cores only for a local cluster, and within this machine; --resume only for a
+    running cluster."""
+    if local and args.resume:
+        raise UsageError("--resume needs a running cluster (--redis, --credentials or --hosts): "
+                         "a private local cluster does not outlive its submit")
+    if args.cores is None:
+        return
+    if not local:
+        raise UsageError(f"--cores {args.cores}: only for a private local cluster; the agents "
+                         "of a running cluster choose their CPUs (cores = ... in hosts.ini, or "
+                         "cluster agent --cores)")
+    choose_cpus(None, args.cores)
+
+
+def submit_lease(given: float | None, cfg: ClusterConfig | None, local: bool) -> float:
+    """--lease, else hosts.ini's lease, else the default. Where the agents' heartbeat is known
+    (hosts.ini's, or a local cluster's default), the lease must outlast two of them."""
+    lease = given if given is not None else (cfg.lease if cfg else settings.LEASE_S)
+    heartbeat = cfg.heartbeat if cfg else settings.HEARTBEAT_S if local else None
+    problem = settings.lease_problem(lease, heartbeat) if heartbeat is not None else None
+    if problem:
+        source = f"heartbeat of {cfg.path}" if cfg else "a local cluster's agent"
+        raise UsageError(f"--lease {lease:g} {problem} ({source})")
+    return lease
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -241,12 +282,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    creds = cluster_credentials(args.hosts) if args.hosts else resolve(args.redis,
-                                                                        args.credentials)
+    cfg = config.load(args.hosts) if args.hosts else None
+    creds = credentials.for_cluster(cfg, create=False) if cfg else resolve(args.redis,
+                                                                            args.credentials)
     if creds is None:
         raise UsageError("cluster status needs HOSTS_INI, --redis URL or --credentials FILE")
     broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
-    agents = status.collect(broker, lease_ms=5000)
+    lease_s = cfg.lease if cfg else settings.LEASE_S
+    agents = status.collect(broker, lease_ms=int(lease_s * 1000))
     print(json.dumps(status.as_json(agents), indent=1) if args.json else status.render(agents))
     return ExitCode.OK
 

@@ -15,6 +15,7 @@
     redis_grace = 60                ; agents stop when Redis is unreachable this long
     heartbeat = 0.5                 ; agents renew heartbeats and leases this often (seconds)
     lease = 5                       ; a worker not renewed this long is lost (submit --lease)
+    redis_maxmemory = 50%           ; for a Redis that up starts: of the host's RAM, or 4gb
 
     [host node1]                    ; one section per host
     address = 10.0.0.11             ; default: the section's name
@@ -32,11 +33,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import settings
 from .errors import UsageError
+from .settings import Memory, Range
 
 CLUSTER_KEYS = {"name", "redis", "redis_port", "user", "port", "identity_file", "known_hosts",
                 "install_dir", "python", "state_dir", "connect_timeout", "redis_grace",
-                "heartbeat", "lease"}
+                "heartbeat", "lease", "redis_maxmemory"}
 HOST_KEYS = {"address", "cores", "cpus", "user", "port", "python", "install_dir",
              "identity_file"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -81,6 +84,10 @@ class HostConfig:
     cpus: str | None = None
     cores: int | None = None
 
+    def cpu_count(self) -> int | None:
+        """How many workers its agent runs, where hosts.ini says (cores or cpus)."""
+        return len(parse_cpus(self.cpus)) if self.cpus else self.cores
+
     def agent_cpu_args(self) -> list[str]:
         if self.cpus:
             return ["--cpus", self.cpus]
@@ -101,8 +108,9 @@ class ClusterConfig:
     known_hosts: Path
     connect_timeout: float
     redis_grace: float = 60.0
-    heartbeat: float = 0.5
-    lease: float = 5.0
+    heartbeat: float = settings.HEARTBEAT_S
+    lease: float = settings.LEASE_S
+    redis_maxmemory: Memory = Memory()
 
     @property
     def prefix(self) -> str:
@@ -114,6 +122,10 @@ class ClusterConfig:
 
     def host(self, name: str) -> HostConfig:
         return next(h for h in self.hosts if h.name == name)
+
+    def workers(self, guess: int) -> int:
+        """Workers of the whole cluster, counting ``guess`` for a host that uses all its CPUs."""
+        return sum(h.cpu_count() or guess for h in self.hosts)
 
     def redis_address(self) -> str:
         """redis://host:port that every host and this machine use."""
@@ -197,21 +209,21 @@ class _Parsed:
             "install_dir": cluster.get("install_dir", f"~/.cluster/{name}"),
             "identity_file": cluster.get("identity_file"),
         }
+        self.number("port", settings.PORT, 22)  # a bad default is reported where it is
         hosts = tuple(self.host(section, defaults) for section in host_sections)
         self.check_unique(hosts, host_sections)
         state_dir = Path(cluster.get("state_dir", f"~/.config/cluster/{name}")).expanduser()
         redis_url, redis_host = self.redis(cluster.get("redis", "").strip(), hosts)
+        heartbeat = self.number("heartbeat", settings.HEARTBEAT, settings.HEARTBEAT_S)
         return ClusterConfig(
             path=self.path, name=name, hosts=hosts, redis_url=redis_url, redis_host=redis_host,
-            redis_port=self.integer("cluster", "redis_port", cluster.get("redis_port", "6379")),
+            redis_port=int(self.number("redis_port", settings.PORT, 6379)),
             state_dir=state_dir,
             known_hosts=Path(cluster.get("known_hosts", str(state_dir / "known_hosts")))
             .expanduser(),
-            connect_timeout=self.number("cluster", "connect_timeout",
-                                        cluster.get("connect_timeout", "10")),
-            redis_grace=self.number("cluster", "redis_grace", cluster.get("redis_grace", "60")),
-            heartbeat=self.number("cluster", "heartbeat", cluster.get("heartbeat", "0.5")),
-            lease=self.number("cluster", "lease", cluster.get("lease", "5")))
+            connect_timeout=self.number("connect_timeout", settings.CONNECT_TIMEOUT, 10.0),
+            redis_grace=self.number("redis_grace", settings.REDIS_GRACE, 60.0),
+            heartbeat=heartbeat, lease=self.lease(heartbeat), redis_maxmemory=self.memory())
 
     def host(self, section: str, defaults: dict[str, str | None]) -> HostConfig:
         self.check_keys(section, HOST_KEYS)
@@ -229,11 +241,13 @@ class _Parsed:
         return HostConfig(
             name=name, address=values.get("address", name).strip(),
             user=values.get("user", defaults["user"] or "root"),
-            port=self.integer(section, "port", values.get("port", defaults["port"] or "22")),
+            port=self.integer(section, "port", values.get("port", defaults["port"] or "22"),
+                              settings.PORT),
             python=values.get("python", defaults["python"] or "python3"),
             install_dir=values.get("install_dir", defaults["install_dir"] or ""),
             identity_file=values.get("identity_file", defaults["identity_file"]),
-            cpus=cpus, cores=self.integer(section, "cores", cores) if cores else None)
+            cpus=cpus, cores=self.integer(section, "cores", cores, settings.CORES)
+            if cores else None)
 
     def redis(self, value: str, hosts: tuple[HostConfig, ...]) -> tuple[str | None, str | None]:
         if not value:
@@ -260,17 +274,37 @@ class _Parsed:
                                  f"host {seen[where]}")
             seen[where] = host.name
 
-    def integer(self, section: str, key: str, value: str | None) -> int:
+    def integer(self, section: str, key: str, value: str | None, accepted: Range) -> int:
         try:
-            number = int(str(value).strip())
-        except ValueError:
-            raise self.error(section, key, f"{value!r} is not a whole number") from None
-        if number <= 0:
-            raise self.error(section, key, f"{number} must be positive")
-        return number
+            return int(accepted.parse(str(value)))
+        except ValueError as exc:
+            raise self.error(section, key, str(exc)) from None
 
-    def number(self, section: str, key: str, value: str) -> float:
+    def number(self, key: str, accepted: Range, default: float) -> float:
+        """A [cluster] key's value, in range; ``default`` when the key is absent."""
+        value = self.parser["cluster"].get(key)
+        if value is None:
+            return default
         try:
-            return float(value)
-        except ValueError:
-            raise self.error(section, key, f"{value!r} is not a number") from None
+            return accepted.parse(value)
+        except ValueError as exc:
+            raise self.error("cluster", key, str(exc)) from None
+
+    def lease(self, heartbeat: float) -> float:
+        lease = self.number("lease", settings.LEASE, settings.LEASE_S)
+        problem = settings.lease_problem(lease, heartbeat)
+        if problem and "lease" in self.parser["cluster"]:
+            raise self.error("cluster", "lease", f"{lease:g} {problem}")
+        if problem:
+            raise self.error("cluster", "heartbeat", f"{heartbeat:g} is too long for the default "
+                             f"lease of {lease:g} s, which {problem}")
+        return lease
+
+    def memory(self) -> Memory:
+        value = self.parser["cluster"].get("redis_maxmemory")
+        if value is None:
+            return Memory()
+        try:
+            return settings.parse_memory(value)
+        except ValueError as exc:
+            raise self.error("cluster", "redis_maxmemory", str(exc)) from None

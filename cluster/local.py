@@ -24,9 +24,13 @@ from types import TracebackType
 import psutil
 import redis
 
+from . import redisconf
+from .agent import available_cpus
+from .broker import Broker
 from .credentials import Credentials, write_private
 from .errors import InfraError
 from .proc import die_with_parent
+from .settings import Memory
 
 log = logging.getLogger("cluster.local")
 
@@ -59,6 +63,11 @@ def sweep_stale(tmp: Path) -> None:
         except (OSError, ValueError):
             continue
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _redis_preexec(maxclients: int) -> None:
+    die_with_parent()
+    redisconf.raise_file_limit(redisconf.files_for(maxclients))
 
 
 def free_port() -> int:
@@ -94,23 +103,42 @@ class LocalCluster:
                  tb: TracebackType | None) -> None:
         self.stop(immediate=kind is not None)
 
+    @property
+    def workers(self) -> int:
+        return self.cores or len(available_cpus())
+
     def start_redis(self) -> Credentials:
         binary = find_redis_server()
         password = secrets.token_urlsafe(24)
+        maxclients = redisconf.maxclients_for(self.workers, 1)
+        limits = redisconf.limit_lines(maxclients, Memory().of(psutil.virtual_memory().total))
         for _ in range(5):
             port = free_port()
             conf = self.dir / "redis.conf"
             write_private(conf, "\n".join([
                 "bind 127.0.0.1", f"port {port}", f"requirepass {password}", 'save ""',
                 "appendonly no", f"dir {self.dir}", "protected-mode yes", "daemonize no",
-                f"logfile {self.dir / 'redis.log'}", ""]))
+                f"logfile {self.dir / 'redis.log'}", *limits, ""]))
             self.redis = subprocess.Popen([binary, str(conf)], stdin=subprocess.DEVNULL,
-                                          preexec_fn=die_with_parent, start_new_session=True)
+                                          preexec_fn=lambda: _redis_preexec(maxclients),
+                                          start_new_session=True)
             if self.wait_for_redis(port, password):
-                url = f"redis://127.0.0.1:{port}/0"
-                return Credentials(url, password, secrets.token_bytes(32))
+                creds = Credentials(f"redis://127.0.0.1:{port}/0", password,
+                                    secrets.token_bytes(32))
+                self.check_limits(creds)
+                return creds
             self.stop_process(self.redis, 1.0)
         raise InfraError(f"could not start {binary}: see {self.dir / 'redis.log'}")
+
+    def check_limits(self, creds: Credentials) -> None:
+        """Warn when Redis accepted fewer clients than this cluster may open."""
+        broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+        try:
+            problem = redisconf.Limits.of(broker).shortfall(self.workers, 1)
+        finally:
+            broker.close()
+        if problem:
+            log.warning("local cluster: %s", problem)
 
     def wait_for_redis(self, port: int, password: str) -> bool:
         client = redis.Redis(host="127.0.0.1", port=port, password=password,

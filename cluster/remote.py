@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import fabric
+import paramiko
 
 from .config import HostConfig
 from .errors import ClusterError
@@ -68,9 +69,27 @@ class Remote:
     def read(self, name: str) -> str:
         return self.sh(f"cat {self.q(name)} 2>/dev/null || true").strip()
 
+    def sftp(self) -> paramiko.SFTPClient:
+        """The connection's SFTP session; ``HostError`` when the host's sshd offers none."""
+        try:
+            return self.conn.sftp()
+        except (paramiko.SSHException, EOFError) as exc:
+            raise HostError(self.host.name, "no SFTP: its sshd has no sftp subsystem (add "
+                            "`Subsystem sftp internal-sftp` to its sshd_config): "
+                            f"{exc or type(exc).__name__}") from None
+
+    def hashes(self, name: str) -> dict[str, str]:
+        """The SHA-256 of every wheel in directory ``name``, by file name."""
+        script = ("import hashlib, pathlib, sys\n"
+                  "for p in sorted(pathlib.Path(sys.argv[1]).glob('*.whl')):\n"
+                  "    print(hashlib.sha256(p.read_bytes()).hexdigest(), p.name)")
+        out = self.sh(f"{shlex.quote(self.host.python)} -c {shlex.quote(script)} {self.q(name)}")
+        return {file: digest for digest, file in (line.split(" ", 1)
+                                                  for line in out.splitlines() if line)}
+
     def write_private(self, name: str, text: str) -> None:
         """Create the file 0600 before anything is written into it."""
-        sftp = self.conn.sftp()
+        sftp = self.sftp()
         with sftp.open(self.path(name), "w") as f:
             f.chmod(0o600)
             f.write(text)

@@ -52,8 +52,9 @@ def connect(config: ClusterConfig, host: HostConfig, accept_new: bool = False
     if host.identity_file:
         kwargs["key_filename"] = str(Path(host.identity_file).expanduser())
     conn = fabric.Connection(host.address, user=host.user, port=host.port,
-                             connect_timeout=int(config.connect_timeout), connect_kwargs=kwargs,
+                             connect_timeout=config.connect_timeout, connect_kwargs=kwargs,
                              forward_agent=False)
+    conn.connect_timeout = config.connect_timeout  # Fabric truncates it to whole seconds
     client = conn.client
     if config.known_hosts.exists():
         client.load_host_keys(str(config.known_hosts))

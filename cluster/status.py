@@ -32,25 +32,19 @@ class AgentStatus:
 
 
 def collect(broker: Broker, lease_ms: int) -> list[AgentStatus]:
-    client, keys = broker.client, broker.keys
-    now = broker.server_time_ms()
     agents: dict[str, AgentStatus] = {}
-    for member, score in client.zrange(keys.agents, 0, -1, withscores=True):
-        aid = member.decode()
-        info = _text(client.hgetall(keys.agent(aid)))
-        age = (now - score) / 1000
+    for aid, age, info in broker.agents_seen():
         agents[aid] = AgentStatus(aid, info.get("host", aid.split("/")[0]),
                                   _int(info.get("pid")), info.get("version", "?"),
                                   info.get("cpus", ""), "alive" if age * 1000 <= lease_ms
                                   else "lost", round(age, 1))
-    for member in client.zrange(keys.workers, 0, -1):
-        info = _text(client.hgetall(keys.worker(member.decode())))
+    for wid, info in broker.workers_seen():
         agent = agents.get(info.get("agent", ""))
         if agent is None:
             continue
         rss = _float(info.get("rss"))
         agent.workers.append(WorkerStatus(
-            member.decode(), _int(info.get("pid")), _int(info.get("cpu")),
+            wid, _int(info.get("pid")), _int(info.get("cpu")),
             _float(info.get("load")), round(rss / 2**20, 1) if rss is not None else None,
             info.get("job"), _int(info.get("unit"))))
     return sorted(agents.values(), key=lambda a: (a.host, a.id))
@@ -75,10 +69,6 @@ def render(agents: list[AgentStatus]) -> str:
             lines.append(f"  {w.id:<32} pid {w.pid}  cpu {w.cpu}  load {load:>4}  "
                          f"mem {mem:>7}  {doing}")
     return "\n".join(lines)
-
-
-def _text(raw: dict[bytes, bytes]) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in raw.items()}
 
 
 def _int(value: str | None) -> int | None:

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
@@ -20,10 +20,24 @@ CACHE = Path("~/.cache/cluster/wheelhouse")
 class Wheelhouse:
     path: Path
     build: str  # identifies what is installed: a hash of the project's sources
+    hashes: dict[str, str] = field(default_factory=dict)  # wheel file name -> its SHA-256
 
     @property
     def wheels(self) -> list[Path]:
         return sorted(self.path.glob("*.whl"))
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hashes(path: Path) -> dict[str, str]:
+    """The SHA-256 of every wheel in ``path``: what identifies a wheel, never its size."""
+    return {wheel.name: sha256(wheel) for wheel in sorted(path.glob("*.whl"))}
 
 
 def project_root() -> Path:
@@ -44,11 +58,11 @@ def source_hash(root: Path) -> str:
 def prepare(given: Path | None = None, cache: Path = CACHE) -> Wheelhouse:
     """A wheelhouse for hosts: ``given`` as it is, or one built (once per source version)."""
     if given is not None:
-        wheels = sorted(given.glob("*.whl"))
-        if not any(w.name.startswith("cluster-") for w in wheels):
+        found = hashes(given)
+        if not any(name.startswith("cluster-") for name in found):
             raise UsageError(f"--wheelhouse {given}: no cluster-*.whl in it")
-        digest = hashlib.sha256("".join(f"{w.name}:{w.stat().st_size}" for w in wheels).encode())
-        return Wheelhouse(given, digest.hexdigest()[:12])
+        digest = hashlib.sha256("".join(f"{n}:{h}\n" for n, h in found.items()).encode())
+        return Wheelhouse(given, digest.hexdigest()[:12], found)
     root = project_root()
     build = source_hash(root)
     target = cache.expanduser() / build
@@ -64,7 +78,7 @@ def prepare(given: Path | None = None, cache: Path = CACHE) -> Wheelhouse:
         (staging / ".complete").touch()
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
-    return Wheelhouse(target, build)
+    return Wheelhouse(target, build, hashes(target))
 
 
 def _mkdir(path: Path) -> Path:

@@ -21,10 +21,12 @@ from pathlib import Path
 
 def hosts_ini(client_key: Path, hosts: list[NsHost], *, name: str, state: Path,
               cluster: dict[str, object] | None = None) -> str:
-    """A hosts.ini for test hosts: Redis on node1, one core each, this Python on every host."""
-    lines = ["[cluster]", f"name = {name}", "redis = node1", f"identity_file = {client_key}",
-             f"python = {sys.executable}", f"state_dir = {state}", "connect_timeout = 3"]
-    lines += [f"{k} = {v}" for k, v in (cluster or {}).items()]
+    """A hosts.ini for test hosts: Redis on node1, one core each, this Python on every host;
+    ``cluster`` adds or overrides [cluster] keys."""
+    keys: dict[str, object] = {"name": name, "redis": "node1", "identity_file": client_key,
+                               "python": sys.executable, "state_dir": state,
+                               "connect_timeout": 3, **(cluster or {})}
+    lines = ["[cluster]", *(f"{k} = {v}" for k, v in keys.items())]
     for h in hosts:
         lines += ["", f"[host {h.name}]", f"address = {h.address}",
                   f"install_dir = {h.install_dir}", "cores = 1"]
@@ -96,7 +98,7 @@ class NsNetwork:
         Path("/run/sshd").mkdir(exist_ok=True)
         return self
 
-    def add_host(self, start_sshd: bool = True) -> NsHost:
+    def add_host(self, start_sshd: bool = True, sftp: bool = True) -> NsHost:
         i = len(self.hosts) + 1
         host = NsHost(name=f"node{i}", netns=f"cl{self.tag}h{i}",
                         address=f"{self.subnet}.{10 + i}", home=self.workdir / f"node{i}",
@@ -112,11 +114,12 @@ class NsNetwork:
         host.exec("ip", "link", "set", "eth0", "up")
         host.exec("ip", "link", "set", "lo", "up")
         if start_sshd:
-            self.start_sshd(host)
+            self.start_sshd(host, sftp=sftp)
         return host
 
-    def start_sshd(self, host: NsHost) -> None:
-        """Start (or restart, after ``kill_host``) the host's sshd, with a new host key."""
+    def start_sshd(self, host: NsHost, sftp: bool = True) -> None:
+        """Start (or restart, after ``kill_host``) the host's sshd, with a new host key; with
+        ``sftp=False``, an sshd without the SFTP subsystem, as some hardened hosts have."""
         if host.sshd is not None:
             host.sshd.wait(10)
         for old in (host.host_key, Path(f"{host.host_key}.pub")):
@@ -130,7 +133,8 @@ class NsNetwork:
             f"PidFile {host.home / 'sshd.pid'}", f"AuthorizedKeysFile {authorized}",
             "PermitRootLogin prohibit-password", "PasswordAuthentication no",
             "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no",
-            "Subsystem sftp internal-sftp", "MaxStartups 50", "MaxSessions 50", ""]))
+            *(["Subsystem sftp internal-sftp"] if sftp else []),
+            "MaxStartups 50", "MaxSessions 50", ""]))
         binary = sshd_binary()
         assert binary is not None
         host.sshd = subprocess.Popen(

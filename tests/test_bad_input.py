@@ -21,6 +21,7 @@ from conftest import JOBS, SAMPLES, run_cli, tagged_processes
 
 import cluster
 from cluster.broker import Broker
+from cluster.credentials import Credentials
 from cluster.errors import ExitCode
 from cluster.local import free_port
 
@@ -173,6 +174,79 @@ def test_bad_param(param: str, named: str) -> None:
     line = failed(result, ExitCode.USAGE)
     assert f"--param {param!r}" in line and named in line
     assert_no_traceback(result)
+
+
+@pytest.mark.parametrize("flag, value, accepted", [
+    ("--timeout", "0", "a number of seconds above 0"),
+    ("--timeout", "inf", "a number of seconds above 0"),
+    ("--worker-timeout", "0", "a number of seconds from 0.1 to"),
+    ("--max-attempts", "0", "a whole number from 1 to 1000"),
+    ("--max-attempts", "2.5", "a whole number from 1 to 1000"),
+    ("--max-failed", "-1", "a whole number of at least 0"),
+    ("--lease", "0", "a number of seconds from 0.1 to 3600"),
+    ("--redis-grace", "-5", "a number of seconds from 0 to"),
+    ("--keep", "0", "a number of hours from 0.001 to"),
+    ("--keep", "nan", "a number of hours from 0.001 to"),
+    ("--cores", "0", "a whole number from 1 to"),
+    ("--seed", "-1", "a whole number of at least 0"),
+    ("--max-result-size", "0", "a number of MB above 0 and at most 512"),
+    ("--max-result-size", "600", "a number of MB above 0 and at most 512"),
+])
+def test_submit_numbers_out_of_range(flag: str, value: str, accepted: str) -> None:
+    # Nothing is listening there: a bad number must be refused before any connection.
+    result = run_cli("submit", job("tiny"), flag, value,
+                     "--redis", f"redis://127.0.0.1:{free_port()}/0", timeout=20)
+    line = failed(result, ExitCode.USAGE)
+    assert f"argument {flag}: " in line and value in line and f" is not {accepted}" in line
+    assert_no_traceback(result)
+
+
+@pytest.mark.parametrize("flag, value, accepted", [
+    ("--heartbeat", "0", "a number of seconds from 0.01 to 60"),
+    ("--redis-grace", "-1", "a number of seconds from 0 to"),
+    ("--threads", "0", "a whole number from 1 to 1024"),
+    ("--cores", "-2", "a whole number from 1 to"),
+])
+def test_agent_numbers_out_of_range(flag: str, value: str, accepted: str) -> None:
+    result = run_cli("agent", flag, value, "--redis", f"redis://127.0.0.1:{free_port()}/0",
+                     timeout=20)
+    line = failed(result, ExitCode.USAGE)
+    assert f"argument {flag}: {value} is not {accepted}" in line
+    assert_no_traceback(result)
+
+
+def test_a_lease_of_two_heartbeats_or_less_is_refused(tmp_path: Path) -> None:
+    # on a local cluster, whose agent beats every 0.5 s
+    result = run_cli("submit", job("tiny"), "--lease", "1", timeout=20)
+    line = failed(result, ExitCode.USAGE)
+    assert "--lease 1 must be more than twice the heartbeat (0.5 s)" in line
+    # on a cluster of hosts.ini, whose heartbeat is known (no credentials needed to refuse it)
+    ini = tmp_path / "hosts.ini"
+    ini.write_text("[cluster]\nredis = a\nheartbeat = 2\nlease = 5\n"
+                   f"state_dir = {tmp_path}\n[host a]\n")
+    unused = Credentials(f"redis://127.0.0.1:{free_port()}/0", "pw", b"k")
+    unused.dump(tmp_path / "credentials.json")  # as up leaves it; nothing listens there
+    result = run_cli("submit", job("tiny"), "--hosts", str(ini), "--lease", "4", timeout=20)
+    line = failed(result, ExitCode.USAGE)
+    assert "--lease 4 must be more than twice the heartbeat (2 s)" in line
+    assert f"(heartbeat of {ini})" in line
+
+
+def test_cores_beyond_this_machine_or_on_a_running_cluster(local_cluster: Path) -> None:
+    result = run_cli("submit", job("tiny"), "--cores", "4096", timeout=20)
+    assert "--cores 4096: this host has" in failed(result, ExitCode.USAGE)
+    result = run_cli("submit", job("tiny"), "--cores", "1", "--credentials",
+                     str(local_cluster), timeout=20)
+    assert "--cores 1: only for a private local cluster" in failed(result, ExitCode.USAGE)
+
+
+def test_a_bad_number_in_hosts_ini_names_file_line_and_key(tmp_path: Path) -> None:
+    ini = tmp_path / "hosts.ini"
+    ini.write_text("[cluster]\nredis = a\nconnect_timeout = 0\n[host a]\n")
+    for command in ("up", "doctor", "down", "status"):
+        result = run_cli(command, str(ini), timeout=20)
+        line = failed(result, ExitCode.USAGE)
+        assert f"{ini}:3: [cluster] connect_timeout: 0 is not a number of seconds" in line
 
 
 def test_output_with_an_unknown_extension(local_cluster: Path, tmp_path: Path) -> None:
