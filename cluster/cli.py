@@ -312,8 +312,10 @@ def report_table(reports: list[HostReport], with_agent: bool = False) -> str:
 
 def run_job(creds: Credentials, job: Job, params: dict[str, Any], options: RunOptions,
             progress_mode: str) -> RunResult:
+    # a socket timeout short enough that a silently dropped connection costs little of the
+    # grace, long enough for the largest reply (a result of --max-result-size)
     broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix,
-                            retry_s=options.redis_grace_s)
+                            socket_timeout=15.0, retry_s=options.redis_grace_s)
     try:
         coordinator = Coordinator(broker, job, params, creds.key, options,
                                   progress.reporter(progress_mode))
