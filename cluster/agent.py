@@ -77,7 +77,7 @@ EXIT_POLL_S = 0.05  # between heartbeats, how often the agent looks for workers 
 
 def available_cpus() -> tuple[int, ...]:
     try:
-        return tuple(psutil.Process().cpu_affinity())  # type: ignore[no-untyped-call]
+        return tuple(psutil.Process().cpu_affinity())
     except (AttributeError, psutil.Error):
         return tuple(range(os.cpu_count() or 1))
 
@@ -96,7 +96,7 @@ def choose_cpus(cpus: str | None, cores: int | None) -> tuple[int, ...]:
 def pin(pid: int, cpu: int) -> bool:
     """Pin a process to one CPU; False (and a warning) where the OS cannot."""
     try:
-        psutil.Process(pid).cpu_affinity([cpu])  # type: ignore[no-untyped-call]
+        psutil.Process(pid).cpu_affinity([cpu])
         return True
     except AttributeError:
         log.warning("CPU affinity is not supported on this OS: workers run unpinned")

@@ -18,15 +18,16 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.typing import EncodableT, FieldT
 
 from . import scripts
 from .errors import Fenced, InfraError, JobGone, RedisFull, RedisRefused, RedisUnavailable
@@ -160,11 +161,16 @@ def edge(method: Callable[Concatenate[Broker, P], R]) -> Callable[Concatenate[Br
     """A Broker method whose Redis errors are translated (see ``translate_errors``)."""
 
     @functools.wraps(method)
-    def wrapper(self: Broker, *args: P.args, **kwargs: P.kwargs) -> R:
+    def wrapper(self: Broker, /, *args: P.args, **kwargs: P.kwargs) -> R:
         with translate_errors(self.where):
             return method(self, *args, **kwargs)
 
     return wrapper
+
+
+def _fields(values: Mapping[str, Any]) -> Mapping[FieldT, EncodableT]:
+    """``values`` as the ``mapping`` of redis-py's ``hset`` (typed invariant in its keys)."""
+    return cast("Mapping[FieldT, EncodableT]", values)
 
 
 def _status(reply: Any) -> str:
@@ -256,7 +262,7 @@ class Broker:
     @edge
     def create_job(self, jid: str, fields: dict[str, Any]) -> None:
         pipe = self.client.pipeline()
-        pipe.hset(self.keys.job(jid), mapping=fields)
+        pipe.hset(self.keys.job(jid), mapping=_fields(fields))
         pipe.sadd(self.keys.jobs, jid)
         pipe.execute()
 
@@ -282,18 +288,24 @@ class Broker:
             raise Fenced(jid)
 
     @edge
-    def read_results(self, jid: str, after: str, count: int, block_ms: int
+    def read_results(self, jid: str, after: str, count: int, block_ms: int | None
                      ) -> list[tuple[str, dict[bytes, bytes]]]:
-        reply = self.client.xread({self.keys.results(jid): after}, count=count, block=block_ms)
+        """Up to ``count`` results entries after ``after``, waiting up to ``block_ms`` for one
+        (None: not waiting)."""
+        reply: Any = self.client.xread({self.keys.results(jid): after}, count=count,
+                                       block=block_ms)
         if not reply:
             return []
-        return [(mid.decode(), fields) for mid, fields in reply[0][1]]
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = reply[0][1]
+        return [(mid.decode(), fields) for mid, fields in entries]
 
     @edge
     def fetch_blobs(self, jid: str, refs: Sequence[bytes]) -> list[bytes | None]:
         """The large results named by ``R<field>`` references, in one round trip (None for
         one that is not there)."""
-        return list(self.client.hmget(self.keys.blobs(jid), [r[1:] for r in refs]))
+        reply: Any = self.client.hmget(self.keys.blobs(jid), [r[1:] for r in refs])
+        blobs: list[bytes | None] = list(reply)
+        return blobs
 
     @edge
     def consume(self, jid: str, owner: str, upto: str, refs: Sequence[bytes]) -> None:
@@ -318,7 +330,8 @@ class Broker:
 
     @edge
     def job_stats(self, jid: str) -> dict[str, int]:
-        raw = self.client.hgetall(self.keys.stats(jid))
+        reply: Any = self.client.hgetall(self.keys.stats(jid))
+        raw: dict[bytes, bytes] = reply
         return {k.decode(): int(v) for k, v in raw.items()}
 
     @edge
@@ -333,7 +346,8 @@ class Broker:
 
     @edge
     def job_fields(self, jid: str) -> dict[str, str] | None:
-        raw = self.client.hgetall(self.keys.job(jid))
+        reply: Any = self.client.hgetall(self.keys.job(jid))
+        raw: dict[bytes, bytes] = reply
         return {k.decode(): v.decode(errors="replace") for k, v in raw.items()} or None
 
     @edge
@@ -352,7 +366,8 @@ class Broker:
 
     @edge
     def find_resumable(self, identity: str) -> str | None:
-        found = self.client.get(self.keys.resume(identity))
+        reply: Any = self.client.get(self.keys.resume(identity))
+        found: bytes | None = reply
         return found.decode() if found else None
 
     @edge
@@ -361,13 +376,15 @@ class Broker:
 
     @edge
     def owner(self, jid: str) -> str | None:
-        value = self.client.hget(self.keys.job(jid), "owner")
+        reply: Any = self.client.hget(self.keys.job(jid), "owner")
+        value: bytes | None = reply
         return value.decode() if value is not None else None
 
     @edge
     def pending(self, count: int = 1000) -> list[tuple[str, str, int]]:
         """(entry id, worker, ms since delivery) of delivered, unrecorded entries, any job."""
-        rows = self.client.xpending_range(self.keys.units, GROUP, "-", "+", count)
+        reply: Any = self.client.xpending_range(self.keys.units, GROUP, "-", "+", count)
+        rows: list[dict[str, Any]] = reply
         return [(r["message_id"].decode(), r["consumer"].decode(), int(r["time_since_delivered"]))
                 for r in rows]
 
@@ -405,7 +422,8 @@ class Broker:
         """Live agent -> fingerprint of the cluster key it holds."""
         prints: dict[str, str | None] = {}
         for aid in self.live_agents(lease_ms):
-            value = self.client.hget(self.keys.agent(aid), "key")
+            reply: Any = self.client.hget(self.keys.agent(aid), "key")
+            value: bytes | None = reply
             prints[aid] = value.decode() if value is not None else None
         return prints
 
@@ -423,7 +441,9 @@ class Broker:
     @edge
     def _alive(self, zset: str, lease_ms: int) -> list[str]:
         now = self.server_time_ms()
-        return [m.decode() for m in self.client.zrangebyscore(zset, now - lease_ms, "+inf")]
+        reply: Any = self.client.zrangebyscore(zset, now - lease_ms, "+inf")
+        members: list[bytes] = reply
+        return [m.decode() for m in members]
 
     # -- worker --------------------------------------------------------------------------------
 
@@ -432,8 +452,8 @@ class Broker:
         """The next entry for worker ``wid``; with ``own``, one already delivered to it and
         not acknowledged (after a lost connection, a delivery may never have reached it)."""
         try:
-            reply = self.client.xreadgroup(GROUP, wid, {self.keys.units: "0" if own else ">"},
-                                           count=1, block=None if own else block_ms)
+            reply: Any = self.client.xreadgroup(GROUP, wid, {self.keys.units: "0" if own else ">"},
+                                                count=1, block=None if own else block_ms)
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -441,7 +461,8 @@ class Broker:
             return None
         if not reply or not reply[0][1]:
             return None
-        msgid, fields = reply[0][1][0]
+        entry: tuple[bytes, dict[bytes, bytes]] = reply[0][1][0]
+        msgid, fields = entry
         if not fields:  # delivered, then deleted (its job was purged): nothing to do
             self.client.xack(self.keys.units, GROUP, msgid)
             return self.read_work(wid, block_ms, own) if own else None
@@ -452,7 +473,8 @@ class Broker:
 
     @edge
     def job_info(self, jid: str) -> dict[str, bytes] | None:
-        raw = self.client.hgetall(self.keys.job(jid))
+        reply: Any = self.client.hgetall(self.keys.job(jid))
+        raw: dict[bytes, bytes] = reply
         return {k.decode(): v for k, v in raw.items()} or None
 
     @edge
@@ -496,7 +518,7 @@ class Broker:
 
     @edge
     def register_agent(self, aid: str, info: dict[str, Any]) -> None:
-        self.client.hset(self.keys.agent(aid), mapping=info)
+        self.client.hset(self.keys.agent(aid), mapping=_fields(info))
 
     @edge
     def unregister_agent(self, aid: str) -> None:
@@ -508,7 +530,7 @@ class Broker:
     @edge
     def describe_worker(self, wid: str, info: dict[str, Any]) -> None:
         """Add to what `cluster status` shows of a worker (pid, current job and unit)."""
-        self.client.hset(self.keys.worker(wid), mapping=info)
+        self.client.hset(self.keys.worker(wid), mapping=_fields(info))
 
     @edge
     def register_worker(self, wid: str, info: dict[str, Any]) -> None:
@@ -551,7 +573,7 @@ class Broker:
         """CPU load and memory of workers, for ``cluster status`` (one round trip)."""
         pipe = self.client.pipeline(transaction=False)
         for wid, values in usage.items():
-            pipe.hset(self.keys.worker(wid), mapping=values)
+            pipe.hset(self.keys.worker(wid), mapping=_fields(values))
         pipe.execute()
 
     # -- launcher / status ------------------------------------------------------------------

@@ -53,7 +53,7 @@ def encode(value: Any) -> bytes:
     if not arrays:
         return _JSON + header
     parts: list[Any] = [_NUMPY, len(header).to_bytes(4, "little"), header]
-    parts.extend(memoryview(a).cast("B") if a.nbytes else b"" for a in arrays)
+    parts.extend(a.data.cast("B") if a.nbytes else b"" for a in arrays)
     return b"".join(parts)
 
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -204,7 +204,7 @@ class Coordinator:
         try:
             units = self.job.scatter(self.params)
             if hasattr(units, "__len__"):
-                self.total = len(units)
+                self.total = len(cast(Sized, units))
             elif self.job.count is not None and self.total is None:
                 self.total = int(self.job.count(self.params))
             iterator = iter(units)

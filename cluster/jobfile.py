@@ -44,15 +44,18 @@ class Job:
 
     @property
     def scatter(self) -> Callable[[dict[str, Any]], Iterable[Any]]:
-        return self.module.scatter  # type: ignore[no-any-return]
+        scatter: Callable[[dict[str, Any]], Iterable[Any]] = self.module.scatter
+        return scatter
 
     @property
     def compute(self) -> Callable[[Any], Any]:
-        return self.module.compute  # type: ignore[no-any-return]
+        compute: Callable[[Any], Any] = self.module.compute
+        return compute
 
     @property
     def gather(self) -> Callable[[Any, dict[str, Any]], Any]:
-        return self.module.gather  # type: ignore[no-any-return]
+        gather: Callable[[Any, dict[str, Any]], Any] = self.module.gather
+        return gather
 
     @property
     def reduce(self) -> Callable[[Any, Any], Any] | None:

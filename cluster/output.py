@@ -42,7 +42,8 @@ def write(path: str, value: Any) -> Path:
     target = Path(path)
     suffix = target.suffix.lower()
     if suffix == ".npz" and isinstance(value, dict):
-        np.savez(target, **{str(k): np.asarray(v) for k, v in value.items()})
+        arrays: dict[str, Any] = {str(k): np.asarray(v) for k, v in value.items()}
+        np.savez(target, **arrays)
     elif suffix == ".npy" and _array_like(value):
         np.save(target, np.asarray(value))
     elif suffix == ".png" and _image(value):
@@ -67,7 +68,7 @@ def _image(value: Any) -> bool:
 
 def _write_png(target: Path, image: np.ndarray) -> None:
     try:
-        import png  # type: ignore[import-untyped]
+        import png
     except ImportError:
         raise UsageError("writing PNG needs pypng: pip install 'cluster[png]'") from None
     rows = image.reshape(image.shape[0], -1)

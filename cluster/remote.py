@@ -72,7 +72,8 @@ class Remote:
     def sftp(self) -> paramiko.SFTPClient:
         """The connection's SFTP session; ``HostError`` when the host's sshd offers none."""
         try:
-            return self.conn.sftp()
+            sftp: paramiko.SFTPClient = self.conn.sftp()  # Fabric is untyped
+            return sftp
         except (paramiko.SSHException, EOFError) as exc:
             raise HostError(self.host.name, "no SFTP: its sshd has no sftp subsystem (add "
                             "`Subsystem sftp internal-sftp` to its sshd_config): "
