@@ -88,20 +88,22 @@ class Failed:
 
 
 @dataclass(frozen=True)
-class Mismatch:
-    """A results entry: a later result for ``index`` differed from the first one."""
+class Unrecorded:
+    """A results entry: digests of results of worker ``wid`` that were not recorded (a
+    duplicate, or a stale commit), to compare with the recorded ones."""
 
-    index: int
     wid: str
+    digests: list[tuple[int, bytes]]
 
 
-def parse_result(fields: dict[bytes, bytes]) -> Recorded | Failed | Mismatch:
+def parse_result(fields: dict[bytes, bytes]) -> Recorded | Failed | Unrecorded:
     """One entry of a job's results stream, as RECORD and REISSUE write it."""
-    if b"f" in fields:
-        return Failed(int(fields[b"f"]), json.loads(fields[b"e"]))
-    if b"m" in fields:
-        return Mismatch(int(fields[b"m"]), fields[b"w"].decode())
     items = list(fields.items())
+    first = items[0][0]
+    if first == b"f":
+        return Failed(int(fields[b"f"]), json.loads(fields[b"e"]))
+    if first == b"d":
+        return Unrecorded(items[0][1].decode(), [(int(i), d) for i, d in items[1:]])
     units = [(int(i), p) for i, p in items[2:]]
     return Recorded(items[0][1].decode(), float(items[1][1]), len(units), units)
 
@@ -508,8 +510,7 @@ class Broker:
                 payload = b"R" + field.encode()
             args += (o.index, o.kind, payload, o.unit, o.digest)
         self._record(keys=[k.units, k.job(work.jid), k.recorded(work.jid), k.results(work.jid),
-                           k.stats(work.jid), k.blobs(work.jid), k.digests(work.jid),
-                           k.worker(wid)],
+                           k.stats(work.jid), k.blobs(work.jid), k.worker(wid)],
                      args=args, client=pipe)
         reply = pipe.execute()[-1]
         return Commit(_status(reply), int(reply[1]), int(reply[2]))

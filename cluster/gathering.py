@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import codec
-from .broker import Broker, Failed, Mismatch, Snapshot, parse_result
+from .broker import Broker, Failed, Snapshot, Unrecorded, parse_result
 from .errors import InfraError, JobFailed, JobGone, UnitFailed
 from .plan import Batcher, Tally
 from .results import Results, redis_bitmap
@@ -39,6 +39,7 @@ class Gatherer:
         self.drop_refs: list[bytes] = []
         self.failed: list[int] = []
         self.mismatched: list[int] = []
+        self.digests = bytearray()  # 8 bytes per unit: the first result's digest seen
         self.last_progress = clock()
 
     def restart(self, jid: str, owner: str) -> None:
@@ -84,10 +85,9 @@ class Gatherer:
         if isinstance(entry, Failed):
             self.unit_failed(entry.index, entry.error)
             return []
-        if isinstance(entry, Mismatch):
-            self.mismatched.append(entry.index)
-            log.warning("unit=%d job=%s: a duplicate result from %s differs from the recorded "
-                        "one: compute() is not deterministic", entry.index, self.jid, entry.wid)
+        if isinstance(entry, Unrecorded):
+            for index, seen in entry.digests:
+                self.compare(index, seen, entry.wid)
             return []
         units = [(i, p) for i, p in entry.units if not self.results.is_taken(i)]
         wanted = [p for _, p in units if p[:1] == b"R"]
@@ -97,6 +97,7 @@ class Gatherer:
             found = iter(blobs)
             units = [(i, (next(found) or b"") if p[:1] == b"R" else p) for i, p in units]
         for index, payload in units:
+            self.compare(index, codec.digest(payload), entry.wid)
             self.results.mark(index)
             try:
                 self.results.add(index, codec.decode(payload))
@@ -108,6 +109,19 @@ class Gatherer:
         if units:
             self.last_progress = self.clock()
         return [p for _, p in entry.units if p[:1] == b"R"]
+
+    def compare(self, index: int, seen: bytes, wid: str) -> None:
+        """Two results for one unit, in whichever order they come: are they the same?"""
+        at = index * 8
+        if len(self.digests) < at + 8:
+            self.digests.extend(bytes(at + 8 - len(self.digests) + len(self.digests) // 2))
+        first = bytes(self.digests[at:at + 8])
+        if first == bytes(8):
+            self.digests[at:at + 8] = seen
+        elif first != seen and index not in self.mismatched:
+            self.mismatched.append(index)
+            log.warning("unit=%d job=%s: a result from %s differs from another result of the same "
+                        "unit: compute() is not deterministic", index, self.jid, wid)
 
     def check_blobs(self, units: list[tuple[int, bytes]], blobs: list[bytes | None]) -> None:
         """A large result named by a results entry is missing: Redis lost the job (flushed),

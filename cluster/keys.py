@@ -28,11 +28,11 @@ key                            type    meaning
                                        failure) is recorded. First one wins.
 {p}job:{jid}:results           STREAM  what was recorded, in recording order: ``w`` worker,
                                        ``t`` compute seconds, ``<index>`` -> encoded result;
-                                       or a failure: ``f`` index, ``e`` JSON error. Trimmed
-                                       as the coordinator gathers it
+                                       or a failure: ``f`` index, ``e`` JSON error; or the
+                                       digests of results not recorded (duplicates, stale):
+                                       ``d`` worker, ``<index>`` -> digest. Trimmed as the
+                                       coordinator gathers it (which compares the digests)
 {p}job:{jid}:stats             HASH    recorded, failed, duplicates, stale, reissued, retried
-{p}job:{jid}:digests           STRING  8 bytes per unit: digest of its recorded result, to tell
-                                       a differing duplicate (nondeterministic compute)
 {p}job:{jid}:blobs             HASH    ``<msgid>:<index>:<attempt>`` -> a large encoded result,
                                        which the results entry names as ``R<field>`` (large
                                        values stay out of Lua, which would copy them twice);
@@ -102,18 +102,15 @@ class Keys:
     def blobs(self, jid: str) -> str:
         return f"{self.prefix}job:{jid}:blobs"
 
-    def digests(self, jid: str) -> str:
-        return f"{self.prefix}job:{jid}:digests"
-
     def resume(self, identity: str) -> str:
         return f"{self.prefix}resume:{identity}"
 
     def job_keys(self, jid: str) -> list[str]:
         """Every key that belongs to one job (deleted together when it ends)."""
         return [self.job(jid), self.recorded(jid), self.results(jid), self.stats(jid),
-                self.blobs(jid), self.digests(jid)]
+                self.blobs(jid)]
 
     def job_templates(self) -> list[str]:
         """Per-job key names with ``{jid}`` left in, for Lua: job, recorded, results, stats,
-        blobs, digests."""
+        blobs."""
         return self.job_keys(JOB_ID)

@@ -7,8 +7,8 @@ may be retried after a lost reply and recognises its own earlier success.
 
 - ``ADD``: a coordinator appends a batch of units, fenced by its owner token, and counts them.
 - ``RECORD``: a worker commits a batch: for each unit, the first result wins (a bit in the job's
-  ``recorded`` bitmap); a duplicate is discarded and counted. The first digest seen for a unit
-  is kept and every later result's compared with it, in whichever order they come (a differing
+  ``recorded`` bitmap); a duplicate is discarded and counted, and its digest goes to the results
+  stream (a ``d`` entry), for the coordinator to compare with the recorded result's (a differing
   one is reported: nondeterministic compute). A unit that raised is re-queued until it runs out
   of attempts, then recorded as failed; then the entry is acknowledged. A commit for an entry
   no longer pending for that worker is either the same worker's retry of a commit that went
@@ -68,7 +68,7 @@ return {'OK', redis.call('XADD', KEYS[1], '*', unpack(fields))}
 
 RECORD = INHERIT + """
 local units, job, recorded, results, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local blobs, digests, worker = KEYS[6], KEYS[7], KEYS[8]
+local blobs, worker = KEYS[6], KEYS[7]
 local group, msgid, wid, seconds, jid = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local attempt = tonumber(ARGV[6])
 local n = (#ARGV - 6) / 5
@@ -79,18 +79,15 @@ end
 local function drop_all()
   for i = 7, #ARGV, 5 do drop(ARGV[i + 2]) end
 end
-local ZERO = string.rep('\0', 8)
-local function compare(idx, digest)  -- two results for one unit: are they the same?
-  if digest == '' then return end
-  local seen = redis.call('GETRANGE', digests, idx * 8, idx * 8 + 7)
-  if #seen == 8 and seen ~= ZERO then
-    if seen ~= digest then
-      redis.call('HINCRBY', stats, 'mismatched', 1)
-      redis.call('XADD', results, '*', 'm', idx, 'w', wid)
-    end
-  else
-    redis.call('SETRANGE', digests, idx * 8, digest)
+local seen = {'d', wid}  -- digests of results not recorded, for the coordinator to compare
+local function compare(idx, digest)
+  if digest ~= '' then
+    seen[#seen + 1] = idx
+    seen[#seen + 1] = digest
   end
+end
+local function report()
+  if #seen > 2 then redis.call('XADD', results, '*', unpack(seen)) end
 end
 if redis.call('EXISTS', job) == 0 then
   redis.call('XACK', units, group, msgid)
@@ -102,10 +99,11 @@ if #redis.call('XPENDING', units, group, msgid, msgid, 1, wid) == 0 then
   drop_all()
   if redis.call('HGET', worker, 'committed') == msgid then return {'AGAIN', 0, 0} end
   for i = 7, #ARGV, 5 do
-    if ARGV[i + 1] == 'ok' then compare(tonumber(ARGV[i]), ARGV[i + 4]) end
+    if ARGV[i + 1] == 'ok' then compare(ARGV[i], ARGV[i + 4]) end
   end
+  report()
   redis.call('HINCRBY', stats, 'stale', n)
-  inherit(job, stats, digests, results)
+  inherit(job, stats, results)
   return {'STALE', 0, 0}
 end
 for i = 7, #ARGV, 5 do
@@ -122,11 +120,10 @@ for i = 7, #ARGV, 5 do
   local unit, digest = ARGV[i + 3], ARGV[i + 4]
   if redis.call('GETBIT', recorded, idx) == 1 then
     drop(payload)
-    if kind == 'ok' then compare(tonumber(idx), digest) end
+    if kind == 'ok' then compare(idx, digest) end
     dups = dups + 1
   elseif kind == 'ok' then
     redis.call('SETBIT', recorded, idx, 1)
-    compare(tonumber(idx), digest)
     out[#out + 1] = idx
     out[#out + 1] = payload
     done = done + 1
@@ -143,6 +140,7 @@ if done > 0 then
   redis.call('XADD', results, '*', unpack(out))
   redis.call('HINCRBY', stats, 'recorded', done)
 end
+report()
 if dups > 0 then redis.call('HINCRBY', stats, 'duplicates', dups) end
 redis.call('XACK', units, group, msgid)
 redis.call('XDEL', units, msgid)
@@ -150,7 +148,7 @@ if redis.call('EXISTS', worker) == 1 then
   redis.call('HDEL', worker, 'job', 'unit', 'entry')
   redis.call('HSET', worker, 'committed', msgid)
 end
-inherit(job, recorded, results, stats, blobs, digests)
+inherit(job, recorded, results, stats, blobs)
 return {'RECORDED', done, dups}
 """
 

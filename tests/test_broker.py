@@ -6,7 +6,7 @@ import json
 import pytest
 
 from cluster import codec
-from cluster.broker import Broker, Outcome, Work
+from cluster.broker import Broker, Outcome, Unrecorded, Work, parse_result
 from cluster.errors import Fenced
 
 JID, OWNER = "j1", "owner-token"
@@ -35,7 +35,7 @@ def rec(broker: Broker, work: Work | None, wid: str, seconds: float, outcomes: l
 def recorded(broker: Broker) -> dict[int, object]:
     out = {}
     for _, fields in broker.read_results(JID, "0-0", 1000, 0) or []:
-        if b"m" in fields or b"f" in fields:
+        if b"d" in fields or b"f" in fields:
             continue
         out.update({int(k): codec.decode(v) for k, v in fields.items() if k not in (b"w", b"t")})
     return out
@@ -192,31 +192,31 @@ def test_large_results_travel_beside_the_script_and_duplicates_leave_no_blob(job
 
 
 def digest(value: object) -> bytes:
-    from cluster.worker import digest as of_payload
-
-    return of_payload(codec.encode(value))
+    return codec.digest(codec.encode(value))
 
 
-@pytest.mark.parametrize("same", [True, False])
-def test_a_differing_duplicate_is_reported_as_nondeterminism(job: Broker, same: bool):
+def unrecorded(broker: Broker) -> list[Unrecorded]:
+    entries = [parse_result(f) for _, f in broker.read_results(JID, "0-0", 10, 0)]
+    return [e for e in entries if isinstance(e, Unrecorded)]
+
+
+def test_a_duplicate_leaves_its_digest_for_the_coordinator_to_compare(job: Broker):
     job.add_units(JID, OWNER, [[(0, codec.encode(0))], [(0, codec.encode(0))]])
     first, second = job.read_work("w1", 0), job.read_work("w2", 0)
     rec(job, first, "w1", 0.0, [Outcome(0, "ok", codec.encode(1), digest=digest(1))])
-    other = 1 if same else 2
-    rec(job, second, "w2", 0.0, [Outcome(0, "ok", codec.encode(other), digest=digest(other))])
-    flagged = [int(f[b"m"]) for _, f in job.read_results(JID, "0-0", 10, 0) if b"m" in f]
-    assert flagged == ([] if same else [0])
-    assert job.job_stats(JID).get("mismatched", 0) == (0 if same else 1)
+    rec(job, second, "w2", 0.0, [Outcome(0, "ok", codec.encode(2), digest=digest(2))])
+    assert unrecorded(job) == [Unrecorded("w2", [(0, digest(2))])]
+    assert not job.client.keys(f"{job.keys.prefix}job:{JID}:digests")  # nothing per unit kept
 
 
-def test_a_stale_result_before_the_recorded_one_is_compared_too(job: Broker):
+def test_a_stale_result_leaves_its_digest_too(job: Broker):
     job.add_units(JID, OWNER, [[(0, codec.encode(0))]])
     lost = job.read_work("w1", 0)
     job.reissue("w1", charge=False, reason="lease expired")
     again = job.read_work("w2", 0)
     rec(job, lost, "w1", 0.0, [Outcome(0, "ok", codec.encode(5), digest=digest(5))])  # stale
     rec(job, again, "w2", 0.0, [Outcome(0, "ok", codec.encode(6), digest=digest(6))])
-    assert job.job_stats(JID)["mismatched"] == 1
+    assert unrecorded(job) == [Unrecorded("w1", [(0, digest(5))])]
     assert recorded(job) == {0: 6}  # the stale one was not recorded
 
 
