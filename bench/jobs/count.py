@@ -7,8 +7,7 @@ PARAMS = {"units": 1_000_000}
 
 
 def scatter(params):
-    for i in range(params["units"]):
-        yield i
+    yield from range(params["units"])
 
 
 def compute(unit):
