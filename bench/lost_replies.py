@@ -56,7 +56,7 @@ def one_run(port: int, password: str, workdir: Path, rate: float, seed: int) -> 
     with FaultProxy(("127.0.0.1", port), seed=seed, rates=Rates(lose=rate)) as proxy:
         creds = workdir / f"creds-{seed}-{rate}.json"
         out = workdir / f"out-{seed}-{rate}.json"
-        Credentials(proxy.url, password, b"k" * 32, prefix=f"b{seed}:").dump(creds)
+        Credentials(proxy.url, password, b"k" * 32, prefix=f"b{seed}-{rate:g}:").dump(creds)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         agent = subprocess.Popen([sys.executable, "-m", "cluster", "agent", "--credentials",
                                   str(creds), "--cores", "2", "--heartbeat", "0.1"],
