@@ -69,11 +69,19 @@ class NsHost:
         self.exec("ip", "link", "set", "eth0", "up" if up else "down")
 
 
+def free_subnet() -> str:
+    """A random 10.231.N subnet that no interface of this machine is on: test networks of
+    suites running side by side must not share one (their routes would clash)."""
+    used = run("ip", "-o", "-4", "addr", "show").stdout
+    free = [n for n in range(1, 251) if f" 10.231.{n}." not in used]
+    return f"10.231.{free[secrets.randbelow(len(free))]}"
+
+
 @dataclass
 class NsNetwork:
     workdir: Path
     tag: str = field(default_factory=lambda: secrets.token_hex(2))
-    subnet: str = field(default_factory=lambda: f"10.231.{secrets.randbelow(250) + 1}")
+    subnet: str = field(default_factory=free_subnet)
     hosts: list[NsHost] = field(default_factory=list)
     client_key: Path = Path()
 
@@ -133,9 +141,10 @@ class NsNetwork:
             "Subsystem sftp internal-sftp", "MaxStartups 50", "MaxSessions 50", ""]))
         binary = sshd_binary()
         assert binary is not None
-        host.sshd = subprocess.Popen(
-            ["ip", "netns", "exec", host.netns, binary, "-D", "-e", "-f", str(config)],
-            stdout=subprocess.DEVNULL, stderr=(host.home / "sshd.log").open("wb"))
+        with (host.home / "sshd.log").open("wb") as log:  # sshd keeps its own copy
+            host.sshd = subprocess.Popen(
+                ["ip", "netns", "exec", host.netns, binary, "-D", "-e", "-f", str(config)],
+                stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             probe = host.exec("bash", "-c", f"exec 3<>/dev/tcp/{host.address}/22", check=False)
