@@ -286,9 +286,9 @@ class Agent:
 
 
 def spawn_worker(env: dict[str, str], cpu: int) -> subprocess.Popen[bytes]:
-    """Start a worker process pinned to ``cpu`` from its first instruction, where the OS has
-    affinity (Linux): it is pinned in the child between fork and exec, so no worker ever runs
-    unpinned. Elsewhere (macOS) it is pinned after the start where psutil can, else it warns.
+    """Start a worker process pinned to ``cpu``, where the OS has affinity (Linux): the child
+    pins itself between fork and exec, so the worker program never runs unpinned. Elsewhere
+    (macOS) it is pinned after the start where psutil can, else it warns.
 
     ``preexec_fn`` is unsafe in a process with threads (the child may inherit a held lock). The
     agent is single-threaded: its loop, redis-py and psutil start no threads, and ``cluster
