@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from waiting import wait_for
+
 
 def hosts_ini(client_key: Path, hosts: list[NsHost], *, name: str, state: Path,
               cluster: dict[str, object] | None = None) -> str:
@@ -145,13 +147,9 @@ class NsNetwork:
             host.sshd = subprocess.Popen(
                 ["ip", "netns", "exec", host.netns, binary, "-D", "-e", "-f", str(config)],
                 stdout=subprocess.DEVNULL, stderr=log)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            probe = host.exec("bash", "-c", f"exec 3<>/dev/tcp/{host.address}/22", check=False)
-            if probe.returncode == 0:
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"sshd on {host.name} did not start: {(host.home / 'sshd.log')}")
+        probe = ["bash", "-c", f"exec 3<>/dev/tcp/{host.address}/22"]
+        wait_for(lambda: host.exec(*probe, check=False).returncode == 0, 30,
+                 f"sshd on {host.name} to listen (its log: {host.home / 'sshd.log'})")
 
     def kill_host(self, host: NsHost, sig: int = signal.SIGKILL) -> None:
         """Every process in the host's namespace (sshd, agent, workers, redis) gets ``sig``."""
