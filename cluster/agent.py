@@ -15,6 +15,7 @@ Signals (deploy/ follows these):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -256,9 +257,7 @@ class Agent:
                                                "cpu": slot.cpu})
         env = dict(os.environ)
         env.update({name: str(self.settings.threads) for name in THREAD_VARIABLES})
-        proc = subprocess.Popen([sys.executable, "-m", "cluster.worker"], stdin=subprocess.PIPE,
-                                env=env, close_fds=True, preexec_fn=_die_with_agent)
-        pin(proc.pid, slot.cpu)
+        proc = spawn_worker(env, slot.cpu)
         config = {"wid": slot.wid, "agent_pid": os.getpid(), "log_level": self.settings.log_level,
                   "credentials": json.loads(self.creds.to_json())}
         assert proc.stdin is not None
@@ -333,6 +332,41 @@ class Agent:
         for slot in self.slots:
             if slot.proc is not None and slot.proc.poll() is None:
                 slot.proc.kill()
+
+
+def spawn_worker(env: dict[str, str], cpu: int) -> subprocess.Popen[bytes]:
+    """Start a worker process pinned to ``cpu``, where the OS has affinity (Linux): the child
+    pins itself between fork and exec, so the worker program never runs unpinned. Elsewhere
+    (macOS) it is pinned after the start where psutil can, else it warns.
+
+    ``preexec_fn`` is unsafe in a process with threads (the child may inherit a held lock). The
+    agent is single-threaded: its loop, redis-py and psutil start no threads, and ``cluster
+    agent`` always runs it in a process of its own."""
+    args = [sys.executable, "-m", "cluster.worker"]
+    if not hasattr(os, "sched_setaffinity"):
+        proc = _popen(args, env, _die_with_agent)
+        pin(proc.pid, cpu)
+        return proc
+    try:
+        return _popen(args, env, functools.partial(_pinned_to, cpu))
+    except subprocess.SubprocessError:  # the child could not pin itself: it did not run
+        cpus = sorted(os.sched_getaffinity(0))
+        log.warning("cannot pin a worker to CPU %d (this agent may use CPUs %s): it runs "
+                    "unpinned", cpu, ",".join(map(str, cpus)))
+        return _popen(args, env, _die_with_agent)
+
+
+def _popen(args: list[str], env: dict[str, str],
+           preexec: Callable[[], None]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(args, stdin=subprocess.PIPE, env=env, close_fds=True,
+                            preexec_fn=preexec)
+
+
+def _pinned_to(cpu: int) -> None:
+    """In the worker, between fork and exec: run on ``cpu`` only, and die with the agent.
+    Raising here makes ``Popen`` raise SubprocessError in the agent, before anything runs."""
+    os.sched_setaffinity(0, {cpu})
+    _die_with_agent()
 
 
 def _die_with_agent() -> None:

@@ -20,6 +20,7 @@ import psutil
 import pytest
 import redis
 from netns import sshd_binary
+from waiting import wait_for
 
 from cluster.broker import Broker
 from cluster.credentials import Credentials
@@ -29,6 +30,17 @@ ROOT = Path(__file__).resolve().parent.parent
 JOBS = ROOT / "jobs"
 SAMPLES = Path(__file__).resolve().parent / "jobs"
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _subprocesses_import_this_checkout() -> None:
+    """Agents, workers and `python -m cluster` started by the tests import the package of this
+    checkout whatever their working directory, not another checkout installed in editable mode
+    (a worktree's tests would otherwise run main's code in their subprocesses)."""
+    paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+
+
+_subprocesses_import_this_checkout()
 
 
 def need(binary: str) -> str:
@@ -68,16 +80,25 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     conf.write_text(f"bind 127.0.0.1\nport {port}\nrequirepass {password}\nsave \"\"\n"
                     f"appendonly no\ndir {workdir}\nlogfile {workdir / 'redis.log'}\n")
     proc = subprocess.Popen([binary, str(conf)])
-    client = redis.Redis(port=port, password=password)
-    for _ in range(200):
+    try:
+        wait_until_answering(proc, port, password)
+        yield f"redis://127.0.0.1:{port}/0", password
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def wait_until_answering(proc: subprocess.Popen[bytes], port: int, password: str) -> None:
+    """Wait until the redis-server ``proc`` answers a PING on ``port``; fail if it exits."""
+    def answers() -> bool:
+        assert proc.poll() is None, f"redis-server exited with {proc.returncode}"
         try:
-            client.ping()
-            break
+            return bool(client.ping())
         except redis.ConnectionError:
-            time.sleep(0.02)
-    yield f"redis://127.0.0.1:{port}/0", password
-    proc.terminate()
-    proc.wait(10)
+            return False
+
+    with redis.Redis(port=port, password=password, socket_connect_timeout=1) as client:
+        wait_for(answers, 30, f"redis-server on port {port} to answer")
 
 
 @pytest.fixture

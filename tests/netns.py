@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from waiting import wait_for
+
 
 def hosts_ini(client_key: Path, hosts: list[NsHost], *, name: str, state: Path,
               cluster: dict[str, object] | None = None) -> str:
@@ -71,11 +73,19 @@ class NsHost:
         self.exec("ip", "link", "set", "eth0", "up" if up else "down")
 
 
+def free_subnet() -> str:
+    """A random 10.231.N subnet that no interface of this machine is on: test networks of
+    suites running side by side must not share one (their routes would clash)."""
+    used = run("ip", "-o", "-4", "addr", "show").stdout
+    free = [n for n in range(1, 251) if f" 10.231.{n}." not in used]
+    return f"10.231.{free[secrets.randbelow(len(free))]}"
+
+
 @dataclass
 class NsNetwork:
     workdir: Path
     tag: str = field(default_factory=lambda: secrets.token_hex(2))
-    subnet: str = field(default_factory=lambda: f"10.231.{secrets.randbelow(250) + 1}")
+    subnet: str = field(default_factory=free_subnet)
     hosts: list[NsHost] = field(default_factory=list)
     client_key: Path = Path()
 
@@ -137,16 +147,13 @@ class NsNetwork:
             "MaxStartups 50", "MaxSessions 50", ""]))
         binary = sshd_binary()
         assert binary is not None
-        host.sshd = subprocess.Popen(
-            ["ip", "netns", "exec", host.netns, binary, "-D", "-e", "-f", str(config)],
-            stdout=subprocess.DEVNULL, stderr=(host.home / "sshd.log").open("wb"))
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            probe = host.exec("bash", "-c", f"exec 3<>/dev/tcp/{host.address}/22", check=False)
-            if probe.returncode == 0:
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"sshd on {host.name} did not start: {(host.home / 'sshd.log')}")
+        with (host.home / "sshd.log").open("wb") as log:  # sshd keeps its own copy
+            host.sshd = subprocess.Popen(
+                ["ip", "netns", "exec", host.netns, binary, "-D", "-e", "-f", str(config)],
+                stdout=subprocess.DEVNULL, stderr=log)
+        probe = ["bash", "-c", f"exec 3<>/dev/tcp/{host.address}/22"]
+        wait_for(lambda: host.exec(*probe, check=False).returncode == 0, 30,
+                 f"sshd on {host.name} to listen (its log: {host.home / 'sshd.log'})")
 
     def kill_host(self, host: NsHost, sig: int = signal.SIGKILL) -> None:
         """Every process in the host's namespace (sshd, agent, workers, redis) gets ``sig``."""

@@ -3,52 +3,68 @@ respawn after a death, nothing left after it stops."""
 
 import os
 import signal
-import time
 
 import psutil
 import pytest
+from waiting import wait_for
 
 from cluster.config import parse_cpus
 from cluster.errors import UsageError
 
 
-def workers_of(agent, count, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def workers_of(agent, count):
+    """The agent's ``count`` workers, once it has started them all."""
+    def started():
         children = psutil.Process(agent.proc.pid).children()
-        if len(children) == count:
-            return children
-        time.sleep(0.05)
-    raise AssertionError(f"agent did not start {count} workers")
+        return children if len(children) == count else None
+
+    return wait_for(started, 20, f"the agent to start {count} workers")
 
 
-def test_one_pinned_single_threaded_worker_per_cpu(agent, broker):
+def worker_pins(agent):
+    """{pid: CPUs it may run on} of the agent's workers visible now. A child that has not yet
+    executed the worker (a fork of the agent, between fork and exec) is no worker yet."""
+    pins = {}
+    for child in psutil.Process(agent.proc.pid).children():
+        try:
+            if "cluster.worker" in child.cmdline():
+                pins[child.pid] = tuple(child.cpu_affinity())
+        except psutil.NoSuchProcess:
+            continue
+    return pins
+
+
+def test_every_worker_is_pinned_to_its_own_cpu_from_its_first_moment(agent, broker):
     count = min(2, os.cpu_count() or 1)
-    children = workers_of(agent, count)
-    pins = sorted(tuple(p.cpu_affinity()) for p in children)
-    assert pins == [(cpu,) for cpu in range(count)]
-    for p in children:
+    seen = {}
+
+    def every_worker_seen():
+        # every sighting counts, from the first moment a worker is visible
+        for pid, cpus in worker_pins(agent).items():
+            assert len(cpus) == 1, f"worker {pid} may run on CPUs {cpus}: not pinned"
+            seen.setdefault(pid, cpus)
+        return len(seen) >= count
+
+    wait_for(every_worker_seen, 20, f"{count} workers", interval=0.001)
+    assert sorted(seen.values()) == [(cpu,) for cpu in range(count)]  # distinct CPUs
+    for p in workers_of(agent, count):
         env = p.environ()
         assert env["OMP_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == "1"
-    deadline = time.monotonic() + 10
-    while len(broker.live_workers(2000)) < count and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(broker.live_workers(2000)) == count
+    wait_for(lambda: len(broker.live_workers(2000)) == count, 10, f"{count} live workers")
     assert len(broker.live_agents(2000)) == 1
 
 
-def test_a_dead_worker_is_replaced(agent, broker):
-    first = workers_of(agent, min(2, os.cpu_count() or 1))
-    victim = first[0]
+def test_a_dead_worker_is_replaced_by_a_pinned_one(agent, broker):
+    count = min(2, os.cpu_count() or 1)
+    victim = workers_of(agent, count)[0]
     victim.send_signal(signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        now = psutil.Process(agent.proc.pid).children()
-        if len(now) == len(first) and victim.pid not in [p.pid for p in now]:
-            break
-        time.sleep(0.05)
-    else:
-        raise AssertionError("the killed worker was not replaced")
+
+    def replaced():
+        pins = worker_pins(agent)
+        return pins if len(pins) == count and victim.pid not in pins else None
+
+    pins = wait_for(replaced, 10, "the killed worker to be replaced")
+    assert sorted(pins.values()) == [(cpu,) for cpu in range(count)]
     log = agent.stop()
     assert "killed by SIGKILL" in log
 

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +35,7 @@ import pytest
 import redis
 from conftest import ROOT, SAMPLES, need_root_network, run_cli
 from netns import NsHost, NsNetwork, NsSite, hosts_ini
+from waiting import wait_for
 
 from cluster.errors import ExitCode
 
@@ -83,14 +84,6 @@ def processes(host: NsHost) -> list[Proc]:
 
 def of_kind(host: NsHost, kind: str) -> list[Proc]:
     return [p for p in processes(host) if p.kind == kind]
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {timeout:g} s waiting for: {what}")
-        time.sleep(0.02)
 
 
 # -- the site: three hosts, their hosts.ini, their Redis ----------------------------------------

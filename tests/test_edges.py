@@ -99,3 +99,16 @@ def test_directories_of_killed_local_clusters_are_swept(tmp_path: Path):
         (path / "redis.conf").write_text("requirepass secret\n")
     sweep_stale(tmp_path)
     assert not dead.exists() and alive.exists()
+
+
+def test_the_tests_subprocesses_import_this_checkout(tmp_path: Path):
+    # conftest puts this checkout first on PYTHONPATH: agents, workers and `python -m cluster`
+    # started from any directory run the code under test, not another editable install's
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    found = subprocess.run([sys.executable, "-c", "import cluster; print(cluster.__file__)"],
+                           capture_output=True, text=True, cwd=tmp_path, check=True).stdout
+    assert Path(found.strip()).resolve() == ROOT / "cluster" / "__init__.py"

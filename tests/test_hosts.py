@@ -10,13 +10,14 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import JOBS, need_root_network, run_cli
 from netns import NsHost, NsNetwork, NsSite, hosts_ini
+from waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -145,26 +146,19 @@ def test_status_shows_a_host_whose_heartbeat_stopped_as_lost(site: Site):
     agent = int((node4.install_dir / "agent.pid").read_text())
     os.kill(agent, signal.SIGSTOP)
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            agents = json.loads(run_cli("status", str(site.ini), "--json").stdout)
-            if {a["host"]: a["state"] for a in agents}.get("node4") == "lost":
-                break
-            time.sleep(0.5)
-        else:
-            raise AssertionError("node4 never shown as lost")
+        wait_for(lambda: node4_agent(site).get("state") == "lost", 30,
+                 "node4 to be shown as lost")
         assert "lost" in run_cli("status", str(site.ini)).stdout
     finally:
         os.kill(agent, signal.SIGCONT)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        agents = json.loads(run_cli("status", str(site.ini), "--json").stdout)
-        node4_agents = [a for a in agents if a["host"] == "node4"]
-        if node4_agents and node4_agents[0]["state"] == "alive" and node4_agents[0]["workers"]:
-            break
-        time.sleep(0.5)
-    else:
-        raise AssertionError("node4 did not come back")
+    wait_for(lambda: node4_agent(site).get("state") == "alive" and node4_agent(site)["workers"],
+             30, "node4 to be shown alive with its worker again")
+
+
+def node4_agent(site: Site) -> dict[str, Any]:
+    """node4's agent as `cluster status --json` shows it, or {}."""
+    agents = json.loads(run_cli("status", str(site.ini), "--json").stdout)
+    return next((a for a in agents if a["host"] == "node4"), {})
 
 
 def test_a_job_runs_on_every_host(site: Site):
@@ -249,7 +243,5 @@ def test_agents_stop_on_their_own_when_redis_is_gone(site: Site):
     node1 = site.net.hosts[0]
     redis_pid = int((node1.install_dir / "redis" / "redis.pid").read_text())
     os.kill(redis_pid, signal.SIGKILL)  # Redis gone, and nobody runs `cluster down`
-    deadline = time.monotonic() + 30
-    while any(ours(h) for h in site.net.hosts[:2]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert [ours(h) for h in site.net.hosts[:2]] == [[], []]
+    wait_for(lambda: not any(ours(h) for h in site.net.hosts[:2]), 30,
+             "the agents and workers on node1 and node2 to stop on their own")

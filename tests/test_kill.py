@@ -6,13 +6,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import psutil
 import pytest
 from conftest import ROOT, SAMPLES, tagged_processes
+from waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -25,17 +25,16 @@ def started(log: Path) -> list[tuple[int, int]]:
 
 def test_sigkill_a_worker_mid_unit(creds_file, agent, tmp_path):
     log = tmp_path / "started.log"
-    units = 30
+    units, held = 30, 5
     submit = subprocess.Popen(
         [sys.executable, "-m", "cluster", "submit", str(SAMPLES / "slow_units.py"),
          "--credentials", str(creds_file), "--param", f"units={units}",
-         "--param", "sleep=0.15", "--param", f"log={log}", "--output", str(tmp_path / "r.json"),
-         "--progress", "none"],
+         "--param", "sleep=0.15", "--param", f"log={log}", "--param", f"hold={held}",
+         "--output", str(tmp_path / "r.json"), "--progress", "none", "--no-speculate"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    deadline = time.monotonic() + 30
-    while len(started(log)) < 6 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    index, pid = started(log)[-1]  # a unit that has just started: its worker is mid-unit
+    # the held unit's first attempt keeps its worker busy until the kill: surely mid-unit
+    pid = wait_for(lambda: next((p for i, p in started(log) if i == held), None), 60,
+                   f"unit {held} to start")
     assert psutil.Process(pid).ppid() == agent.proc.pid  # it is one of the agent's workers
     os.kill(pid, signal.SIGKILL)
     out, err = submit.communicate(timeout=60)
@@ -45,7 +44,7 @@ def test_sigkill_a_worker_mid_unit(creds_file, agent, tmp_path):
     assert result["indices"] == list(range(units))  # every unit once, in scatter order
     assert result["squares"] == [i * i for i in range(units)]
     runs = [i for i, _ in started(log)]
-    assert runs.count(index) == 2  # the killed unit ran again, elsewhere
+    assert runs.count(held) == 2  # the killed unit ran again, elsewhere
     reissued = int(re.search(r"(\d+) reissued", err).group(1))
     assert reissued >= 1
     assert re.search(r"\b0 duplicates discarded", err)
@@ -60,18 +59,12 @@ def start_tagged(tmp_path, tag):
          "--param", "sleep=5", "--param", f"log={log}", "--progress", "none"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         env={**os.environ, "CLUSTER_TEST_TAG": tag})
-    deadline = time.monotonic() + 30
-    while not (log.exists() and "start" in log.read_text()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert log.exists(), "no unit started"
+    wait_for(lambda: log.exists() and "start" in log.read_text(), 60, "a unit to start")
     return proc
 
 
-def wait_until_gone(tag, seconds=15.0):
-    deadline = time.monotonic() + seconds
-    while tagged_processes(tag) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return tagged_processes(tag)
+def wait_until_gone(tag):
+    wait_for(lambda: not tagged_processes(tag), 15, "every process of the killed submit to exit")
 
 
 def test_ctrl_c_on_the_local_default_stops_everything(tmp_path):
@@ -89,4 +82,4 @@ def test_a_killed_submit_takes_its_local_cluster_along(tmp_path):
     proc = start_tagged(tmp_path, tag)
     proc.kill()  # no chance to clean up: Redis, agent and workers must go on their own
     proc.communicate(timeout=30)
-    assert wait_until_gone(tag) == []
+    wait_until_gone(tag)

@@ -15,20 +15,26 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import redis
-from conftest import ROOT, SAMPLES, AgentProcess, need
+from conftest import ROOT, SAMPLES, AgentProcess, need, wait_until_answering
+from waiting import wait_for
 
 from cluster.credentials import Credentials
 from cluster.local import free_port
 
 pytestmark = pytest.mark.slow
 JOB = str(SAMPLES / "recovery.py")
+# A lease that does not lapse while a worker lives, even on a machine too busy to renew it for a
+# few seconds: only a reissue runs a unit twice, and these tests count runs. The paused worker's
+# test wants its lease to lapse, soon.
+LEASE = 30.0
+SHORT_LEASE = 2.0
 
 
 class AofRedis:
@@ -47,17 +53,12 @@ class AofRedis:
         self.start()
 
     def client(self) -> redis.Redis:
+        """A new client: close it (``with aof.client() as client``)."""
         return redis.Redis(port=self.port, password=self.password)
 
     def start(self) -> None:
         self.proc = subprocess.Popen([self.binary, str(self.conf)])
-        for _ in range(200):
-            try:
-                self.client().ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
+        wait_until_answering(self.proc, self.port, self.password)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -72,50 +73,92 @@ def aof(tmp_path: Path) -> Iterator[AofRedis]:
     server.stop()
 
 
+class Cluster(NamedTuple):
+    creds: Path
+    aof: AofRedis
+    agent: AgentProcess
+
+
 @pytest.fixture
-def cluster(aof: AofRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-            ) -> Iterator[tuple[Path, AofRedis]]:
+def cluster(aof: AofRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
     """Credentials file for the AOF Redis, with a real agent (2 workers) on it."""
     path = tmp_path / "credentials.json"
     Credentials(f"redis://127.0.0.1:{aof.port}/0", aof.password, secrets.token_bytes(32),
                 "r:").dump(path)
     monkeypatch.setenv("CLUSTER_JOURNAL", str(tmp_path / "journal.jsonl"))
     agent = AgentProcess(path, cores=min(2, os.cpu_count() or 1), extra=("--redis-grace", "60"))
-    yield path, aof
+    yield Cluster(path, aof, agent)
     agent.stop()
 
 
-def submit(creds: Path, tmp_path: Path, *args: str, name: str = "out") -> subprocess.Popen:
+def submit(creds: Path, tmp_path: Path, *args: str, name: str = "out",
+           lease: float = LEASE) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "cluster", "submit", JOB, "--credentials", str(creds),
-         "--output", str(tmp_path / f"{name}.json"), "--progress", "none", "--lease", "2",
-         *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-        env={**os.environ})
+         "--output", str(tmp_path / f"{name}.json"), "--progress", "none",
+         "--lease", str(lease), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, cwd=ROOT, env={**os.environ})
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL a submit, and close its pipes."""
+    proc.kill()
+    proc.communicate(timeout=30)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 90) -> tuple[int, str]:
-    _, err = proc.communicate(timeout=timeout)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill(proc)
+        raise AssertionError(f"submit did not return within {timeout:g} s") from None
     return proc.returncode, err
 
 
-def starts(log: Path) -> Counter[int]:
+def started(log: Path) -> list[int]:
+    """The index of each unit start, in the order the units started."""
     if not log.exists():
-        return Counter()
-    return Counter(int(line.split()[0]) for line in log.read_text().splitlines() if line)
+        return []
+    return [int(line.split()[0]) for line in log.read_text().splitlines() if line]
 
 
-def wait_for(predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
+def pid_of(log: Path, index: int) -> int | None:
+    """The worker that started unit ``index`` first, once it has."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    return next((int(pid) for i, pid in map(str.split, lines) if int(i) == index), None)
+
+
+def starts(log: Path) -> Counter[int]:
+    return Counter(started(log))
+
+
+def wait_for_starts(log: Path, count: int) -> None:
+    wait_for(lambda: len(started(log)) >= count, 60, f"{count} unit starts in {log.name}")
+
+
+def recorded_units(aof: AofRedis, jid: str) -> set[int]:
+    """The units whose result Redis has recorded for a job (its ``recorded`` bitmap)."""
+    with aof.client() as client:
+        bits = client.get(f"r:job:{jid}:recorded") or b""
+    return {8 * i + b for i, byte in enumerate(bits) for b in range(8) if byte & (0x80 >> b)}
+
+
+def not_gathered(aof: AofRedis, jid: str) -> set[int]:
+    """The units whose recorded result is still in Redis (a coordinator has not gathered it)."""
+    with aof.client() as client:
+        entries = client.xrange(f"r:job:{jid}:results")
+    return {int(k) for _, fields in entries if b"w" in fields and b"t" in fields
+            for k in fields if k not in (b"w", b"t")}
+
+
+def job_id(tmp_path: Path) -> str:
+    return json.loads((tmp_path / "journal.jsonl").read_text().splitlines()[0])["job"]
 
 
 def assert_clean(aof: AofRedis) -> None:
-    client = aof.client()
-    assert client.keys("r:job:*") == [] and client.keys("r:resume:*") == []
-    assert client.xpending("r:units", "workers")["pending"] == 0
+    with aof.client() as client:
+        assert client.keys("r:job:*") == [] and client.keys("r:resume:*") == []
+        assert client.xpending("r:units", "workers")["pending"] == 0
 
 
 def output(tmp_path: Path, name: str = "out") -> list:
@@ -127,12 +170,13 @@ def params(log: Path, units: int = 40, sleep: float = 0.1) -> list[str]:
 
 
 def test_redis_restarted_mid_job_with_aof(cluster, tmp_path):
-    creds, aof = cluster
+    creds, aof, agent = cluster
     log = tmp_path / "starts.log"
     proc = submit(creds, tmp_path, *params(log))
-    wait_for(lambda: sum(starts(log).values()) >= 8)
+    wait_for_starts(log, 8)
     aof.stop()  # a clean restart: AOF written
-    time.sleep(1.0)
+    wait_for(lambda: "Redis unreachable" in agent.log.read_text(errors="replace"), 30,
+             "the agent to notice that Redis is down")
     aof.start()
     code, err = finish(proc)
     assert code == 0, err
@@ -141,11 +185,12 @@ def test_redis_restarted_mid_job_with_aof(cluster, tmp_path):
 
 
 def test_redis_flushed_mid_job_is_noticed(cluster, tmp_path):
-    creds, aof = cluster
+    creds, aof, _ = cluster
     log = tmp_path / "starts.log"
     proc = submit(creds, tmp_path, *params(log))
-    wait_for(lambda: sum(starts(log).values()) >= 10)
-    aof.client().flushall()
+    wait_for_starts(log, 10)
+    with aof.client() as client:
+        client.flushall()
     code, err = finish(proc)
     assert code == 0, err
     assert "gone from Redis" in err
@@ -154,38 +199,46 @@ def test_redis_flushed_mid_job_is_noticed(cluster, tmp_path):
 
 
 def test_coordinator_killed_mid_scatter_then_resumed(cluster, tmp_path):
-    creds, aof = cluster
+    creds, aof, _ = cluster
     log = tmp_path / "starts.log"
     proc = submit(creds, tmp_path, *params(log, units=60), "--no-speculate")
-    wait_for(lambda: sum(starts(log).values()) >= 10)
-    proc.kill()
-    proc.wait()
-    jid = json.loads((tmp_path / "journal.jsonl").read_text().splitlines()[0])["job"]
-    assert aof.client().hget(f"r:job:{jid}", "total") is None  # scatter was not finished
+    wait_for_starts(log, 10)
+    kill(proc)
+    jid = job_id(tmp_path)
+    with aof.client() as client:
+        assert client.hget(f"r:job:{jid}", "total") is None  # scatter was not finished
+    recorded = recorded_units(aof, jid)  # each of these started before ...
+    before = len(started(log))  # ... this count was taken
+    waiting = not_gathered(aof, jid)  # recorded, still in Redis: not gathered
+    assert recorded, "no unit was recorded before the kill"
     code, err = finish(submit(creds, tmp_path, *params(log, units=60), "--no-speculate",
                               "--resume", jid))
     assert code == 0, err
     assert output(tmp_path) == [i * i for i in range(60)]
     # results leave Redis once gathered: those the killed coordinator had gathered died with
-    # it and were computed once more; nothing else was
-    assert set(starts(log).values()) <= {1, 2}
+    # it and were computed once more; no other unit recorded before the kill was
+    again = recorded & set(started(log)[before:])
+    assert not again & waiting, f"computed again: {sorted(again & waiting)}"
+    assert max(starts(log).values()) <= 2
     assert_clean(aof)
 
 
 def test_coordinator_killed_mid_gather_then_the_same_command_resumes(cluster, tmp_path):
-    creds, aof = cluster
+    creds, aof, _ = cluster
     log, marker = tmp_path / "starts.log", tmp_path / "gathering"
     args = [*params(log, units=20), "--param", f"gather_marker={marker}",
             "--param", "gather_sleep=3", "--no-speculate"]
     proc = submit(creds, tmp_path, *args)
-    wait_for(marker.exists)  # every result is recorded; gather() is running
-    proc.kill()
-    proc.wait()
+    # every result is recorded and gather() runs, for 3 s: far longer than this wait's poll
+    wait_for(marker.exists, 60, "gather() to run")
+    kill(proc)
+    before = started(log)
     code, err = finish(submit(creds, tmp_path, *args))  # the same command again (cron)
     assert code == 0, err
     assert output(tmp_path) == [i * i for i in range(20)]
-    # every result had been gathered (and so had left Redis) by the killed coordinator
-    assert set(starts(log).values()) == {2}
+    # every result had been gathered (and so had left Redis) by the killed coordinator: each
+    # unit was computed once more, and only once
+    assert sorted(started(log)[len(before):]) == list(range(20))
     events = [json.loads(line)["event"] for line in
               (tmp_path / "journal.jsonl").read_text().splitlines()]
     assert events == ["started", "resumed", "finished"]
@@ -193,15 +246,18 @@ def test_coordinator_killed_mid_gather_then_the_same_command_resumes(cluster, tm
 
 
 def test_a_second_coordinator_fences_the_first(cluster, tmp_path):
-    creds, aof = cluster
-    log = tmp_path / "starts.log"
-    first = submit(creds, tmp_path, *params(log, units=40, sleep=0.15), "--no-speculate",
-                   name="first")
-    wait_for(lambda: sum(starts(log).values()) >= 6)
-    jid = json.loads((tmp_path / "journal.jsonl").read_text().splitlines()[0])["job"]
-    second = submit(creds, tmp_path, *params(log, units=40, sleep=0.15), "--no-speculate",
-                    "--resume", jid, name="second")
-    code, err = finish(first)
+    creds, aof, _ = cluster
+    log, release = tmp_path / "starts.log", tmp_path / "release"
+    args = [*params(log, units=40, sleep=0.05), "--param", "hold=5", "--param",
+            f"release={release}", "--no-speculate"]
+    first = submit(creds, tmp_path, *args, name="first")
+    try:
+        wait_for(lambda: 5 in started(log), 60, "the held unit to start")  # first cannot end
+        jid = job_id(tmp_path)
+        second = submit(creds, tmp_path, *args, "--resume", jid, name="second")
+        code, err = finish(first)  # it notices by itself, while the held unit still runs
+    finally:
+        release.touch()
     assert code == 3, err
     assert "taken over by another coordinator" in err
     code, err = finish(second)
@@ -219,20 +275,20 @@ def count(pattern: str, text: str) -> int:
 
 
 def test_a_paused_worker_is_reissued_and_its_late_result_discarded(cluster, tmp_path):
-    creds, aof = cluster
-    log = tmp_path / "starts.log"
-    proc = submit(creds, tmp_path, *params(log, units=12, sleep=1.0), "--param",
-                  "random=true", "--no-speculate")
-    wait_for(lambda: len(starts(log)) >= 1)
-    index, victim = map(int, log.read_text().splitlines()[0].split())
-    os.kill(victim, signal.SIGSTOP)  # mid-unit
-    time.sleep(4)  # well past the 2 s lease: its unit is reissued elsewhere
+    creds, aof, _ = cluster
+    log, release = tmp_path / "starts.log", tmp_path / "release"
+    proc = submit(creds, tmp_path, *params(log, units=12, sleep=1.0), "--param", "random=true",
+                  "--param", "hold=0", "--param", f"release={release}", "--no-speculate",
+                  lease=SHORT_LEASE)
+    victim = wait_for(lambda: pid_of(log, 0), 60, "unit 0 to start")
+    os.kill(victim, signal.SIGSTOP)  # surely mid-unit: unit 0 waits for the release
+    release.touch()  # for the next attempt; the stopped victim cannot see it yet
+    wait_for(lambda: starts(log)[0] >= 2, 60, "unit 0 to be reissued and start again")
     os.kill(victim, signal.SIGCONT)
     code, err = finish(proc)
     assert code == 0, err
     summary = err.strip().splitlines()[-1]
     assert count(r"(\d+) reissued", summary) >= 1
-    assert starts(log)[index] == 2  # ran again elsewhere
     assert count(r"(\d+) duplicates discarded", summary) >= 1  # the late commit
     assert count(r"(\d+) nondeterministic", summary) >= 1  # random: the late one differed
     assert len(output(tmp_path)) == 12
@@ -240,7 +296,7 @@ def test_a_paused_worker_is_reissued_and_its_late_result_discarded(cluster, tmp_
 
 
 def test_a_straggler_gets_a_speculative_copy(cluster, tmp_path):
-    creds, aof = cluster
+    creds, aof, _ = cluster
     log = tmp_path / "starts.log"
     proc = submit(creds, tmp_path, *params(log, units=10, sleep=0.05), "--param",
                   "straggler=9")
@@ -253,7 +309,7 @@ def test_a_straggler_gets_a_speculative_copy(cluster, tmp_path):
 
 
 def test_units_failing_within_the_budget(cluster, tmp_path):
-    creds, aof = cluster
+    creds, aof, _ = cluster
     log = tmp_path / "starts.log"
     code, err = finish(submit(creds, tmp_path, *params(log, units=8, sleep=0.01),
                               "--param", "fail=3", "--max-failed", "1", "--max-attempts", "2"))
