@@ -33,10 +33,10 @@ import redis
 
 from . import __version__, codec
 from .broker import Broker
-from .config import parse_cpus
 from .credentials import Credentials
 from .errors import ExitCode, RedisUnavailable, UsageError
 from .proc import die_with_parent
+from .settings import parse_cpus
 from .worker import RECYCLE
 
 log = logging.getLogger("cluster.agent")

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from . import settings
 from .errors import UsageError
-from .settings import Memory, Range
+from .settings import Memory, Range, parse_cpus
 
 CLUSTER_KEYS = {"name", "redis", "redis_port", "user", "port", "identity_file", "known_hosts",
                 "install_dir", "python", "state_dir", "connect_timeout", "redis_grace",
@@ -43,23 +43,6 @@ CLUSTER_KEYS = {"name", "redis", "redis_port", "user", "port", "identity_file", 
 HOST_KEYS = {"address", "cores", "cpus", "user", "port", "python", "install_dir",
              "identity_file"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def parse_cpus(spec: str) -> tuple[int, ...]:
-    """``"0-3,8"`` -> (0, 1, 2, 3, 8)."""
-    cpus: list[int] = []
-    try:
-        for part in spec.split(","):
-            lo, _, hi = part.strip().partition("-")
-            first, last = int(lo), int(hi or lo)
-            if first < 0 or last < first:
-                raise ValueError(part)
-            cpus.extend(range(first, last + 1))
-    except ValueError:
-        raise UsageError(f"bad CPU list {spec!r}: expected e.g. 0-3,8-11") from None
-    if not cpus or len(set(cpus)) != len(cpus):
-        raise UsageError(f"bad CPU list {spec!r}: empty or repeated CPUs")
-    return tuple(cpus)
 
 
 class ConfigError(UsageError):

@@ -11,6 +11,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from .errors import UsageError
+
 HEARTBEAT_S = 0.5  # the agents' default heartbeat and lease renewal interval
 LEASE_S = 5.0  # the default lease of a worker
 
@@ -126,3 +128,20 @@ def human_bytes(size: int) -> str:
         if size >= factor:
             return f"{size / factor:.1f} {unit}"
     return f"{size} B"
+
+
+def parse_cpus(spec: str) -> tuple[int, ...]:
+    """``"0-3,8"`` -> (0, 1, 2, 3, 8)."""
+    cpus: list[int] = []
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            first, last = int(lo), int(hi or lo)
+            if first < 0 or last < first:
+                raise ValueError(part)
+            cpus.extend(range(first, last + 1))
+    except ValueError:
+        raise UsageError(f"bad CPU list {spec!r}: expected e.g. 0-3,8-11") from None
+    if not cpus or len(set(cpus)) != len(cpus):
+        raise UsageError(f"bad CPU list {spec!r}: empty or repeated CPUs")
+    return tuple(cpus)

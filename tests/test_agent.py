@@ -8,8 +8,8 @@ import psutil
 import pytest
 from waiting import wait_for
 
-from cluster.config import parse_cpus
 from cluster.errors import UsageError
+from cluster.settings import parse_cpus
 
 
 def workers_of(agent, count):
