@@ -29,7 +29,8 @@ from typing import Any, cast
 import redis
 
 from . import codec
-from .broker import Broker, Snapshot
+from .broker import Broker
+from .entries import Snapshot
 from .errors import (
     ClusterError,
     CodecError,

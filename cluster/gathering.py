@@ -14,7 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from . import codec
-from .broker import Broker, Failed, Snapshot, Unrecorded, parse_result
+from .broker import Broker
+from .entries import Failed, Snapshot, Unrecorded, parse_result
 from .errors import InfraError, JobFailed, JobGone, UnitFailed
 from .plan import Batcher, Tally
 from .results import Results, redis_bitmap

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from . import codec
-from .broker import Broker, Snapshot
+from .broker import Broker
+from .entries import Snapshot
 from .errors import UsageError
 from .jobfile import Job
 

@@ -26,9 +26,10 @@ from typing import Any
 import redis
 
 from . import codec
-from .broker import Broker, Outcome, Work
+from .broker import Broker
 from .context import running_unit
 from .credentials import Credentials
+from .entries import Outcome, Work
 from .errors import ClusterError, CodecError, RedisFull, RedisUnavailable
 from .jobfile import load_source
 from .proc import die_with_parent

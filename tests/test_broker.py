@@ -6,7 +6,8 @@ import json
 import pytest
 
 from cluster import codec
-from cluster.broker import Broker, Outcome, Unrecorded, Work, parse_result
+from cluster.broker import Broker
+from cluster.entries import Outcome, Unrecorded, Work, parse_result
 from cluster.errors import Fenced
 
 JID, OWNER = "j1", "owner-token"

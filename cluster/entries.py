@@ -1,0 +1,95 @@
+"""What travels through Redis, as the rest of ``cluster`` sees it: a worker's delivery
+(``Work``) and what it reports (``Outcome``), the answers of the protocol's scripts (``Commit``,
+``Snapshot``), and the entries of a job's results stream (``Recorded``, ``Failed``,
+``Unrecorded``; ``parse_result``). The key layout is in ``keys.py``, the scripts in
+``scripts.py``, the client code in ``broker.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Work:
+    """One stream entry as a worker receives it."""
+
+    msgid: str
+    jid: str
+    attempt: int
+    units: list[tuple[int, bytes]]
+
+
+@dataclass(frozen=True)
+class Commit:
+    """RECORD's answer: ``RECORDED`` (``done`` first results, ``dups`` duplicates), ``AGAIN``
+    (this worker's retry of a commit that went through), ``STALE`` (the entry was reissued
+    while this worker held it), ``GONE`` (the job is not in Redis) or ``NOBLOB`` (a large result
+    did not reach Redis: commit again)."""
+
+    status: str
+    done: int = 0
+    dups: int = 0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a coordinator taking a job over sees at that instant: the recorded bitmap, and the
+    id of the last results entry then (``0-0`` when none was left)."""
+
+    recorded: bytes
+    last_result: str
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A results entry: units of one batch recorded for the first time (payloads may be
+    ``R...`` references to the job's blobs, see ``fetch_blobs``)."""
+
+    wid: str
+    seconds: float  # compute time of the whole batch
+    batch: int  # units in the batch, duplicates included
+    units: list[tuple[int, bytes]]
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A results entry: a unit recorded as failed for good."""
+
+    index: int
+    error: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Unrecorded:
+    """A results entry: digests of results of worker ``wid`` that were not recorded (a
+    duplicate, or a stale commit), to compare with the recorded ones."""
+
+    wid: str
+    digests: list[tuple[int, bytes]]
+
+
+def parse_result(fields: dict[bytes, bytes]) -> Recorded | Failed | Unrecorded:
+    """One entry of a job's results stream, as RECORD and REISSUE write it."""
+    items = list(fields.items())
+    first = items[0][0]
+    if first == b"f":
+        return Failed(int(fields[b"f"]), json.loads(fields[b"e"]))
+    if first == b"d":
+        return Unrecorded(items[0][1].decode(), [(int(i), d) for i, d in items[1:]])
+    units = [(int(i), p) for i, p in items[2:]]
+    return Recorded(items[0][1].decode(), float(items[1][1]), len(units), units)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a worker reports for one unit: ``ok`` with the encoded result, ``err`` (retryable)
+    or ``fatal`` with a JSON error; ``unit`` is the encoded unit, needed to queue a retry."""
+
+    index: int
+    kind: str
+    payload: bytes
+    unit: bytes = b""
+    digest: bytes = b""  # 8 bytes of the result's hash, to compare with later duplicates
