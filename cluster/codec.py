@@ -49,7 +49,10 @@ def encode(value: Any) -> bytes:
         return placeholder
 
     try:
+        _check_keys(value, "")
         header = json.dumps(value, default=default, separators=(",", ":")).encode()
+    except KeyError as exc:
+        raise CodecError(str(exc.args[0])) from None
     except (TypeError, ValueError, RecursionError) as exc:
         raise CodecError(f"cannot encode {_describe(value)}: {exc}") from None
     if not arrays:
@@ -83,6 +86,21 @@ def decode(blob: bytes) -> Any:
         return array[()] if scalar else array
 
     return json.loads(blob[5:base], object_hook=hook)
+
+
+def _check_keys(value: Any, where: str) -> None:
+    """JSON would turn a key 1 into "1" without a word: refuse any key that is not a str
+    (``KeyError`` with the message), naming where it is."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise KeyError(f"has a dict key {key!r} ({type(key).__name__}) at "
+                               f"{where or 'the top'}: keys must be str, or they would come "
+                               "back changed")
+            _check_keys(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_keys(item, f"{where}[{i}]")
 
 
 def _as_array(obj: Any) -> tuple[np.ndarray, bool]:

@@ -136,7 +136,8 @@ def test_compute_raising_on_one_unit(local_cluster: Path, tmp_path: Path) -> Non
     assert tries[3] == 2, tries
 
 
-@pytest.mark.parametrize("kind, named", [("set", "set"), ("object", "dtype object")])
+@pytest.mark.parametrize("kind, named", [("set", "set"), ("object", "dtype object"),
+                                         ("intkey", "dict key 7 (int) at ['counts']")])
 def test_result_that_cannot_be_encoded(local_cluster: Path, kind: str, named: str) -> None:
     result = run_cli("submit", job("unencodable"), "--credentials", str(local_cluster),
                      "--param", f"kind={kind}", "--param", "bad=2")

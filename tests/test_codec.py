@@ -67,3 +67,21 @@ def test_signatures():
     assert not codec.verify(key, b"code!", sig)
     assert not codec.verify(b"x" * 32, b"code", sig)
     assert codec.fingerprint(key) != codec.fingerprint(b"x" * 32)
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({1: 2.0}, r"dict key 1 \(int\) at the top"),
+    ({"a": [{"ok": 1}, {2.5: 3}]}, r"dict key 2.5 \(float\) at \['a'\]\[1\]"),
+    ([{None: 1}], r"dict key None \(NoneType\) at \[0\]"),
+    ({(1, 2): "t"}, r"dict key \(1, 2\) \(tuple\)"),
+])
+def test_dict_keys_that_are_not_strings_are_refused_not_changed(bad, words):
+    with pytest.raises(CodecError, match=words):
+        codec.encode(bad)
+
+
+def test_a_value_that_contains_itself_is_refused():
+    loop: list = []
+    loop.append(loop)
+    with pytest.raises(CodecError, match="cannot encode"):
+        codec.encode(loop)

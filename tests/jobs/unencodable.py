@@ -1,5 +1,5 @@
-"""compute() returns a value the wire format refuses (param ``kind``: set or object array)
-for unit ``bad``."""
+"""compute() returns a value the wire format refuses (param ``kind``: set, object array or
+a dict with an int key) for unit ``bad``."""
 
 import numpy as np
 
@@ -16,6 +16,8 @@ def compute(unit):
         return unit["i"]
     if unit["kind"] == "set":
         return {1, 2, 3}
+    if unit["kind"] == "intkey":
+        return {"counts": {7: 1}}
     return np.array([{"a": 1}, None], dtype=object)
 
 
