@@ -55,6 +55,7 @@ class AgentSettings:
     stop_grace_s: float = 10.0
     log_level: str = "INFO"
     pidfile: str | None = None
+    cache_dir: str | None = None  # unpacked job directories (default: ~/.cache/cluster)
 
 
 @dataclass
@@ -259,7 +260,8 @@ class Agent:
         env.update({name: str(self.settings.threads) for name in THREAD_VARIABLES})
         proc = spawn_worker(env, slot.cpu)
         config = {"wid": slot.wid, "agent_pid": os.getpid(), "log_level": self.settings.log_level,
-                  "credentials": json.loads(self.creds.to_json())}
+                  "credentials": json.loads(self.creds.to_json()),
+                  "cache_dir": self.settings.cache_dir}
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(config).encode())
         proc.stdin.close()

@@ -177,8 +177,10 @@ class Broker:
     # -- coordinator -------------------------------------------------------------------------
 
     @edge
-    def create_job(self, jid: str, fields: dict[str, Any]) -> None:
+    def create_job(self, jid: str, fields: dict[str, Any], workdir: bytes | None = None) -> None:
         pipe = self.client.pipeline()
+        if workdir is not None:
+            pipe.set(self.keys.workdir(jid), workdir)
         pipe.hset(self.keys.job(jid), mapping=_fields(fields))
         pipe.sadd(self.keys.jobs, jid)
         pipe.execute()
@@ -393,6 +395,12 @@ class Broker:
         reply: Any = self.client.hgetall(self.keys.job(jid))
         raw: dict[bytes, bytes] = reply
         return {k.decode(): v for k, v in raw.items()} or None
+
+    @edge
+    def workdir(self, jid: str) -> bytes | None:
+        """The job's packed directory (``workdir.Archive.data``)."""
+        reply: Any = self.client.get(self.keys.workdir(jid))
+        return bytes(reply) if reply is not None else None
 
     @edge
     def jobs_exist(self, jids: Sequence[str]) -> list[bool]:

@@ -4,6 +4,7 @@ maps errors to exit codes (``errors.ExitCode``)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -17,7 +18,17 @@ from typing import Any
 
 import redis
 
-from . import __version__, config, credentials, output, progress, settings, status, wheelhouse
+from . import (
+    __version__,
+    config,
+    credentials,
+    output,
+    progress,
+    settings,
+    status,
+    wheelhouse,
+    workdir,
+)
 from .agent import Agent, AgentSettings, choose_cpus
 from .broker import Broker
 from .config import ClusterConfig
@@ -92,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
                         default=256.0, metavar="MB",
                         help="largest encoded unit or result; a larger one fails its unit "
                         "(default 256)")
+    submit.add_argument("--workdir", metavar="DIR", help="the directory shipped to workers, "
+                        "their working directory and first on sys.path (default: the job "
+                        "file's directory)")
+    submit.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                        help="do not ship files or directories matching PATTERN (a glob on the "
+                        "name or the path in the directory); repeatable")
+    submit.add_argument("--max-workdir-size", type=within(settings.MAX_WORKDIR_MB),
+                        default=workdir.DEFAULT_MAX_BYTES / 1e6, metavar="MB",
+                        help="largest job directory to ship, before compression (default 20)")
     submit.add_argument("--no-speculate", dest="speculate", action="store_false",
                         help="no speculative copies of straggling units")
     submit.add_argument("--cores", type=within(settings.CORES),
@@ -145,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="SECONDS",
                        help="stop when Redis is unreachable this long (default 60)")
     agent.add_argument("--pidfile", help="write the agent's pid to this file while it runs")
+    agent.add_argument("--cache-dir", metavar="DIR", help="where job directories are unpacked "
+                       "(default: $XDG_CACHE_HOME/cluster, else ~/.cache/cluster)")
     agent.add_argument("--log-level", default="INFO")
     agent.set_defaults(func=cmd_agent)
     return parser
@@ -188,8 +210,11 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    job = load_job(args.job)
+    job = load_job(args.job, args.workdir)
     params = parse_params(args.param, job.defaults)
+    job = dataclasses.replace(job, archive=workdir.pack(
+        Path(args.job), Path(args.workdir) if args.workdir else None, args.exclude,
+        int(args.max_workdir_size * 1e6)))
     if args.output:
         output.check_path(args.output)
     cfg = config.load(args.hosts) if args.hosts else None
@@ -332,7 +357,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
                              host=args.name or socket.gethostname(),
                              threads=args.threads, heartbeat_s=args.heartbeat,
                              redis_grace_s=args.redis_grace, log_level=args.log_level.upper(),
-                             pidfile=args.pidfile)
+                             pidfile=args.pidfile, cache_dir=args.cache_dir)
     # a short socket timeout: a silently cut network must not stall heartbeats past the grace
     broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix,
                             socket_timeout=max(1.0, 4 * args.heartbeat),

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import JobFileError, UsageError
+from .workdir import Archive
 
 REQUIRED = ("scatter", "compute", "gather")
 
@@ -37,6 +38,7 @@ class Job:
     module: types.ModuleType
     defaults: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    archive: Archive | None = None  # its directory, packed to ship to workers
 
     @property
     def name(self) -> str:
@@ -66,8 +68,9 @@ class Job:
         return getattr(self.module, "count", None)
 
 
-def load_job(path: str) -> Job:
-    """Read, compile and import a job file. Raises ``JobFileError`` naming the problem."""
+def load_job(path: str, workdir: str | None = None) -> Job:
+    """Read, compile and import a job file, with its directory (or ``workdir``) first on
+    ``sys.path``, as ``python job.py`` would. Raises ``JobFileError`` naming the problem."""
     file = Path(path)
     if not file.is_file():
         raise JobFileError(path, "no such job file")
@@ -75,6 +78,7 @@ def load_job(path: str) -> Job:
         source = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise JobFileError(path, f"cannot read it: {exc}") from None
+    sys.path.insert(0, str(Path(workdir or file.parent).resolve()))
     module = load_source(source, path, module_name=f"cluster_job_{file.stem}")
     missing = [name for name in REQUIRED if not callable(getattr(module, name, None))]
     if missing:
@@ -89,8 +93,10 @@ def load_job(path: str) -> Job:
     return Job(path=path, source=source, module=module, defaults=dict(defaults), seed=seed)
 
 
-def load_source(source: str, path: str, module_name: str) -> types.ModuleType:
-    """Compile and execute job code as a module (on the coordinator and on workers)."""
+def load_source(source: str, path: str, module_name: str, file: str | None = None
+                ) -> types.ModuleType:
+    """Compile and execute job code as a module (on the coordinator and on workers).
+    ``path`` names it in tracebacks; ``file`` (default ``path``) is its ``__file__``."""
     try:
         code = compile(source, path, "exec")
     except SyntaxError as exc:
@@ -101,7 +107,7 @@ def load_source(source: str, path: str, module_name: str) -> types.ModuleType:
     # mtime None: linecache.checkcache leaves the entry alone.
     linecache.cache[path] = (len(source), None, source.splitlines(keepends=True), path)
     module = types.ModuleType(module_name)
-    module.__file__ = path
+    module.__file__ = file or path
     sys.modules[module_name] = module
     try:
         exec(code, module.__dict__)

@@ -38,6 +38,9 @@ key                            type    meaning
                                        values stay out of Lua, which would copy them twice);
                                        ``attempt`` is unique to one commit attempt. Deleted as
                                        the coordinator gathers it
+{p}job:{jid}:workdir           STRING  the job's directory: a gzip'd tar, signed in the job
+                                       hash (``workdir_sha``, ``workdir_job``, ``workdir_sig``);
+                                       a host's workers fetch it once (``workdir.Cache``)
 =============================  ======  =====================================================
 
 Every ``job:{jid}*`` key expires with the job: the coordinator refreshes the expiry, and a
@@ -102,15 +105,18 @@ class Keys:
     def blobs(self, jid: str) -> str:
         return f"{self.prefix}job:{jid}:blobs"
 
+    def workdir(self, jid: str) -> str:
+        return f"{self.prefix}job:{jid}:workdir"
+
     def resume(self, identity: str) -> str:
         return f"{self.prefix}resume:{identity}"
 
     def job_keys(self, jid: str) -> list[str]:
         """Every key that belongs to one job (deleted together when it ends)."""
         return [self.job(jid), self.recorded(jid), self.results(jid), self.stats(jid),
-                self.blobs(jid)]
+                self.blobs(jid), self.workdir(jid)]
 
     def job_templates(self) -> list[str]:
         """Per-job key names with ``{jid}`` left in, for Lua: job, recorded, results, stats,
-        blobs."""
+        blobs, workdir."""
         return self.job_keys(JOB_ID)

@@ -200,6 +200,7 @@ class Launcher:
     def start_agent(self, remote: Remote, build: str) -> None:
         args = ["agent", "--credentials", remote.path("credentials.json"), "--name",
                 remote.host.name, "--pidfile", remote.path("agent.pid"),
+                "--cache-dir", remote.path("cache"),
                 "--redis-grace", str(self.config.redis_grace),
                 "--heartbeat", str(self.config.heartbeat), *remote.host.agent_cpu_args()]
         command = " ".join(shlex.quote(a) for a in [remote.path("venv/bin/cluster"), *args])

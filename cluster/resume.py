@@ -3,9 +3,10 @@
 A job's state lives in Redis (with AOF on a cluster that `up` started): the units queued, the
 results recorded, how many units scatter has produced. A job is found again by its id
 (``--resume JOB_ID``) or, when the same command runs again (cron), by its identity: a hash of the
-job's code, params and seed. Taking a job over changes its owner token, which fences the previous
-coordinator off, and gives the new one a snapshot of what was recorded: results that the old
-coordinator had gathered (and dropped from Redis) are lost with it, and are computed again.
+job's code, its directory's digest, params and seed. Taking a job over changes its owner token,
+which fences the previous coordinator off, and gives the new one a snapshot of what was
+recorded: results that the old coordinator had gathered (and dropped from Redis) are lost with
+it, and are computed again.
 A small local journal (one JSON line per event) records which job ids were
 started, resumed, kept and finished, so a user can find them.
 """
@@ -40,7 +41,8 @@ class Opened:
 
 
 def identity(job: Job, params: dict[str, Any], seed: int) -> str:
-    text = json.dumps([job.source, params, seed], sort_keys=True, default=str)
+    shipped = job.archive.digest if job.archive else ""
+    text = json.dumps([job.source, params, seed, shipped], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -69,13 +71,16 @@ def open_job(broker: Broker, job: Job, params: dict[str, Any], seed: int, *, jid
                 return Opened(wanted, ident, True, int(fields.get("scattered", 0)),
                               int(total) if total else None, snapshot)
     code = job.source.encode()
-    broker.create_job(jid, {
+    shipped = {} if job.archive is None else {
+        "workdir_sha": job.archive.digest, "workdir_job": job.archive.job,
+        "workdir_sig": job.archive.signature(key), "workdir_files": job.archive.files}
+    broker.create_job(jid, {**shipped,
         "name": job.name, "path": job.path, "code": code, "sig": codec.sign(key, code),
         "seed": seed, "params": json.dumps(params, default=str), "identity": ident,
         "max_attempts": max_attempts, "owner": owner, "scattered": 0, "max_result": max_result,
         "redis_grace": redis_grace,
         "started": broker.server_time_ms(),
-    })
+    }, workdir=job.archive.data if job.archive else None)
     if auto:
         broker.set_resumable(ident, jid)
     note("started", jid, ident, job.path, broker.where)

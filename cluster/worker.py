@@ -21,6 +21,7 @@ import sys
 import time
 import traceback
 import types
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -33,6 +34,7 @@ from .entries import Outcome, Work
 from .errors import ClusterError, CodecError, RedisFull, RedisUnavailable
 from .jobfile import load_source
 from .proc import die_with_parent
+from .workdir import ArchiveError, Cache, Workspace, check_signature, default_cache_dir
 
 log = logging.getLogger("cluster.worker")
 
@@ -48,8 +50,10 @@ class LoadedJob:
     """Job code as a worker runs it, or the reason it cannot run here."""
 
     def __init__(self, module: types.ModuleType | None, seed: int, error: str = "",
-                 max_result: int = DEFAULT_MAX_RESULT, full_wait: float = 60.0) -> None:
+                 max_result: int = DEFAULT_MAX_RESULT, full_wait: float = 60.0,
+                 workspace: Workspace | None = None) -> None:
         self.module = module
+        self.workspace = workspace
         self.seed = seed
         self.error = error
         self.max_result = max_result
@@ -58,8 +62,10 @@ class LoadedJob:
 
 class Worker:
     def __init__(self, broker: Broker, wid: str, key: bytes, block_ms: int = 500,
-                 parent: int | None = None) -> None:
+                 parent: int | None = None, cache: Cache | None = None) -> None:
         self.broker = broker
+        self.cache = cache or Cache(default_cache_dir())
+        self.workspace: Workspace | None = None  # the job directory units now run in
         self.parent = parent
         self.wid = wid
         self.key = key
@@ -93,6 +99,8 @@ class Worker:
 
     def handle(self, work: Work) -> None:
         job = self.job(work.jid)
+        if job is not None:
+            self.enter(job.workspace)
         self.broker.started(self.wid, work)
         started = time.perf_counter()
         outcomes = [] if job is None else [self.run_unit(job, work, i, b) for i, b in work.units]
@@ -145,6 +153,16 @@ class Worker:
             self.jobs[jid] = self.load(jid)
         return self.jobs[jid]
 
+    def enter(self, workspace: Workspace | None) -> None:
+        """Run in the job's directory (leaving another job's, when they alternate)."""
+        if workspace is self.workspace:
+            return
+        if self.workspace is not None:
+            self.workspace.leave()
+        if workspace is not None:
+            workspace.enter()
+        self.workspace = workspace
+
     def forget_finished(self, idle: bool) -> bool:
         """True (and this worker is to be recycled) when a job it ran has finished."""
         if not self.jobs:
@@ -169,15 +187,37 @@ class Worker:
             return LoadedJob(None, seed, f"worker {self.wid} refused the job: its code is not "
                              "signed by this cluster's key (the key files differ)")
         name = info.get("name", b"job").decode()
-        max_result = int(info.get("max_result", DEFAULT_MAX_RESULT))
-        full_wait = float(info.get("redis_grace", 60.0))
+        path = info.get("path", b"job.py").decode()
         try:
-            module = load_source(code.decode(), info.get("path", b"job.py").decode(),
-                                 module_name=f"cluster_job_{name}_{jid}")
+            workspace = self.workspace_of(jid, info)
+        except ArchiveError as exc:
+            log.error("job=%s: %s", jid, exc)
+            return LoadedJob(None, seed, f"worker {self.wid} refused the job: {exc}")
+        file = str(workspace.path / info["workdir_job"].decode()) if workspace else None
+        self.enter(workspace)
+        try:
+            module = load_source(code.decode(), path, module_name=f"cluster_job_{name}_{jid}",
+                                 file=file)
         except ClusterError as exc:
             return LoadedJob(None, seed, f"on worker {self.wid}: {exc}")
         log.info("job=%s loaded (%s)", jid, name)
-        return LoadedJob(module, seed, max_result=max_result, full_wait=full_wait)
+        return LoadedJob(module, seed, max_result=int(info.get("max_result", DEFAULT_MAX_RESULT)),
+                         full_wait=float(info.get("redis_grace", 60.0)), workspace=workspace)
+
+    def workspace_of(self, jid: str, info: dict[str, bytes]) -> Workspace | None:
+        """The job's directory, unpacked on this host once (``workdir.Cache``)."""
+        if "workdir_sha" not in info:
+            return None
+        digest, job = info["workdir_sha"].decode(), info.get("workdir_job", b"").decode()
+        check_signature(digest, job, info.get("workdir_sig", b""), self.key)
+        path, _held = self.cache.hold(digest)  # held until this process exits
+        if path is None:
+            data = self.broker.workdir(jid)
+            if data is None:
+                raise ArchiveError("the job directory is missing from Redis")
+            path = self.cache.unpack(digest, data)
+            log.info("job=%s directory %s unpacked (%d bytes)", jid, digest[:12], len(data))
+        return Workspace(path)
 
     def run_unit(self, job: LoadedJob, work: Work, index: int, blob: bytes) -> Outcome:
         if job.module is None:
@@ -237,8 +277,9 @@ def main() -> int:
     broker = connect(creds, parent)
     if broker is None:
         return 0
+    cache = Cache(Path(config["cache_dir"])) if config.get("cache_dir") else None
     worker = Worker(broker, config["wid"], creds.key, block_ms=config.get("block_ms", 500),
-                    parent=parent)
+                    parent=parent, cache=cache)
     worker.stopping = stopping
     return run_forever(worker, parent)
 

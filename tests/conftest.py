@@ -5,12 +5,14 @@ A missing redis-server is a skip on a laptop and a failure under CI=true.
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -41,6 +43,17 @@ def _subprocesses_import_this_checkout() -> None:
 
 
 _subprocesses_import_this_checkout()
+
+
+def _private_cache() -> None:
+    """Job directories unpacked by the tests' workers go to a cache of this session, not to the
+    user's ~/.cache/cluster."""
+    cache = tempfile.mkdtemp(prefix="cluster-test-cache-")
+    os.environ["XDG_CACHE_HOME"] = cache
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
+
+
+_private_cache()
 
 
 def need(binary: str) -> str:

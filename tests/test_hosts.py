@@ -17,7 +17,10 @@ from typing import Any
 import pytest
 from conftest import JOBS, need_root_network, run_cli
 from netns import NsHost, NsNetwork, NsSite, hosts_ini
+from test_workdir import expected_total, make_project
 from waiting import wait_for
+
+from cluster.workdir import pack
 
 pytestmark = pytest.mark.slow
 
@@ -171,6 +174,33 @@ def test_a_job_runs_on_every_host(site: Site):
     counts = {item.split()[0]: int(item.split()[1]) for item in per_host}
     assert set(counts) == {"node1", "node2", "node3", "node4"}
     assert all(n > 0 for n in counts.values()) and sum(counts.values()) == 48
+
+
+def test_a_job_directory_runs_on_every_host_and_is_unpacked_once_per_host(site: Site,
+                                                                         tmp_path: Path):
+    job = make_project(tmp_path / "project", marker="hosts")
+    digest = pack(job).digest
+    hosts = ["node1", "node2", "node3", "node4"]
+
+    def run(units: int) -> dict[str, int]:
+        r = run_cli("submit", str(job), "--hosts", str(site.ini), "--param", f"units={units}",
+                    "--param", "pause=0.05", "--progress", "none", "-o",
+                    str(tmp_path / "out.json"), timeout=120)
+        assert r.returncode == 0, r.stderr
+        value = json.loads((tmp_path / "out.json").read_text())
+        assert value["total"] == expected_total(units) and value["same"], value
+        copies = {h.name: h.install_dir / "cache" / "workdirs" / digest
+                  for h in site.net.hosts}
+        assert set(value["cwds"]) <= {str(p) for p in copies.values()}, value
+        ran = {h for h in hosts if f"{h} " in r.stderr.split("units per host:")[1]}
+        return {h: (path / "helper_mod.py").stat().st_ino for h, path in copies.items()
+                if h in ran and path.is_dir()}
+
+    first = run(24)
+    assert len(first) >= 2, first  # every host that ran a unit has its copy
+    second = run(25)
+    assert {h: second[h] for h in first if h in second} == {h: first[h] for h in second
+                                                           if h in first}  # not unpacked again
 
 
 def test_an_unreachable_host_is_reported_while_the_others_come_up(site: Site):
