@@ -113,6 +113,7 @@ class Broker:
         self._copy = reg(scripts.COPY)
         self._consume = reg(scripts.CONSUME)
         self._reclaim = reg(scripts.RECLAIM)
+        self._log = reg(scripts.LOG)
 
     @classmethod
     def connect(
@@ -254,11 +255,14 @@ class Broker:
         return {k.decode(): int(v) for k, v in raw.items()}
 
     @edge
-    def purge_job(self, jid: str, owner: str, identity: str = "") -> None:
-        """Remove the job's keys and queued units; ``Fenced`` for a stale coordinator.
-        Idempotent: purging a job that is gone already succeeds."""
-        reply = self._purge(keys=[self.keys.units, self.keys.jobs, *self.keys.job_keys(jid)],
-                            args=[GROUP, jid, owner])
+    def purge_job(self, jid: str, owner: str, identity: str = "", keep_logs_s: int = 86400
+                  ) -> None:
+        """Remove the job's keys and queued units, and keep its logs ``keep_logs_s`` longer;
+        ``Fenced`` for a stale coordinator. Idempotent: purging a job that is gone already
+        succeeds."""
+        k = self.keys
+        reply = self._purge(keys=[k.units, k.jobs, k.logs(jid), *k.job_keys(jid)],
+                            args=[GROUP, jid, owner, max(1, keep_logs_s) * 1000])
         self._owned(jid, _status(reply))
         if identity:
             self.client.delete(self.keys.resume(identity))
@@ -320,7 +324,8 @@ class Broker:
     def expire_job(self, jid: str, seconds: int, identity: str = "") -> None:
         """Keep an unfinished job for ``seconds`` after its coordinator was last heard of."""
         pipe = self.client.pipeline(transaction=False)
-        for key in self.keys.job_keys(jid) + ([self.keys.resume(identity)] if identity else []):
+        for key in self.keys.job_keys(jid) + [self.keys.logs(jid)] + (
+                [self.keys.resume(identity)] if identity else []):
             pipe.expire(key, seconds)
         pipe.execute()
 
@@ -403,6 +408,18 @@ class Broker:
         return bytes(reply) if reply is not None else None
 
     @edge
+    def read_logs(self, jid: str, after: str = "0-0", count: int = 1000
+                  ) -> list[tuple[str, bytes]]:
+        """Log records of a job after the stream id ``after``, oldest first."""
+        reply: Any = self.client.xrange(self.keys.logs(jid), min=f"({after}" if after != "0-0"
+                                        else "-", max="+", count=count)
+        return [(mid.decode(), fields[b"r"]) for mid, fields in reply if b"r" in fields]
+
+    @edge
+    def logs_exist(self, jid: str) -> bool:
+        return bool(self.client.exists(self.keys.logs(jid)))
+
+    @edge
     def jobs_exist(self, jids: Sequence[str]) -> list[bool]:
         pipe = self.client.pipeline(transaction=False)
         for jid in jids:
@@ -417,12 +434,17 @@ class Broker:
             "job": work.jid, "unit": work.units[0][0], "entry": work.msgid})
 
     @edge
-    def record(self, work: Work, wid: str, seconds: float, outcomes: Sequence[Outcome]
-               ) -> Commit:
-        """Commit a batch (see ``Commit`` for the answers). Safe to call again with the same
-        arguments after a lost reply."""
+    def record(self, work: Work, wid: str, seconds: float, outcomes: Sequence[Outcome],
+               log_bound: int = 0) -> Commit:
+        """Commit a batch (see ``Commit`` for the answers), with the log records of its units
+        (up to ``log_bound`` bytes for the job). Safe to call again with the same arguments
+        after a lost reply (log records may then be written twice: readers drop the copy)."""
         k = self.keys
         pipe = self.client.pipeline(transaction=True)
+        logs = [o.log for o in outcomes if o.log]
+        if logs:
+            self._log(keys=[k.job(work.jid), k.stats(work.jid), k.logs(work.jid)],
+                      args=[log_bound, *logs], client=pipe)
         attempt = secrets.token_hex(4)  # no commit can touch another commit's large results
         args: list[Any] = [GROUP, work.msgid, wid, f"{seconds:.6f}", work.jid, work.attempt]
         for o in outcomes:

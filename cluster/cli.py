@@ -4,6 +4,7 @@ maps errors to exit codes (``errors.ExitCode``)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -12,9 +13,9 @@ import signal
 import socket
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import redis
 
@@ -22,6 +23,7 @@ from . import (
     __version__,
     config,
     credentials,
+    joblogs,
     output,
     progress,
     settings,
@@ -35,6 +37,7 @@ from .config import ClusterConfig
 from .coordinator import Coordinator, RunOptions
 from .credentials import Credentials, resolve
 from .doctor import Doctor
+from .entries import LogRecord
 from .errors import ClusterError, ExitCode, UsageError
 from .jobfile import Job, load_job, parse_params
 from .launcher import Launcher
@@ -112,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--max-workdir-size", type=within(settings.MAX_WORKDIR_MB),
                         default=workdir.DEFAULT_MAX_BYTES / 1e6, metavar="MB",
                         help="largest job directory to ship, before compression (default 20)")
+    submit.add_argument("--logs", action="store_true",
+                        help="show what compute writes (stdout, stderr, logging) on stderr as "
+                        "it arrives, each line prefixed with host and unit")
+    submit.add_argument("--max-log-size", type=within(settings.MAX_LOG_MB), default=32.0,
+                        metavar="MB", help="what compute writes, kept for the whole job; the "
+                        "rest is dropped and counted (default 32; 64 KB per stream per unit)")
     submit.add_argument("--no-speculate", dest="speculate", action="store_false",
                         help="no speculative copies of straggling units")
     submit.add_argument("--cores", type=within(settings.CORES),
@@ -123,6 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit.add_argument("--hosts", metavar="HOSTS_INI",
                         help="submit to the cluster that cluster up started from this file")
+
+    logs = commands.add_parser("logs", help="what compute wrote, per unit, during and after a "
+                               "run")
+    logs.add_argument("job_id", metavar="JOB_ID")
+    logs.add_argument("--unit", type=int, metavar="N", help="only unit N")
+    logs.add_argument("--host", metavar="HOST", help="only units that ran on HOST")
+    logs.add_argument("--failed", action="store_true", help="only failed attempts, with their "
+                      "tracebacks")
+    logs.add_argument("--follow", "-f", action="store_true",
+                      help="keep showing new output until the job ends")
+    logs.add_argument("--hosts", metavar="HOSTS_INI", help="the cluster cluster up started "
+                      "from this file (none of --hosts, --redis, --credentials: a local run's "
+                      "logs, kept on this machine)")
+    _connection_flags(logs)
+    logs.set_defaults(func=cmd_logs, log_level="WARNING")
 
     up = commands.add_parser("up", help="ship, install and start agents on every host")
     up.add_argument("hosts", metavar="HOSTS_INI")
@@ -190,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), exc.detail, exc.exit_code)
     except KeyboardInterrupt:
         return _fail("interrupted", "", ExitCode.INTERRUPTED)
+    except BrokenPipeError:  # `cluster logs ... | head`: the reader had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        return 128 + signal.SIGPIPE
     except redis.RedisError as exc:
         return _fail(f"Redis error: {exc}", "", ExitCode.INFRA)
     except Exception as exc:  # noqa: BLE001 - a bug of ours: say so, in one line by default
@@ -210,6 +237,29 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    with result_stdout() as stdout:
+        return submit(args, stdout)
+
+
+@contextlib.contextmanager
+def result_stdout() -> Iterator[TextIO]:
+    """stdout is the result's alone: while a submit runs, whatever else writes to fd 1 (job
+    code run here: its import, scatter, gather) goes to stderr. Yields the real stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    stream = os.fdopen(os.dup(saved), "w")
+    try:
+        yield stream
+    finally:
+        try:
+            stream.close()
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def submit(args: argparse.Namespace, stdout: TextIO) -> int:
     job = load_job(args.job, args.workdir)
     params = parse_params(args.param, job.defaults)
     job = dataclasses.replace(job, archive=workdir.pack(
@@ -228,21 +278,34 @@ def cmd_submit(args: argparse.Namespace) -> int:
                          redis_grace_s=args.redis_grace, keep_s=int(args.keep * 3600),
                          speculate=args.speculate, resume=args.resume,
                          max_result_bytes=int(args.max_result_size * 1e6),
-                         auto_resume=creds is not None and not args.fresh)
+                         auto_resume=creds is not None and not args.fresh,
+                         max_log_bytes=int(args.max_log_size * 1e6), stream_logs=args.logs,
+                         keep_logs_locally=creds is None)
     if creds is None:
         with LocalCluster(cores=args.cores) as local:
             result = run_job(local, job, params, options, args.progress)
     else:
         result = run_job(creds, job, params, options, args.progress)
-    print(output.render(result.value), flush=True)
+    print(output.render(result.value), file=stdout, flush=True)
     if args.output:
         written = output.write(args.output, result.value)
         print(f"result written to {written}", file=sys.stderr)
     print(result.summary(), file=sys.stderr)
+    if result.stats.get("log_bytes") and not args.logs:
+        print(f"compute wrote output: cluster logs {result.jid}{where_flags(args)}",
+              file=sys.stderr)
     if len(result.tally.hosts()) > 1:
         per_host = ", ".join(f"{h} {n}" for h, n in sorted(result.tally.by_host().items()))
         print(f"units per host: {per_host}", file=sys.stderr)
     return ExitCode.PARTIAL if result.failed else ExitCode.OK
+
+
+def where_flags(args: argparse.Namespace) -> str:
+    """The flags that name the cluster a command used, for a command to suggest."""
+    for flag in ("hosts", "credentials", "redis"):
+        if getattr(args, flag, None):
+            return f" --{flag} {getattr(args, flag)}"
+    return ""
 
 
 def check_local_flags(args: argparse.Namespace, local: bool) -> None:
@@ -316,6 +379,36 @@ def cmd_status(args: argparse.Namespace) -> int:
     lease_s = cfg.lease if cfg else settings.LEASE_S
     agents = status.collect(broker, lease_ms=int(lease_s * 1000))
     print(json.dumps(status.as_json(agents), indent=1) if args.json else status.render(agents))
+    return ExitCode.OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    cfg = config.load(args.hosts) if args.hosts else None
+    creds = credentials.for_cluster(cfg, create=False) if cfg else resolve(args.redis,
+                                                                            args.credentials)
+
+    def show(record: LogRecord) -> None:
+        for _ in joblogs.select([record], args.unit, args.host, args.failed):
+            print("\n".join(record.lines()), flush=True)
+
+    if creds is None:
+        records = joblogs.load_local(args.job_id)
+        if records is None:
+            raise UsageError(f"job {args.job_id}: no logs of a local run on this machine (in "
+                             f"{joblogs.local_dir()}); for a running cluster, give --hosts, "
+                             "--redis or --credentials")
+        for record in records:
+            show(record)
+        return ExitCode.OK
+    broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+    try:
+        if not broker.logs_exist(args.job_id) and not broker.job_exists(args.job_id):
+            raise UsageError(f"job {args.job_id}: no logs in Redis at {broker.where} (its "
+                             "compute wrote nothing, or they expired --keep hours after it "
+                             "ended)")
+        joblogs.follow(broker, args.job_id, show, forever=args.follow)
+    finally:
+        broker.close()
     return ExitCode.OK
 
 

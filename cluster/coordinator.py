@@ -44,6 +44,7 @@ from .errors import (
 )
 from .gathering import Gatherer
 from .jobfile import Job, user_traceback
+from .joblogs import Follower, save_local
 from .plan import Batcher, Tally, host_of, speculation_threshold_ms
 from .progress import NoReporter, Reporter
 from .results import Results, RunResult
@@ -69,6 +70,9 @@ class RunOptions:
     speculate: bool = True
     resume: str | None = None  # a job id to resume
     auto_resume: bool = False  # resume the unfinished job of the same identity, if any
+    max_log_bytes: int = 32_000_000  # what job code wrote, kept in Redis for the whole job
+    stream_logs: bool = False  # show what job code writes on stderr as it arrives (--logs)
+    keep_logs_locally: bool = False  # a private local cluster: its Redis ends with the run
 
 
 class Coordinator:
@@ -111,6 +115,7 @@ class Coordinator:
         self.no_worker_since: float | None = None
         self.redis_down_since: float | None = None
         self.total: int | None = None
+        self.follower: Follower | None = None
 
     def run(self) -> RunResult:
         self.started = self.clock()
@@ -147,6 +152,25 @@ class Coordinator:
         self.gatherer.collect(block_ms=100)
         self.reporter.update(self.tally.done, self.total, self.stats.get("reissued", 0))
         self.maintain()
+        if self.options.stream_logs:
+            self.show_logs()
+
+    def show_logs(self) -> None:
+        """``--logs``: what job code wrote, on stderr, as it arrives."""
+        if self.follower is None or self.follower.jid != self.jid:
+            self.follower = Follower(self.broker, self.jid)
+        for record in self.follower.poll():
+            for line in record.lines():
+                self.reporter.write(line)
+
+    def keep_logs(self) -> None:
+        """Before the job's keys go: the last of ``--logs``, and a local cluster's records
+        saved locally (its Redis ends with the run)."""
+        if self.options.stream_logs:
+            self.show_logs()
+        if self.options.keep_logs_locally and self.broker.logs_exist(self.jid):
+            records = Follower(self.broker, self.jid).poll()
+            save_local(self.jid, records)
 
     def fetch_stats(self) -> None:
         self.stats = self.broker.job_stats(self.jid)
@@ -158,6 +182,7 @@ class Coordinator:
         opened = open_job(self.broker, self.job, self.params, self.seed, jid=self.jid,
                           owner=self.owner, key=self.key, max_attempts=self.options.max_attempts,
                           max_result=self.options.max_result_bytes,
+                          max_log=self.options.max_log_bytes,
                           redis_grace=self.options.redis_grace_s,
                           resume=resume, auto=self.options.auto_resume)
         self.broker.expire_job(opened.jid, self.options.keep_s, opened.identity)
@@ -391,7 +416,9 @@ class Coordinator:
         self.lost = False  # a job gone from Redis needs no cleaning up
         try:
             if purge:
-                self.guarded(lambda: self.broker.purge_job(self.jid, self.owner, self.identity),
+                self.guarded(self.keep_logs, grace=min(self.options.redis_grace_s, 10.0))
+                self.guarded(lambda: self.broker.purge_job(self.jid, self.owner, self.identity,
+                                                           self.options.keep_s),
                              grace=min(self.options.redis_grace_s, 10.0))
             note("finished" if purge else "kept", self.jid, self.identity, self.job.path,
                  self.broker.where)

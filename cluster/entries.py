@@ -93,3 +93,63 @@ class Outcome:
     payload: bytes
     unit: bytes = b""
     digest: bytes = b""  # 8 bytes of the result's hash, to compare with later duplicates
+    log: bytes = b""  # a LogRecord as JSON, when job code wrote something or the unit failed
+
+
+STREAMS = ("import", "stdout", "stderr", "log")
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    """What job code wrote during one attempt at one unit: ``streams`` maps ``stdout``,
+    ``stderr``, ``log`` (``logging`` records) and ``import`` (output while the job's code was
+    imported, before this unit) to text; ``kind`` is the unit's outcome, ``error`` and
+    ``traceback`` are set when it failed."""
+
+    unit: int
+    attempt: int
+    worker: str
+    time: float  # the worker host's clock, seconds since the epoch
+    kind: str
+    streams: dict[str, str]
+    error: str = ""
+    traceback: str = ""
+
+    @property
+    def host(self) -> str:
+        return self.worker.split("/", 1)[0]
+
+    def to_json(self) -> bytes:
+        return json.dumps({"u": self.unit, "a": self.attempt, "w": self.worker, "t": self.time,
+                           "k": self.kind, "s": self.streams, "e": self.error,
+                           "tb": self.traceback}, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> LogRecord:
+        d = json.loads(raw)
+        return cls(int(d["u"]), int(d["a"]), str(d["w"]), float(d["t"]), str(d["k"]),
+                   {str(k): str(v) for k, v in d.get("s", {}).items()}, str(d.get("e", "")),
+                   str(d.get("tb", "")))
+
+    def lines(self) -> list[str]:
+        """Human lines, each prefixed with the host and unit (and attempt, after the first)."""
+        tag = f"[{self.host} unit {self.unit}" + (f" attempt {self.attempt}]"
+                                                  if self.attempt > 1 else "]")
+        out = []
+        for stream in STREAMS:
+            for line in self.streams.get(stream, "").splitlines():
+                out.append(f"{tag} {stream}: {line}" if stream != "stdout" else f"{tag} {line}")
+        if self.error:
+            out.append(f"{tag} failed: {self.error}")
+            out += [f"{tag} {line}" for line in self.traceback.splitlines()]
+        return out
+
+
+def output_block(streams: dict[str, str] | None) -> str:
+    """What a failed unit's code wrote, to show after its traceback."""
+    parts = []
+    for stream in STREAMS:
+        text = (streams or {}).get(stream, "")
+        if text:
+            parts.append(f"--- what it wrote ({stream}) ---\n{text.rstrip()}\n")
+    return "".join(parts)

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import codec
 from .broker import Broker
-from .entries import Failed, Snapshot, Unrecorded, parse_result
+from .entries import Failed, Snapshot, Unrecorded, output_block, parse_result
 from .errors import InfraError, JobFailed, JobGone, UnitFailed
 from .plan import Batcher, Tally
 from .results import Results, redis_bitmap
@@ -145,7 +145,8 @@ class Gatherer:
         log.warning("unit=%d job=%s failed: %s", index, self.jid, error.get("error"))
         if self.tally.failed > self.max_failed:
             raise UnitFailed(index, error.get("error", "?"), attempts=error.get("attempts", 0),
-                             worker=error.get("worker", "?"), detail=error.get("traceback", ""))
+                             worker=error.get("worker", "?"),
+                             detail=error.get("traceback", "") + output_block(error.get("output")))
 
 
 def _after(a: str, b: str) -> bool:

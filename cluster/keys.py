@@ -41,6 +41,11 @@ key                            type    meaning
 {p}job:{jid}:workdir           STRING  the job's directory: a gzip'd tar, signed in the job
                                        hash (``workdir_sha``, ``workdir_job``, ``workdir_sig``);
                                        a host's workers fetch it once (``workdir.Cache``)
+{p}job:{jid}:logs              STREAM  what job code wrote, one entry per unit attempt that
+                                       wrote something or failed: ``r`` -> a JSON record
+                                       (``entries.LogRecord``); bounded in bytes (stats
+                                       ``log_bytes``, ``log_dropped``). Outlives the job: kept
+                                       ``--keep`` hours after it ended, for ``cluster logs``
 =============================  ======  =====================================================
 
 Every ``job:{jid}*`` key expires with the job: the coordinator refreshes the expiry, and a
@@ -107,6 +112,9 @@ class Keys:
 
     def workdir(self, jid: str) -> str:
         return f"{self.prefix}job:{jid}:workdir"
+
+    def logs(self, jid: str) -> str:
+        return f"{self.prefix}job:{jid}:logs"
 
     def resume(self, identity: str) -> str:
         return f"{self.prefix}resume:{identity}"

@@ -12,12 +12,19 @@ from tqdm import tqdm
 class Reporter(Protocol):
     def update(self, done: int, total: int | None, reissued: int) -> None: ...
 
+    def write(self, line: str) -> None: ...
+
     def close(self) -> None: ...
 
 
 class NoReporter:
+    """No progress; lines (``--logs``) still go to stderr."""
+
     def update(self, done: int, total: int | None, reissued: int) -> None:
         pass
+
+    def write(self, line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         pass
@@ -39,6 +46,9 @@ class Bar:
         self.bar.n = done
         self.bar.set_postfix_str(f"{reissued} reissued", refresh=False)
         self.bar.refresh()
+
+    def write(self, line: str) -> None:
+        self.bar.write(line, file=self.bar.fp)
 
     def close(self) -> None:
         self.bar.close()
@@ -63,6 +73,9 @@ class Lines:
         eta = f", ETA {(total - done) / rate:.0f} s" if total and rate > 0 else ""
         print(f"progress: {done}{of} units, {rate:.1f} units/s{eta}, {reissued} reissued",
               file=self.stream, flush=True)
+
+    def write(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
 
     def close(self) -> None:
         pass

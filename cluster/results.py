@@ -97,6 +97,8 @@ class RunResult:
             line += f", {s['speculated']} speculative copies"
         if self.mismatched:
             line += f", {len(self.mismatched)} nondeterministic"
+        if s.get("log_dropped"):
+            line += f", {s['log_dropped']} log records dropped (over --max-log-size)"
         if self.failed:
             shown = ", ".join(map(str, self.failed[:10])) + ("..." if len(self.failed) > 10
                                                               else "")

@@ -48,7 +48,8 @@ def identity(job: Job, params: dict[str, Any], seed: int) -> str:
 
 def open_job(broker: Broker, job: Job, params: dict[str, Any], seed: int, *, jid: str,
              owner: str, key: bytes, max_attempts: int, resume: str | None, auto: bool,
-             max_result: int = 256 << 20, redis_grace: float = 60.0) -> Opened:
+             max_result: int = 256 << 20, redis_grace: float = 60.0,
+             max_log: int = 32_000_000) -> Opened:
     """Resume ``resume`` (or, with ``auto``, the unfinished job of the same identity), or
     register a new job ``jid``. Safe to call again after a lost reply."""
     ident = identity(job, params, seed)
@@ -78,7 +79,7 @@ def open_job(broker: Broker, job: Job, params: dict[str, Any], seed: int, *, jid
         "name": job.name, "path": job.path, "code": code, "sig": codec.sign(key, code),
         "seed": seed, "params": json.dumps(params, default=str), "identity": ident,
         "max_attempts": max_attempts, "owner": owner, "scattered": 0, "max_result": max_result,
-        "redis_grace": redis_grace,
+        "redis_grace": redis_grace, "max_log": max_log,
         "started": broker.server_time_ms(),
     }, workdir=job.archive.data if job.archive else None)
     if auto:

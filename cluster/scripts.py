@@ -28,7 +28,10 @@ may be retried after a lost reply and recognises its own earlier success.
 - ``RECLAIM``: a resuming coordinator clears the recorded bits of results lost with the previous
   coordinator, so that they are recorded again (fenced).
 - ``COPY``: a speculative copy of a straggling entry (units not yet recorded only).
-- ``PURGE``: a finished job's keys and any of its entries still queued are removed (fenced).
+- ``PURGE``: a finished job's keys and any of its entries still queued are removed (fenced);
+  its logs stream is kept for a while.
+- ``LOG``: a worker appends records of what job code wrote, within the job's byte bound (the
+  records over it are dropped and counted); nothing for a job that is gone.
 
 Keys that a script creates after the coordinator last refreshed the job's expiry inherit the
 expiry of the job's hash (``inherit``), so an abandoned job's keys all expire.
@@ -250,8 +253,9 @@ return dead
 
 PURGE = """
 local units, group, jid = KEYS[1], ARGV[1], ARGV[2]
-local owner = redis.call('HGET', KEYS[3], 'owner')
+local owner = redis.call('HGET', KEYS[4], 'owner')
 if owner and owner ~= ARGV[3] then return {'FENCED'} end
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('PEXPIRE', KEYS[3], ARGV[4]) end
 for _, e in ipairs(redis.call('XRANGE', units, '-', '+')) do
   if e[2][2] == jid then
     redis.call('XACK', units, group, e[1])
@@ -259,8 +263,26 @@ for _, e in ipairs(redis.call('XRANGE', units, '-', '+')) do
   end
 end
 redis.call('SREM', KEYS[2], jid)
-for i = 3, #KEYS do redis.call('DEL', KEYS[i]) end
+for i = 4, #KEYS do redis.call('DEL', KEYS[i]) end
 return {'OK'}
+"""
+
+LOG = INHERIT + """
+local job, stats, logs = KEYS[1], KEYS[2], KEYS[3]
+if redis.call('EXISTS', job) == 0 then return {'GONE'} end
+local bound, kept, dropped = tonumber(ARGV[1]), 0, 0
+for i = 2, #ARGV do
+  if redis.call('HINCRBY', stats, 'log_bytes', #ARGV[i]) > bound then
+    redis.call('HINCRBY', stats, 'log_bytes', -#ARGV[i])
+    dropped = dropped + 1
+  else
+    redis.call('XADD', logs, '*', 'r', ARGV[i])
+    kept = kept + 1
+  end
+end
+if dropped > 0 then redis.call('HINCRBY', stats, 'log_dropped', dropped) end
+inherit(job, stats, logs)
+return {'OK', kept, dropped}
 """
 
 TAKEOVER = """

@@ -63,6 +63,7 @@ LEASE = Range(0.1, 3600, unit="seconds")
 KEEP_HOURS = Range(0.001, 24 * 365, unit="hours")  # 3.6 s: the coordinator renews the
 SEED = Range(0, whole=True)  # expiry three times per --keep, at most every 30 s
 MAX_RESULT_MB = Range(0, 512, unit="MB", above=True)  # Redis takes no value over 512 MB
+MAX_LOG_MB = Range(0, 4096, unit="MB")
 MAX_WORKDIR_MB = Range(0, 512, unit="MB", above=True)  # shipped as one Redis value
 # agent (and hosts.ini)
 HEARTBEAT = Range(0.01, 60, unit="seconds")

@@ -12,6 +12,7 @@ carry over to the next.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,9 +29,10 @@ import redis
 
 from . import codec
 from .broker import Broker
+from .capture import Capture, is_ours
 from .context import running_unit
 from .credentials import Credentials
-from .entries import Outcome, Work
+from .entries import LogRecord, Outcome, Work
 from .errors import ClusterError, CodecError, RedisFull, RedisUnavailable
 from .jobfile import load_source
 from .proc import die_with_parent
@@ -51,9 +53,11 @@ class LoadedJob:
 
     def __init__(self, module: types.ModuleType | None, seed: int, error: str = "",
                  max_result: int = DEFAULT_MAX_RESULT, full_wait: float = 60.0,
-                 workspace: Workspace | None = None) -> None:
+                 workspace: Workspace | None = None, max_log: int = 0) -> None:
         self.module = module
         self.workspace = workspace
+        self.max_log = max_log  # bytes of log records the job keeps in Redis
+        self.imported: dict[str, str] = {}  # what its code wrote while being imported
         self.seed = seed
         self.error = error
         self.max_result = max_result
@@ -62,8 +66,10 @@ class LoadedJob:
 
 class Worker:
     def __init__(self, broker: Broker, wid: str, key: bytes, block_ms: int = 500,
-                 parent: int | None = None, cache: Cache | None = None) -> None:
+                 parent: int | None = None, cache: Cache | None = None,
+                 capture: Capture | None = None) -> None:
         self.broker = broker
+        self.capture = capture
         self.cache = cache or Cache(default_cache_dir())
         self.workspace: Workspace | None = None  # the job directory units now run in
         self.parent = parent
@@ -112,7 +118,9 @@ class Worker:
         stale, and compared with what was recorded."""
         self.unrecorded = (work, seconds, outcomes)
         try:
-            answer = self.broker.record(work, self.wid, seconds, outcomes)
+            job = self.jobs.get(work.jid)
+            answer = self.broker.record(work, self.wid, seconds, outcomes,
+                                        log_bound=job.max_log if job else 0)
         except RedisFull:
             self.unrecorded = (work, seconds, self.when_full(work, outcomes))
             raise
@@ -198,11 +206,16 @@ class Worker:
         try:
             module = load_source(code.decode(), path, module_name=f"cluster_job_{name}_{jid}",
                                  file=file)
+            loaded = LoadedJob(module, seed,
+                               max_result=int(info.get("max_result", DEFAULT_MAX_RESULT)),
+                               full_wait=float(info.get("redis_grace", 60.0)),
+                               workspace=workspace, max_log=int(info.get("max_log", 0)))
+            log.info("job=%s loaded (%s)", jid, name)
         except ClusterError as exc:
-            return LoadedJob(None, seed, f"on worker {self.wid}: {exc}")
-        log.info("job=%s loaded (%s)", jid, name)
-        return LoadedJob(module, seed, max_result=int(info.get("max_result", DEFAULT_MAX_RESULT)),
-                         full_wait=float(info.get("redis_grace", 60.0)), workspace=workspace)
+            loaded = LoadedJob(None, seed, f"on worker {self.wid}: {exc}",
+                               max_log=int(info.get("max_log", 0)))
+        loaded.imported = self.capture.take() if self.capture else {}
+        return loaded
 
     def workspace_of(self, jid: str, info: dict[str, bytes]) -> Workspace | None:
         """The job's directory, unpacked on this host once (``workdir.Cache``)."""
@@ -220,6 +233,21 @@ class Worker:
         return Workspace(path)
 
     def run_unit(self, job: LoadedJob, work: Work, index: int, blob: bytes) -> Outcome:
+        """Compute one unit; what its code wrote (and, if it failed, why) goes with it."""
+        outcome = self.compute(job, work, index, blob)
+        streams = self.capture.take() if self.capture else {}
+        if job.imported:
+            streams, job.imported = {"import": "".join(job.imported.values()), **streams}, {}
+        if not streams and outcome.kind == "ok":
+            return outcome
+        error: dict[str, Any] = {} if outcome.kind == "ok" else json.loads(outcome.payload)
+        record = LogRecord(index, work.attempt, self.wid, time.time(), outcome.kind, streams,
+                           error.get("error", ""), error.get("traceback", ""))
+        payload = outcome.payload if outcome.kind == "ok" else json.dumps(
+            {**error, "output": streams}).encode()
+        return dataclasses.replace(outcome, payload=payload, log=record.to_json())
+
+    def compute(self, job: LoadedJob, work: Work, index: int, blob: bytes) -> Outcome:
         if job.module is None:
             return self.failure(work, index, blob, "err", job.error, "")
         try:
@@ -259,8 +287,11 @@ def main() -> int:
     die_with_parent(signal.SIGKILL)
     config: dict[str, Any] = json.loads(sys.stdin.read())
     parent = int(config["agent_pid"])
-    logging.basicConfig(level=config.get("log_level", "INFO"),
+    capture = Capture()  # from here on, fds 1 and 2 are job code's, caught per unit
+    logging.basicConfig(level=config.get("log_level", "INFO"), stream=capture.install(),
                         format=f"%(asctime)s {config['wid']} %(levelname)s %(message)s")
+    logging.getLogger().handlers[0].addFilter(is_ours)
+    logging.getLogger().addHandler(capture.records)
     creds = Credentials.from_json(json.dumps(config["credentials"]), "stdin")
     stopping = False
 
@@ -279,7 +310,7 @@ def main() -> int:
         return 0
     cache = Cache(Path(config["cache_dir"])) if config.get("cache_dir") else None
     worker = Worker(broker, config["wid"], creds.key, block_ms=config.get("block_ms", 500),
-                    parent=parent, cache=cache)
+                    parent=parent, cache=cache, capture=capture)
     worker.stopping = stopping
     return run_forever(worker, parent)
 
