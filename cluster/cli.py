@@ -24,7 +24,7 @@ from .config import ClusterConfig
 from .coordinator import Coordinator, RunOptions
 from .credentials import Credentials, resolve
 from .doctor import Doctor
-from .errors import ClusterError, ExitCode, UsageError
+from .errors import ClusterError, ExitCode, ResultNotPrinted, UsageError
 from .jobfile import Job, load_job, parse_params
 from .launcher import Launcher
 from .local import LocalCluster
@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--seed", type=within(settings.SEED), help="seed of every unit's generator "
                         "(default: the job's SEED, else 0)")
     submit.add_argument("--output", "-o", help="write the result to FILE (.npy, .npz, .json, .png)")
+    submit.add_argument("--print", choices=output.PRINT_MODES, default="auto",
+                        help="the result on stdout: json, text or none (default: text on a "
+                        "terminal, else json)")
     submit.add_argument("--timeout", type=within(settings.TIMEOUT), metavar="SECONDS",
                         help="give up after SECONDS (exit code 4)")
     submit.add_argument("--worker-timeout", type=within(settings.WORKER_TIMEOUT), default=30.0,
@@ -188,6 +191,23 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    mode = output.print_mode(args.print, terminal=sys.stdout.isatty())
+    with output.stdout_to_stderr():  # job code and a local cluster's workers print to stderr
+        name, result = submit_job(args)
+    written = output.write(args.output, result.value) if args.output else None
+    if written:
+        print(f"result written to {written}", file=sys.stderr)
+    problem = output.show(result.value, mode, sys.stdout)
+    report(result)
+    if problem and written:
+        print(f"result not printed: {problem}; it is in {written}", file=sys.stderr)
+    elif problem:
+        raise ResultNotPrinted(problem, str(output.keep(f"{name}-{result.jid}", result.value)))
+    return ExitCode.PARTIAL if result.failed else ExitCode.OK
+
+
+def submit_job(args: argparse.Namespace) -> tuple[str, RunResult]:
+    """Run the job ``args`` name: the job's name and what the run returned."""
     job = load_job(args.job)
     params = parse_params(args.param, job.defaults)
     if args.output:
@@ -206,18 +226,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
                          auto_resume=creds is not None and not args.fresh)
     if creds is None:
         with LocalCluster(cores=args.cores) as local:
-            result = run_job(local, job, params, options, args.progress)
-    else:
-        result = run_job(creds, job, params, options, args.progress)
-    print(output.render(result.value), flush=True)
-    if args.output:
-        written = output.write(args.output, result.value)
-        print(f"result written to {written}", file=sys.stderr)
+            return job.name, run_job(local, job, params, options, args.progress)
+    return job.name, run_job(creds, job, params, options, args.progress)
+
+
+def report(result: RunResult) -> None:
+    """The run's summary on stderr, and units per host when there were several."""
     print(result.summary(), file=sys.stderr)
     if len(result.tally.hosts()) > 1:
         per_host = ", ".join(f"{h} {n}" for h, n in sorted(result.tally.by_host().items()))
         print(f"units per host: {per_host}", file=sys.stderr)
-    return ExitCode.PARTIAL if result.failed else ExitCode.OK
 
 
 def check_local_flags(args: argparse.Namespace, local: bool) -> None:
