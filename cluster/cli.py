@@ -4,7 +4,6 @@ maps errors to exit codes (``errors.ExitCode``)."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
@@ -13,9 +12,9 @@ import signal
 import socket
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import redis
 
@@ -38,7 +37,7 @@ from .coordinator import Coordinator, RunOptions
 from .credentials import Credentials, resolve
 from .doctor import Doctor
 from .entries import LogRecord
-from .errors import ClusterError, ExitCode, UsageError
+from .errors import ClusterError, ExitCode, ResultNotPrinted, UsageError
 from .jobfile import Job, load_job, parse_params
 from .launcher import Launcher
 from .local import LocalCluster
@@ -78,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--seed", type=within(settings.SEED), help="seed of every unit's generator "
                         "(default: the job's SEED, else 0)")
     submit.add_argument("--output", "-o", help="write the result to FILE (.npy, .npz, .json, .png)")
+    submit.add_argument("--print", choices=output.PRINT_MODES, default="auto",
+                        help="the result on stdout: json, text or none (default: text on a "
+                        "terminal, else json)")
     submit.add_argument("--timeout", type=within(settings.TIMEOUT), metavar="SECONDS",
                         help="give up after SECONDS (exit code 4)")
     submit.add_argument("--worker-timeout", type=within(settings.WORKER_TIMEOUT), default=30.0,
@@ -237,29 +239,23 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    with result_stdout() as stdout:
-        return submit(args, stdout)
+    mode = output.print_mode(args.print, terminal=sys.stdout.isatty())
+    with output.stdout_to_stderr():  # job code and a local cluster's workers print to stderr
+        name, result = submit_job(args)
+    written = output.write(args.output, result.value) if args.output else None
+    if written:
+        print(f"result written to {written}", file=sys.stderr)
+    problem = output.show(result.value, mode, sys.stdout)
+    report(result, args)
+    if problem and written:
+        print(f"result not printed: {problem}; it is in {written}", file=sys.stderr)
+    elif problem:
+        raise ResultNotPrinted(problem, str(output.keep(f"{name}-{result.jid}", result.value)))
+    return ExitCode.PARTIAL if result.failed else ExitCode.OK
 
 
-@contextlib.contextmanager
-def result_stdout() -> Iterator[TextIO]:
-    """stdout is the result's alone: while a submit runs, whatever else writes to fd 1 (job
-    code run here: its import, scatter, gather) goes to stderr. Yields the real stdout."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    stream = os.fdopen(os.dup(saved), "w")
-    try:
-        yield stream
-    finally:
-        try:
-            stream.close()
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
-
-
-def submit(args: argparse.Namespace, stdout: TextIO) -> int:
+def submit_job(args: argparse.Namespace) -> tuple[str, RunResult]:
+    """Run the job ``args`` name: the job's name and what the run returned."""
     job = load_job(args.job, args.workdir)
     params = parse_params(args.param, job.defaults)
     job = dataclasses.replace(job, archive=workdir.pack(
@@ -283,13 +279,12 @@ def submit(args: argparse.Namespace, stdout: TextIO) -> int:
                          keep_logs_locally=creds is None)
     if creds is None:
         with LocalCluster(cores=args.cores) as local:
-            result = run_job(local, job, params, options, args.progress)
-    else:
-        result = run_job(creds, job, params, options, args.progress)
-    print(output.render(result.value), file=stdout, flush=True)
-    if args.output:
-        written = output.write(args.output, result.value)
-        print(f"result written to {written}", file=sys.stderr)
+            return job.name, run_job(local, job, params, options, args.progress)
+    return job.name, run_job(creds, job, params, options, args.progress)
+
+
+def report(result: RunResult, args: argparse.Namespace) -> None:
+    """The run's summary on stderr, and units per host when there were several."""
     print(result.summary(), file=sys.stderr)
     if result.stats.get("log_bytes") and not args.logs:
         print(f"compute wrote output: cluster logs {result.jid}{where_flags(args)}",
@@ -297,7 +292,6 @@ def submit(args: argparse.Namespace, stdout: TextIO) -> int:
     if len(result.tally.hosts()) > 1:
         per_host = ", ".join(f"{h} {n}" for h, n in sorted(result.tally.by_host().items()))
         print(f"units per host: {per_host}", file=sys.stderr)
-    return ExitCode.PARTIAL if result.failed else ExitCode.OK
 
 
 def where_flags(args: argparse.Namespace) -> str:

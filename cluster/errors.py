@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     INFRA = 3  # Redis unreachable or refusing us, no worker, lost workers
     TIMEOUT = 4  # --timeout elapsed
     PARTIAL = 5  # finished, but units failed for good within the --max-failed budget
+    NOT_PRINTED = 6  # finished, but the result could not be printed as JSON: it is in a file
     INTERRUPTED = 130  # Ctrl-C / SIGTERM
 
 
@@ -121,3 +122,16 @@ class JobTimeout(ClusterError):
     """The job did not finish within ``--timeout``."""
 
     exit_code = ExitCode.TIMEOUT
+
+
+class ResultNotPrinted(ClusterError):
+    """The job finished, but its result could not go to stdout as JSON (too large, or with no
+    JSON form) and no ``--output`` was given: it was written to ``path`` instead."""
+
+    exit_code = ExitCode.NOT_PRINTED
+
+    def __init__(self, problem: str, path: str) -> None:
+        super().__init__(f"result not printed: {problem}; it was written to {path} instead "
+                         "(use --output FILE, or --print none)")
+        self.problem = problem
+        self.path = path
