@@ -206,15 +206,22 @@ def test_over_the_cap_without_output_fails_and_keeps_the_result(
     assert "1 units on" in r.stderr  # the summary still comes
 
 
-def test_nothing_but_the_result_reaches_stdout(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nothing_but_the_result_reaches_stdout(monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
     """On a private local cluster, whose agent and workers this submit starts: the job's prints
-    at import, in scatter, compute and gather, from Python and to fd 1, all go to stderr."""
+    at import, in scatter and gather, from Python and to fd 1, go to stderr; those of compute
+    to its captured output (`cluster logs`)."""
     for name in ("CLUSTER_REDIS_URL", "CLUSTER_REDIS_PASSWORD", "CLUSTER_PREFIX"):
         monkeypatch.delenv(name, raising=False)
-    r = run_cli("submit", str(SAMPLES / "chatty.py"), "--cores", "1", "--progress", "none")
+    env = {"CLUSTER_LOG_DIR": str(tmp_path)}
+    r = run_cli("submit", str(SAMPLES / "chatty.py"), "--cores", "1", "--progress", "none",
+                env=env)
     assert r.returncode == 0, r.stderr
     assert strict_json(r.stdout) == {"squares": [0, 1, 4]}
-    for said in ("imported", "scatter", "compute 2", "sys.stdout", "fd 1 in a worker", "gather",
-                 "fd 1 in the coordinator"):
+    for said in ("imported", "scatter", "gather", "fd 1 in the coordinator"):
         assert f"chatty: {said}" in r.stderr, r.stderr
+    jid = r.stderr.split("cluster logs ")[1].split()[0]
+    logs = run_cli("logs", jid, env=env).stdout
+    for said in ("compute 2", "sys.stdout", "fd 1 in a worker"):
+        assert f"chatty: {said}" in logs and f"chatty: {said}" not in r.stderr, logs
 
