@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import JOBS, need_root_network, run_cli
+from conftest import JOBS, SAMPLES, need_root_network, run_cli
 from netns import NsHost, NsNetwork, NsSite, hosts_ini
 from test_workdir import expected_total, make_project
 from waiting import wait_for
@@ -201,6 +201,28 @@ def test_a_job_directory_runs_on_every_host_and_is_unpacked_once_per_host(site: 
     second = run(25)
     assert {h: second[h] for h in first if h in second} == {h: first[h] for h in second
                                                            if h in first}  # not unpacked again
+
+
+def test_what_compute_writes_on_hosts_is_in_cluster_logs(site: Site):
+    r = run_cli("submit", str(SAMPLES / "talky.py"), "--hosts", str(site.ini), "--param",
+                "units=12", "--progress", "none", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == sum(range(12))  # stdout holds the result only
+    jid = r.stderr.split("cluster logs ")[1].split()[0]
+    logs = run_cli("logs", jid, "--hosts", str(site.ini))
+    assert logs.returncode == 0, logs.stderr
+    hosts = set()
+    for i in range(12):
+        tagged = [line for line in logs.stdout.splitlines() if f" unit {i}] " in line]
+        text = "\n".join(tagged)
+        for way in (f"print of unit {i}", f"fd1 of unit {i}", f"C printf of unit {i}",
+                    f"stderr: fd2 of unit {i}", f"log: WARNING talky: logging of unit {i}"):
+            assert way in text, logs.stdout
+        hosts.add(tagged[0][1:].split()[0])
+    assert hosts <= {h.name for h in site.net.hosts}
+    one = sorted(hosts)[0]
+    only = run_cli("logs", jid, "--hosts", str(site.ini), "--host", one).stdout
+    assert only and all(line.startswith(f"[{one} unit ") for line in only.splitlines())
 
 
 def test_an_unreachable_host_is_reported_while_the_others_come_up(site: Site):
