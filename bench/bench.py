@@ -31,6 +31,7 @@ is counted in 10 ms ticks, so the share is coarse for runs much shorter than a s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing
 import os
 import shlex
@@ -46,6 +47,7 @@ from typing import Any
 
 import psutil
 
+from cluster import workdir
 from cluster.broker import Broker
 from cluster.coordinator import Coordinator, RunOptions
 from cluster.credentials import Credentials
@@ -231,7 +233,8 @@ def check(w: Workload, runner: str, value: Any) -> None:
 
 def measure(w: Workload, creds: Credentials, pool: Pool, runs: int, warmup: int, n: int) -> None:
     """Warm-up, then `runs` rounds of cluster, Pool (and serial): timings into w."""
-    job = load_job(w.path)
+    job = load_job(w.path)  # shipped with its directory, as cluster submit does
+    job = dataclasses.replace(job, archive=workdir.pack(Path(w.path)))
     params = {**job.defaults, **w.params}
     runners: dict[str, Callable[[], tuple[Any, float]]] = {
         "cluster": lambda: run_cluster(creds, job, params),
