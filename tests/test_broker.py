@@ -7,7 +7,7 @@ import pytest
 
 from cluster import codec
 from cluster.broker import Broker
-from cluster.entries import Outcome, Unrecorded, Work, parse_result
+from cluster.entries import LogRecord, Outcome, Unrecorded, Work, parse_result
 from cluster.errors import Fenced
 
 JID, OWNER = "j1", "owner-token"
@@ -283,7 +283,10 @@ def test_keys_made_after_the_last_expiry_refresh_expire_with_the_job(job: Broker
                                         digest=digest(1))])
     job.reissue("w2", charge=False, reason="lost")
     rec(job, second, "w2", 0.0, [ok(1, 1)])  # stale
-    for key in job.keys.job_keys(JID):
+    said = LogRecord(0, 1, "w1", 0.0, "ok", {"stdout": "hi\n"}).to_json()
+    job._log(keys=[job.keys.job(JID), job.keys.stats(JID), job.keys.logs(JID)], args=[99, said])
+    made = [k for k in job.keys.job_keys(JID) if k != job.keys.workdir(JID)]  # comes with the job
+    for key in [*made, job.keys.logs(JID)]:
         assert job.client.exists(key), key
         assert 0 < job.client.ttl(key) <= 3600, key
 

@@ -156,8 +156,11 @@ def job_id(tmp_path: Path) -> str:
 
 
 def assert_clean(aof: AofRedis) -> None:
+    """Nothing of the job is left but its logs, which expire --keep hours after it ended."""
     with aof.client() as client:
-        assert client.keys("r:job:*") == [] and client.keys("r:resume:*") == []
+        logs = client.keys("r:job:*:logs")
+        assert set(client.keys("r:job:*")) == set(logs) and client.keys("r:resume:*") == []
+        assert all(0 < client.ttl(k) <= 24 * 3600 for k in logs)
         assert client.xpending("r:units", "workers")["pending"] == 0
 
 
