@@ -29,6 +29,7 @@ from .jobfile import Job, load_job, parse_params
 from .launcher import Launcher
 from .local import LocalCluster
 from .remote import HostReport
+from .requirements import Installed, check_hosts
 from .results import RunResult
 
 EXIT_INTERNAL = 70
@@ -205,6 +206,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
                          max_result_bytes=int(args.max_result_size * 1e6),
                          auto_resume=creds is not None and not args.fresh)
     if creds is None:
+        check_hosts(job.path, job.requirements, [Installed.here("this environment")],
+                    f"install it for {sys.executable} (the local cluster runs it)")
         with LocalCluster(cores=args.cores) as local:
             result = run_job(local, job, params, options, args.progress)
     else:
@@ -249,7 +252,8 @@ def submit_lease(given: float | None, cfg: ClusterConfig | None, local: bool) ->
 
 def cmd_up(args: argparse.Namespace) -> int:
     cfg = config.load(args.hosts)
-    house = wheelhouse.prepare(Path(args.wheelhouse) if args.wheelhouse else None)
+    house = wheelhouse.prepare(Path(args.wheelhouse) if args.wheelhouse else None,
+                               requirements=cfg.requirements, packages=cfg.packages)
     creds = credentials.for_cluster(cfg, create=True)
     reports = Launcher(cfg, creds, args.accept_new_host_keys, house).up()
     print(report_table(reports, with_agent=True))
@@ -317,6 +321,10 @@ def run_job(creds: Credentials, job: Job, params: dict[str, Any], options: RunOp
     broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix,
                             socket_timeout=15.0, retry_s=options.redis_grace_s)
     try:
+        if job.requirements:  # agents that join later are not checked (README)
+            hosts = broker.live_agents_info(int(options.lease_s * 1000))
+            check_hosts(job.path, job.requirements, map(Installed.from_agent, hosts),
+                        "list it in requirements in hosts.ini and run cluster up")
         coordinator = Coordinator(broker, job, params, creds.key, options,
                                   progress.reporter(progress_mode))
         return coordinator.run()
