@@ -36,6 +36,7 @@ from .broker import Broker
 from .credentials import Credentials
 from .errors import ExitCode, RedisUnavailable, UsageError
 from .proc import die_with_parent
+from .requirements import Installed
 from .settings import parse_cpus
 from .worker import RECYCLE
 
@@ -175,6 +176,7 @@ class Agent:
             "host": self.settings.host, "pid": os.getpid(), "version": __version__,
             "cpus": ",".join(map(str, self.settings.cpus)),
             "key": codec.fingerprint(self.creds.key), "started": self.broker.server_time_ms(),
+            **Installed.here(self.settings.host).fields(),  # checked by cluster submit
         })
         for old in self.broker.retire_replaced_agents(self.aid, self.settings.host):
             log.info("agent %s replaces %s, silent beyond its lease", self.aid, old)

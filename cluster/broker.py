@@ -352,6 +352,11 @@ class Broker:
         return prints
 
     @edge
+    def live_agents_info(self, lease_ms: int) -> list[dict[str, str]]:
+        """What each live agent registered: host, version, installed packages..."""
+        return self._hashes([self.keys.agent(aid) for aid in self.live_agents(lease_ms)])
+
+    @edge
     def set_total(self, jid: str, total: int) -> None:
         """Scatter is done: the job has ``total`` units (kept for a resuming coordinator)."""
         self.client.hset(self.keys.job(jid), "total", total)

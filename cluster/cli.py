@@ -42,6 +42,7 @@ from .jobfile import Job, load_job, parse_params
 from .launcher import Launcher
 from .local import LocalCluster
 from .remote import HostReport
+from .requirements import Installed, check_hosts
 from .results import RunResult
 
 EXIT_INTERNAL = 70
@@ -278,6 +279,8 @@ def submit_job(args: argparse.Namespace) -> tuple[str, RunResult]:
                          max_log_bytes=int(args.max_log_size * 1e6), stream_logs=args.logs,
                          keep_logs_locally=creds is None)
     if creds is None:
+        check_hosts(job.path, job.requirements, [Installed.here("this environment")],
+                    f"install it for {sys.executable} (the local cluster runs it)")
         with LocalCluster(cores=args.cores) as local:
             return job.name, run_job(local, job, params, options, args.progress)
     return job.name, run_job(creds, job, params, options, args.progress)
@@ -331,7 +334,8 @@ def submit_lease(given: float | None, cfg: ClusterConfig | None, local: bool) ->
 
 def cmd_up(args: argparse.Namespace) -> int:
     cfg = config.load(args.hosts)
-    house = wheelhouse.prepare(Path(args.wheelhouse) if args.wheelhouse else None)
+    house = wheelhouse.prepare(Path(args.wheelhouse) if args.wheelhouse else None,
+                               requirements=cfg.requirements, packages=cfg.packages)
     creds = credentials.for_cluster(cfg, create=True)
     reports = Launcher(cfg, creds, args.accept_new_host_keys, house).up()
     print(report_table(reports, with_agent=True))
@@ -429,6 +433,10 @@ def run_job(creds: Credentials, job: Job, params: dict[str, Any], options: RunOp
     broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix,
                             socket_timeout=15.0, retry_s=options.redis_grace_s)
     try:
+        if job.requirements:  # agents that join later are not checked (README)
+            hosts = broker.live_agents_info(int(options.lease_s * 1000))
+            check_hosts(job.path, job.requirements, map(Installed.from_agent, hosts),
+                        "list it in requirements in hosts.ini and run cluster up")
         coordinator = Coordinator(broker, job, params, creds.key, options,
                                   progress.reporter(progress_mode))
         return coordinator.run()

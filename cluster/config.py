@@ -16,6 +16,9 @@
     heartbeat = 0.5                 ; agents renew heartbeats and leases this often (seconds)
     lease = 5                       ; a worker not renewed this long is lost (submit --lease)
     redis_maxmemory = 50%           ; for a Redis that up starts: of the host's RAM, or 4gb
+    requirements =                  ; what up builds into the wheelhouse and installs on hosts:
+        scipy>=1.11                 ;   one per line: a requirement (from an index, on this
+        ./tools/mylib               ;   machine), or a local project directory or wheel
 
     [host node1]                    ; one section per host
     address = 10.0.0.11             ; default: the section's name
@@ -35,11 +38,12 @@ from pathlib import Path
 
 from . import settings
 from .errors import UsageError
+from .requirements import parse
 from .settings import Memory, Range, parse_cpus
 
 CLUSTER_KEYS = {"name", "redis", "redis_port", "user", "port", "identity_file", "known_hosts",
                 "install_dir", "python", "state_dir", "connect_timeout", "redis_grace",
-                "heartbeat", "lease", "redis_maxmemory"}
+                "heartbeat", "lease", "redis_maxmemory", "requirements"}
 HOST_KEYS = {"address", "cores", "cpus", "user", "port", "python", "install_dir",
              "identity_file"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -94,6 +98,8 @@ class ClusterConfig:
     heartbeat: float = settings.HEARTBEAT_S
     lease: float = settings.LEASE_S
     redis_maxmemory: Memory = Memory()
+    requirements: tuple[str, ...] = ()  # for pip, from an index or from the wheelhouse
+    packages: tuple[Path, ...] = ()  # local project directories and wheels, built by up
 
     @property
     def prefix(self) -> str:
@@ -198,6 +204,7 @@ class _Parsed:
         state_dir = Path(cluster.get("state_dir", f"~/.config/cluster/{name}")).expanduser()
         redis_url, redis_host = self.redis(cluster.get("redis", "").strip(), hosts)
         heartbeat = self.number("heartbeat", settings.HEARTBEAT, settings.HEARTBEAT_S)
+        requirements, packages = self.requirements()
         return ClusterConfig(
             path=self.path, name=name, hosts=hosts, redis_url=redis_url, redis_host=redis_host,
             redis_port=int(self.number("redis_port", settings.PORT, 6379)),
@@ -206,7 +213,8 @@ class _Parsed:
             .expanduser(),
             connect_timeout=self.number("connect_timeout", settings.CONNECT_TIMEOUT, 10.0),
             redis_grace=self.number("redis_grace", settings.REDIS_GRACE, 60.0),
-            heartbeat=heartbeat, lease=self.lease(heartbeat), redis_maxmemory=self.memory())
+            heartbeat=heartbeat, lease=self.lease(heartbeat), redis_maxmemory=self.memory(),
+            requirements=requirements, packages=packages)
 
     def host(self, section: str, defaults: dict[str, str | None]) -> HostConfig:
         self.check_keys(section, HOST_KEYS)
@@ -291,3 +299,33 @@ class _Parsed:
             return settings.parse_memory(value)
         except ValueError as exc:
             raise self.error("cluster", "redis_maxmemory", str(exc)) from None
+
+    def requirements(self) -> tuple[tuple[str, ...], tuple[Path, ...]]:
+        """hosts.ini's requirements, one per line: requirements (``scipy>=1.11``, ``name @
+        URL``) and local paths (containing a ``/`` or ending in ``.whl``; relative to
+        hosts.ini), which must be a wheel or a project directory."""
+        wanted: list[str] = []
+        packages: list[Path] = []
+        for entry in self.parser["cluster"].get("requirements", "").splitlines():
+            entry = entry.strip()
+            if not entry:
+                continue
+            if entry.endswith(".whl") or ("/" in entry and "@" not in entry):
+                packages.append(self.package(entry))
+                continue
+            try:
+                wanted.append(str(parse(entry)))
+            except ValueError as exc:
+                hint = "; give one per line" if "," in entry else ""
+                raise self.error("cluster", "requirements", f"{exc}{hint}") from None
+        return tuple(wanted), tuple(packages)
+
+    def package(self, entry: str) -> Path:
+        path = (self.path.parent / Path(entry).expanduser()).resolve()
+        if path.is_file() and path.suffix == ".whl":
+            return path
+        if path.is_dir() and any((path / f).is_file() for f in ("pyproject.toml", "setup.py")):
+            return path
+        problem = "no such wheel or directory" if not path.exists() else \
+            "neither a wheel nor a project directory (with a pyproject.toml or setup.py)"
+        raise self.error("cluster", "requirements", f"{entry}: {problem} ({path})")

@@ -52,6 +52,19 @@ class JobFileError(UsageError):
         self.problem = problem
 
 
+class MissingRequirements(UsageError):
+    """Hosts lack what a job requires: ``cluster submit`` refuses it before scattering.
+    ``missing``: requirement -> host -> what the host has instead."""
+
+    def __init__(self, job: str, missing: dict[str, dict[str, str]], remedy: str) -> None:
+        needs = "; ".join(
+            f"{requirement} ({', '.join(f'{host}: {found}' for host, found in hosts.items())})"
+            for requirement, hosts in missing.items())
+        super().__init__(f"{job} needs {needs}: {remedy}")
+        self.job = job
+        self.missing = missing
+
+
 class CodecError(ClusterError):
     """A value cannot be encoded for the wire (object arrays, sets, arbitrary objects...)."""
 

@@ -4,6 +4,7 @@ A job file is a plain Python module with::
 
     PARAMS = {"units": 64}                # optional defaults, overridden by --param
     SEED = 0                              # optional default seed, overridden by --seed
+    REQUIREMENTS = ["scipy>=1.11"]        # optional: what hosts must have (requirements.py)
     def scatter(params): yield {...}      # work units, lazily
     def compute(unit): return ...         # runs on workers
     def reduce(accumulator, result): ...  # optional: fold results as they arrive
@@ -23,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from packaging.requirements import Requirement
+
+from . import requirements
 from .errors import JobFileError, UsageError
 from .workdir import Archive
 
@@ -39,6 +43,7 @@ class Job:
     defaults: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     archive: Archive | None = None  # its directory, packed to ship to workers
+    requirements: tuple[Requirement, ...] = ()  # REQUIREMENTS, and a requirements.txt beside
 
     @property
     def name(self) -> str:
@@ -90,7 +95,8 @@ def load_job(path: str, workdir: str | None = None) -> Job:
     seed = getattr(module, "SEED", 0)
     if not isinstance(seed, int) or seed < 0:
         raise JobFileError(path, "SEED must be a non-negative int")
-    return Job(path=path, source=source, module=module, defaults=dict(defaults), seed=seed)
+    return Job(path=path, source=source, module=module, defaults=dict(defaults), seed=seed,
+               requirements=requirements.of_job(module, path))
 
 
 def load_source(source: str, path: str, module_name: str, file: str | None = None

@@ -16,7 +16,11 @@ key                            type    meaning
                                        to that entry only); ``committed``: the entry it last
                                        committed (a retried commit is recognised)
 {p}agents                      ZSET    agent id -> last heartbeat (ms)
-{p}agent:{aid}                 HASH    host, pid, version, cpus, key fingerprint, started
+{p}agent:{aid}                 HASH    host, pid, version, cpus, key fingerprint, started;
+                                       ``packages``: JSON, every distribution installed where
+                                       it runs -> its version; ``environment``: JSON, the values
+                                       of PEP 508 markers there (``cluster submit`` checks a
+                                       job's requirements against both)
 {p}shutdown                    STRING  present: every agent stops (``cluster down``)
 {p}jobs                        SET     ids of the jobs being run
 {p}resume:{identity}           STRING  id of the unfinished job with this identity (hash of job

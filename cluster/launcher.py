@@ -6,6 +6,7 @@ On each host everything lives in its install directory (mode 0700)::
     wheels/            the wheelhouse shipped from here
     venv/              the virtualenv the agent runs in
     BUILD              the build id installed in venv
+    REQUIREMENTS       the id of hosts.ini's requirements installed in venv
     credentials.json   Redis URL, password and cluster key (0600)
     agent.pid agent.log agent.build
     redis/             redis.conf (0600), AOF, pid and log, on the host that runs Redis
@@ -14,6 +15,11 @@ The Redis that `up` starts is sized to the cluster (``redisconf``): ``maxclients
 worker and agent, its file limit raised to match, and ``maxmemory`` a share of the host's RAM
 (hosts.ini ``redis_maxmemory``) with ``noeviction``. The Redis host's row says what Redis
 accepted.
+
+hosts.ini's ``requirements`` are installed beside cluster, from the wheelhouse. When only they
+changed, pip installs what is new (a local package whose wheel changed is reinstalled); either
+change restarts the agent, which reports what is installed when it starts, and each host's row
+says which versions of the requirements its agent reports.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from .credentials import Credentials
 from .errors import ClusterError
 from .redisconf import Limits
 from .remote import HostReport, Remote, check_disk, check_python, fan_out
+from .requirements import Installed, parse, unmet
 from .ssh import HostError, connect
 from .wheelhouse import Wheelhouse
 
@@ -146,11 +153,13 @@ class Launcher:
         wheelhouse = self.wheelhouse
         assert wheelhouse is not None
         check_python(remote)
-        if remote.read("BUILD") != wheelhouse.build:
+        new_build = remote.read("BUILD") != wheelhouse.build
+        changed = new_build or remote.read("REQUIREMENTS") != wheelhouse.requirements_id
+        if changed:
             check_disk(remote)
         remote.sh(f"mkdir -p -m 700 {shlex.quote(remote.dir)} {remote.q('wheels')}")
-        if remote.read("BUILD") != wheelhouse.build:
-            self.ship(remote, wheelhouse)
+        if changed:
+            self.ship(remote, wheelhouse, new_build)
         remote.write_private("credentials.json", self.creds.to_json())
 
     @staticmethod
@@ -165,19 +174,26 @@ class Launcher:
                 sent.append(name)
         return sent
 
-    def ship(self, remote: Remote, wheelhouse: Wheelhouse) -> None:
-        self.ship_wheels(remote, wheelhouse)
+    def ship(self, remote: Remote, wheelhouse: Wheelhouse, new_build: bool = True) -> None:
+        """Send the wheels and install them: cluster again when its build is new (its version
+        stays), a local package's wheel when it changed, else only what is missing."""
+        sent = self.ship_wheels(remote, wheelhouse)
         python = shlex.quote(remote.host.python)
         remote.sh(f"test -x {remote.q('venv/bin/python')} || {python} -m venv {remote.q('venv')}")
         pip = f"{remote.q('venv/bin/python')} -m pip install --quiet --no-index " \
               f"--find-links {remote.q('wheels')}"
         ours = f"{remote.q('wheels')}/cluster-*.whl"
-        remote.sh(f"{pip} --force-reinstall --no-deps {ours} && {pip} {ours}", timeout=600)
-        remote.sh(f"echo {wheelhouse.build} > {remote.q('BUILD')}")
+        again = [remote.q(f"wheels/{name}") for name in wheelhouse.local if name in sent]
+        again += [ours] if new_build else []
+        wanted = " ".join(shlex.quote(r) for r in wheelhouse.installs)
+        steps = [f"{pip} --force-reinstall --no-deps {' '.join(again)}"] if again else []
+        remote.sh(" && ".join([*steps, f"{pip} {ours} {wanted}"]), timeout=600)
+        remote.sh(f"echo {wheelhouse.build} > {remote.q('BUILD')} && "
+                  f"echo {wheelhouse.requirements_id} > {remote.q('REQUIREMENTS')}")
 
     def up_host(self, host: HostConfig, broker: Broker) -> HostReport:
         assert self.wheelhouse is not None
-        build = self.wheelhouse.build
+        build = self.wheelhouse.agent_build
         remote = self.remote(host)
         with remote.conn:
             self.prepare(remote)
@@ -194,8 +210,23 @@ class Launcher:
         if previous.isdigit() and previous != info.get("pid"):
             broker.forget_agent(f"{host.name}/{previous}")  # dead or stopped: replaced
         broker.retire_replaced_agents(aid, host.name)
-        return HostReport(host.name, state=state, cpus=info.get("cpus", ""),
-                          pid=int(info.get("pid", 0)), version=info.get("version", ""))
+        report = HostReport(host.name, state=state, cpus=info.get("cpus", ""),
+                            pid=int(info.get("pid", 0)), version=info.get("version", ""))
+        self.report_requirements(report, Installed.from_agent(info))
+        return report
+
+    def report_requirements(self, report: HostReport, installed: Installed) -> None:
+        """The versions of hosts.ini's requirements that the agent reports, on the host's row;
+        one it does not report as met is a problem (pip said it installed it)."""
+        assert self.wheelhouse is not None
+        wanted = [parse(text) for text in self.wheelhouse.installs]
+        if wanted:
+            report.state += ", with " + ", ".join(
+                f"{r.name} {installed.version(r.name) or '(none)'}" for r in wanted)
+        for requirement, hosts in unmet(wanted, [installed]).items():
+            report.ok = False
+            report.problems.append(f"its agent does not report {requirement} installed: "
+                                   f"{hosts[installed.host]}")
 
     def start_agent(self, remote: Remote, build: str) -> None:
         args = ["agent", "--credentials", remote.path("credentials.json"), "--name",
