@@ -19,7 +19,7 @@ class ExitCode(IntEnum):
     INFRA = 3  # Redis unreachable or refusing us, no worker, lost workers
     TIMEOUT = 4  # --timeout elapsed
     PARTIAL = 5  # finished, but units failed for good within the --max-failed budget
-    NOT_PRINTED = 6  # finished, but the result could not be printed as JSON: it is in a file
+    NOT_PRINTED = 7  # finished, but the result could not be printed as JSON: it is in a file
     INTERRUPTED = 130  # Ctrl-C / SIGTERM
 
 
