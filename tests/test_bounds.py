@@ -109,7 +109,11 @@ def test_large_results_leave_redis_as_they_are_gathered(small_redis: SmallRedis)
     sampler.join()
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == list(range(64))
-    assert sampler.peak - idle < 64 << 20, (
+    # Queued ahead: at most 3 units' results (24 MB, plan.INFLIGHT_BYTES), plus what a busy
+    # machine adds for a moment: speculative copies' results arriving (deleted as duplicates),
+    # and client buffers (two 8 MB commits coming in, one 8 MB result going out). 96 MB holds
+    # all of that; keeping the results until the end would take 512 MB.
+    assert sampler.peak - idle < 96 << 20, (
         f"peak {(sampler.peak - idle) >> 20} MB above idle: {sampler.at_peak}")
 
 
