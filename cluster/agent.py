@@ -69,6 +69,7 @@ class Slot:
     proc: subprocess.Popen[bytes] | None = None
     usage: psutil.Process | None = None  # for CPU load and memory in `cluster status`
     kill_at: float | None = None  # asked to stop: killed if still there by then
+    abandoned: bool = False  # killed because its job is gone: no attempt is charged
     restart_at: float = 0.0
     deaths: int = 0  # in a row: reset once a worker has stayed up for HEALTHY_S
     started_at: float = 0.0
@@ -234,18 +235,20 @@ class Agent:
 
     def worker_died(self, slot: Slot, how: str) -> None:
         recycled = slot.proc is not None and slot.proc.returncode == RECYCLE
-        moved = self.broker.reissue(slot.wid, charge=not recycled,
+        moved = self.broker.reissue(slot.wid, charge=not (recycled or slot.abandoned),
                                     reason=f"worker {slot.wid} {how}")
-        if recycled:
-            log.info("worker %s recycled after its job finished", slot.wid)
+        if recycled or slot.abandoned:
+            log.info("worker %s %s", slot.wid, "recycled after its job finished" if recycled
+                     else "replaced: it computed a unit of a job that is gone")
         else:
             log.warning("worker %s %s; %d units reissued", slot.wid, how, moved)
         slot.proc = None
         slot.kill_at = None
-        if recycled:
+        if recycled or slot.abandoned:
             slot.restart_at = self.clock()
         else:
             self.back_off(slot)
+        slot.abandoned = False
 
     def back_off(self, slot: Slot) -> None:
         if self.clock() - slot.started_at > HEALTHY_S:
@@ -290,20 +293,25 @@ class Agent:
 
     def renew(self) -> None:
         live = [s.wid for s in self.slots if s.proc is not None and _running(s.proc.pid)]
-        shutdown, refused, registered = self.broker.renew(self.aid, live)
-        if not registered:
+        renewal = self.broker.renew(self.aid, live)
+        if not renewal.registered:
             log.warning("agent %s was unknown to Redis (restarted empty?): registering again",
                         self.aid)
             self.register()
             self.broker.ensure_group()
         for slot in self.slots:
-            if slot.wid in refused and slot.proc is not None and slot.kill_at is None:
+            if slot.wid in renewal.abandoned and slot.proc is not None and not slot.abandoned:
+                log.info("worker %s computes a unit of a job that is gone (cancelled?): "
+                         "replacing it", slot.wid)
+                slot.abandoned = True
+                slot.proc.kill()
+            elif slot.wid in renewal.refused and slot.proc is not None and slot.kill_at is None:
                 # its units went to others: let it commit what it holds (discarded as stale,
                 # compared with the recorded result), then it is replaced
                 log.warning("worker %s lost its lease; replacing it", slot.wid)
                 slot.proc.terminate()
                 slot.kill_at = self.clock() + self.settings.stop_grace_s
-        if shutdown and not self.stopping:
+        if renewal.shutdown and not self.stopping:
             log.info("shutdown requested through Redis")
             self.stopping = True
 

@@ -28,9 +28,9 @@ from redis.retry import Retry
 from redis.typing import EncodableT, FieldT
 
 from . import scripts
-from .entries import Commit, Outcome, Snapshot, Work
+from .entries import Commit, Outcome, Renewal, Snapshot, Work
 from .errors import Fenced, InfraError, JobGone, RedisFull, RedisRefused, RedisUnavailable
-from .keys import GROUP, Keys
+from .keys import GROUP, JOB_ID, Keys
 
 BLOB_THRESHOLD = 32 * 1024  # results at least this large travel beside the RECORD script
 
@@ -114,6 +114,8 @@ class Broker:
         self._consume = reg(scripts.CONSUME)
         self._reclaim = reg(scripts.RECLAIM)
         self._log = reg(scripts.LOG)
+        self._beat = reg(scripts.BEAT)
+        self._cancel = reg(scripts.CANCEL)
 
     @classmethod
     def connect(
@@ -413,6 +415,27 @@ class Broker:
         return bytes(reply) if reply is not None else None
 
     @edge
+    def describe_job(self, jid: str, info: dict[str, Any]) -> None:
+        """Fields of a job that only say who runs it (its coordinator's host and pid)."""
+        if self.client.exists(self.keys.job(jid)):
+            self.client.hset(self.keys.job(jid), mapping=_fields(info))
+
+    @edge
+    def beat(self, jid: str, owner: str) -> str:
+        """The coordinator's heartbeat on its job; returns who asked it to stop ("" if no
+        one). ``JobGone`` or ``Fenced`` when the job is not ours."""
+        reply = self._beat(keys=[self.keys.job(jid)], args=[owner])
+        self._owned(jid, _status(reply))
+        return self._str(reply[1])
+
+    @edge
+    def cancel_job(self, jid: str, who: str) -> int | None:
+        """Ask job ``jid``'s coordinator to stop. Returns how many ms ago it last beat (a
+        large number if it never did), or None when the job is not in Redis."""
+        reply = self._cancel(keys=[self.keys.job(jid)], args=[who])
+        return int(reply[1]) if _status(reply) == "OK" else None
+
+    @edge
     def read_logs(self, jid: str, after: str = "0-0", count: int = 1000
                   ) -> list[tuple[str, bytes]]:
         """Log records of a job after the stream id ``after``, oldest first."""
@@ -491,13 +514,13 @@ class Broker:
         self._register_worker(keys=[self.keys.workers, self.keys.worker(wid)], args=args)
 
     @edge
-    def renew(self, aid: str, wids: Sequence[str]) -> tuple[bool, list[str], bool]:
-        """Heartbeat of an agent and lease renewal of its workers. Returns (shutdown requested,
-        workers whose lease was already taken, whether the agent's registration is there)."""
-        _, shutdown, refused, registered = self._renew(
+    def renew(self, aid: str, wids: Sequence[str]) -> Renewal:
+        """Heartbeat of an agent and lease renewal of its workers (see ``Renewal``)."""
+        _, shutdown, refused, registered, abandoned = self._renew(
             keys=[self.keys.workers, self.keys.agents, self.keys.shutdown, self.keys.agent(aid)],
-            args=[aid, *wids])
-        return bool(shutdown), [w.decode() for w in refused], bool(registered)
+            args=[aid, self.keys.worker_template(), self.keys.job(JOB_ID), *wids])
+        return Renewal(bool(shutdown), [w.decode() for w in refused], bool(registered),
+                       [w.decode() for w in abandoned])
 
     @edge
     def reissue(self, wid: str, *, charge: bool, reason: str, lease_ms: int = 0) -> int:

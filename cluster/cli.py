@@ -21,6 +21,7 @@ import redis
 from . import (
     __version__,
     config,
+    control,
     credentials,
     joblogs,
     output,
@@ -150,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
                       "logs, kept on this machine)")
     _connection_flags(logs)
     logs.set_defaults(func=cmd_logs, log_level="WARNING")
+
+    cancel = commands.add_parser("cancel", help="stop a running job, from any machine that "
+                                 "reaches the cluster's Redis")
+    cancel.add_argument("job_id", metavar="JOB_ID")
+    cancel.add_argument("--hosts", metavar="HOSTS_INI", help="the cluster cluster up started "
+                        "from this file")
+    cancel.add_argument("--wait", type=within(settings.WORKER_TIMEOUT), default=30.0,
+                        metavar="SECONDS", help="how long its coordinator may take to stop "
+                        "(default 30)")
+    _connection_flags(cancel)
+    cancel.set_defaults(func=cmd_cancel, log_level="WARNING")
 
     up = commands.add_parser("up", help="ship, install and start agents on every host")
     up.add_argument("hosts", metavar="HOSTS_INI")
@@ -407,6 +419,23 @@ def cmd_logs(args: argparse.Namespace) -> int:
         joblogs.follow(broker, args.job_id, show, forever=args.follow)
     finally:
         broker.close()
+    return ExitCode.OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    cfg = config.load(args.hosts) if args.hosts else None
+    creds = credentials.for_cluster(cfg, create=False) if cfg else resolve(args.redis,
+                                                                            args.credentials)
+    if creds is None:
+        raise UsageError("cluster cancel needs --hosts HOSTS_INI, --redis URL or --credentials "
+                         "FILE (a private local cluster is stopped with its submit: Ctrl-C)")
+    broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+    try:
+        how = control.cancel(broker, args.job_id, f"cluster cancel on {socket.gethostname()}",
+                             wait_s=args.wait)
+    finally:
+        broker.close()
+    print(f"job {args.job_id} cancelled: {how}")
     return ExitCode.OK
 
 

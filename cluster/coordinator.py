@@ -20,7 +20,9 @@ What it survives:
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import socket
 import time
 from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from .errors import (
     CodecError,
     Fenced,
     InfraError,
+    JobCancelled,
     JobFailed,
     JobGone,
     JobTimeout,
@@ -43,6 +46,7 @@ from .errors import (
     RedisUnavailable,
 )
 from .gathering import Gatherer
+from .heartbeat import Heartbeat
 from .jobfile import Job, user_traceback
 from .joblogs import Follower, save_local
 from .plan import Batcher, Tally, host_of, speculation_threshold_ms
@@ -116,11 +120,13 @@ class Coordinator:
         self.redis_down_since: float | None = None
         self.total: int | None = None
         self.follower: Follower | None = None
+        self.heartbeat = Heartbeat(broker, lambda: (self.jid, self.owner))
 
     def run(self) -> RunResult:
         self.started = self.clock()
         try:
             self.guarded(lambda: self.open(self.options.resume))
+            self.heartbeat.start()
             self.guarded(self.catch_up)
             self.wait_for_workers()
             self.units = self.scatter()
@@ -128,7 +134,8 @@ class Coordinator:
                 self.guarded(self.step)
             value = self.finish()
             self.guarded(self.fetch_stats)
-        except (JobFailed, JobTimeout, KeyboardInterrupt):
+        except (JobFailed, JobTimeout, JobCancelled, KeyboardInterrupt):
+            self.heartbeat.stop()
             self.close(purge=True)
             raise
         except ClusterError as exc:  # infrastructure: keep a started job for --resume
@@ -141,6 +148,7 @@ class Coordinator:
                                f"again, or add --resume {self.jid})"
             raise
         finally:
+            self.heartbeat.stop()
             self.reporter.close()
         self.close(purge=True)
         return RunResult(self.jid, value, self.tally, self.clock() - self.started, self.stats,
@@ -191,6 +199,9 @@ class Coordinator:
         self.total = opened.total or self.total
         self.snapshot = opened.snapshot
         self.gatherer.restart(self.jid, self.owner)
+        if opened.resumed:  # the heartbeat says who runs it now, at once
+            self.broker.beat(self.jid, self.owner)
+            self.broker.describe_job(self.jid, {"host": socket.gethostname(), "pid": os.getpid()})
         self.opened = True
         log.info("job=%s %s (%s, seed %d)", self.jid,
                  "resumed" if opened.resumed else "submitted", self.job.name, self.seed)
@@ -335,6 +346,8 @@ class Coordinator:
         if now < self.next_maintenance:
             return
         self.next_maintenance = now + self.options.maintain_every_s
+        if self.heartbeat.cancelled:
+            raise JobCancelled(f"job {self.jid} was cancelled ({self.heartbeat.cancelled})")
         owner = self.broker.owner(self.jid)
         if owner is None:
             raise JobGone(self.jid)

@@ -35,6 +35,19 @@ class Commit:
 
 
 @dataclass(frozen=True)
+class Renewal:
+    """RENEW's answer to an agent: ``shutdown`` requested (``cluster down``); ``refused``,
+    workers whose lease had lapsed and whose units went to others; ``registered``, whether the
+    agent's own registration is there; ``abandoned``, workers computing a unit of a job that is
+    gone."""
+
+    shutdown: bool
+    refused: list[str]
+    registered: bool
+    abandoned: list[str]
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """What a coordinator taking a job over sees at that instant: the recorded bitmap, and the
     id of the last results entry then (``0-0`` when none was left)."""

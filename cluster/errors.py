@@ -19,7 +19,9 @@ class ExitCode(IntEnum):
     INFRA = 3  # Redis unreachable or refusing us, no worker, lost workers
     TIMEOUT = 4  # --timeout elapsed
     PARTIAL = 5  # finished, but units failed for good within the --max-failed budget
+    ALREADY_RUNNING = 6  # the same job runs on this cluster (--overlap forbid)
     NOT_PRINTED = 7  # finished, but the result could not be printed as JSON: it is in a file
+    CANCELLED = 8  # cluster cancel JOB_ID (or --overlap replace) stopped the job
     INTERRUPTED = 130  # Ctrl-C / SIGTERM
 
 
@@ -135,6 +137,18 @@ class JobTimeout(ClusterError):
     """The job did not finish within ``--timeout``."""
 
     exit_code = ExitCode.TIMEOUT
+
+
+class JobCancelled(ClusterError):
+    """``cluster cancel`` (or a run with ``--overlap replace``) asked this job to stop."""
+
+    exit_code = ExitCode.CANCELLED
+
+
+class AlreadyRunning(ClusterError):
+    """The same job (identity or ``--name``) runs on this cluster, and ``--overlap forbid``."""
+
+    exit_code = ExitCode.ALREADY_RUNNING
 
 
 class ResultNotPrinted(ClusterError):

@@ -84,6 +84,10 @@ class Keys:
     def worker(self, wid: str) -> str:
         return f"{self.prefix}worker:{wid}"
 
+    def worker_template(self) -> str:
+        """The worker key with ``{wid}`` left in, for Lua."""
+        return self.worker("{wid}")
+
     @property
     def agents(self) -> str:
         return f"{self.prefix}agents"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,8 @@ def open_job(broker: Broker, job: Job, params: dict[str, Any], seed: int, *, jid
         "seed": seed, "params": json.dumps(params, default=str), "identity": ident,
         "max_attempts": max_attempts, "owner": owner, "scattered": 0, "max_result": max_result,
         "redis_grace": redis_grace, "max_log": max_log,
-        "started": broker.server_time_ms(),
+        "started": (now := broker.server_time_ms()), "beat": now,
+        "host": socket.gethostname(), "pid": os.getpid(),
     }, workdir=job.archive.data if job.archive else None)
     if auto:
         broker.set_resumable(ident, jid)

@@ -19,7 +19,9 @@ may be retried after a lost reply and recognises its own earlier success.
 - ``REISSUE``: the entries pending for a dead worker are queued again (the entry it was running
   split into single units when the death is charged to it as an attempt, so a unit that kills
   its worker is isolated; entries it never started are not charged).
-- ``RENEW``: an agent renews its heartbeat and the leases of its workers, on Redis server time.
+- ``RENEW``: an agent renews its heartbeat and the leases of its workers, on Redis server time,
+  and learns which of its workers compute a unit of a job that is gone (cancelled, or finished
+  while a copy ran): the agent replaces them, charging no attempt.
 - ``EXPIRED``: consumers whose lease is older than the lease time.
 - ``TAKEOVER``: a resuming coordinator becomes the job's owner; the previous one is fenced. It
   gets a snapshot of the recorded bitmap and of the last results entry, to find the results the
@@ -28,6 +30,9 @@ may be retried after a lost reply and recognises its own earlier success.
 - ``RECLAIM``: a resuming coordinator clears the recorded bits of results lost with the previous
   coordinator, so that they are recorded again (fenced).
 - ``COPY``: a speculative copy of a straggling entry (units not yet recorded only).
+- ``BEAT``: a coordinator's heartbeat on its job (Redis server time), fenced; the answer says
+  whether the job was asked to stop (``cluster cancel``).
+- ``CANCEL``: asks a job's coordinator to stop; answers how long ago it last beat.
 - ``PURGE``: a finished job's keys and any of its entries still queued are removed (fenced);
   its logs stream is kept for a while.
 - ``LOG``: a worker appends records of what job code wrote, within the job's byte bound (the
@@ -215,18 +220,22 @@ end
 return moved
 """
 
-RENEW = """
+RENEW = JOBKEYS + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[2], now, ARGV[1])
-local refused = {}
-for i = 2, #ARGV do
+local refused, abandoned = {}, {}
+for i = 4, #ARGV do
   if redis.call('ZADD', KEYS[1], 'XX', 'CH', now, ARGV[i]) == 0
      and not redis.call('ZSCORE', KEYS[1], ARGV[i]) then
     refused[#refused + 1] = ARGV[i]
   end
+  local jid = redis.call('HGET', (string.gsub(ARGV[2], '{wid}', ARGV[i])), 'job')
+  if jid and redis.call('EXISTS', jobkey(ARGV[3], jid)) == 0 then
+    abandoned[#abandoned + 1] = ARGV[i]  -- computing a unit of a job that is gone
+  end
 end
-return {now, redis.call('EXISTS', KEYS[3]), refused, redis.call('EXISTS', KEYS[4])}
+return {now, redis.call('EXISTS', KEYS[3]), refused, redis.call('EXISTS', KEYS[4]), abandoned}
 """
 
 REGISTER_WORKER = """
@@ -336,4 +345,25 @@ if n == 0 then return {'OK', 0} end
 redis.call('XADD', KEYS[1], '*', unpack(fields))
 redis.call('HINCRBY', KEYS[3], 'speculated', n)
 return {'OK', n}
+"""
+
+NOW = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+BEAT = OWNED + NOW + """
+local refused = owned(KEYS[1], ARGV[1])
+if refused then return {refused} end
+redis.call('HSET', KEYS[1], 'beat', now_ms())
+return {'OK', redis.call('HGET', KEYS[1], 'cancel') or ''}
+"""
+
+CANCEL = NOW + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'GONE'} end
+redis.call('HSET', KEYS[1], 'cancel', ARGV[1])
+local beat = tonumber(redis.call('HGET', KEYS[1], 'beat') or '0')
+return {'OK', now_ms() - beat}
 """

@@ -95,7 +95,7 @@ def test_an_expired_lease_is_found_and_a_late_renewal_refused(job: Broker):
     job.client.zadd(job.keys.workers, {"w1": 0})  # last renewed long ago
     assert job.expired_workers(1000) == ["w1"]
     assert job.reissue("w1", charge=False, reason="lost", lease_ms=1000) == 1
-    _, refused, _ = job.renew("agent", ["w1", "w2"])
+    refused = job.renew("agent", ["w1", "w2"]).refused
     assert refused == ["w1"]
 
 
