@@ -116,6 +116,8 @@ class Broker:
         self._log = reg(scripts.LOG)
         self._beat = reg(scripts.BEAT)
         self._cancel = reg(scripts.CANCEL)
+        self._claim = reg(scripts.CLAIM)
+        self._release = reg(scripts.RELEASE)
 
     @classmethod
     def connect(
@@ -267,7 +269,7 @@ class Broker:
                             args=[GROUP, jid, owner, max(1, keep_logs_s) * 1000])
         self._owned(jid, _status(reply))
         if identity:
-            self.client.delete(self.keys.resume(identity))
+            self.release(identity, jid)
 
     @edge
     def job_fields(self, jid: str) -> dict[str, str] | None:
@@ -298,6 +300,18 @@ class Broker:
     @edge
     def set_resumable(self, identity: str, jid: str) -> None:
         self.client.set(self.keys.resume(identity), jid)
+
+    @edge
+    def claim(self, name: str, jid: str, keep_s: int) -> str | None:
+        """Take the name a job goes by for ``jid``; None when it is ours, else the id of the
+        job that holds it."""
+        reply = self._claim(keys=[self.keys.resume(name)], args=[jid, max(1, keep_s) * 1000])
+        return None if _status(reply) == "OK" else self._str(reply[1])
+
+    @edge
+    def release(self, name: str, jid: str) -> None:
+        """Drop the name if it still points at ``jid``."""
+        self._release(keys=[self.keys.resume(name)], args=[jid])
 
     @edge
     def owner(self, jid: str) -> str | None:

@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--fresh", action="store_true",
                         help="start a new job even if an unfinished one of the same job, "
                         "params and seed is there")
+    submit.add_argument("--overlap", choices=control.OVERLAP, default="forbid",
+                        help="when the same job (same file, directory, params and seed, or "
+                        "--name) already runs on this cluster: forbid (exit 6), wait for it, "
+                        "replace it (cancel it, then run), or allow both (default forbid)")
+    submit.add_argument("--name", help="the job goes by this name rather than by its code and "
+                        "params, for --overlap and resuming")
     submit.add_argument("--keep", type=within(settings.KEEP_HOURS), default=24.0,
                         metavar="HOURS",
                         help="keep an unfinished job resumable this long (default 24)")
@@ -289,7 +295,8 @@ def submit_job(args: argparse.Namespace) -> tuple[str, RunResult]:
                          max_result_bytes=int(args.max_result_size * 1e6),
                          auto_resume=creds is not None and not args.fresh,
                          max_log_bytes=int(args.max_log_size * 1e6), stream_logs=args.logs,
-                         keep_logs_locally=creds is None)
+                         keep_logs_locally=creds is None, overlap=args.overlap,
+                         name=args.name)
     if creds is None:
         check_hosts(job.path, job.requirements, [Installed.here("this environment")],
                     f"install it for {sys.executable} (the local cluster runs it)")

@@ -1,5 +1,6 @@
 """Acting on a job that runs, from outside its coordinator: cancelling it (``cluster cancel``,
-``--overlap replace``) and telling whether its coordinator is alive (``heartbeat``).
+``--overlap replace``), and what a new run of the same job does about it (``settle``: the
+overlap policy). A job's coordinator is alive while it beats (``heartbeat``).
 
 A cancel asks the coordinator to stop (it notices within a second, drops the job's queued
 units, removes the job and exits ``CANCELLED``; agents replace the workers that compute its
@@ -11,11 +12,15 @@ back) and removes it itself.
 from __future__ import annotations
 
 import secrets
+import socket
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
+
+import psutil
 
 from .broker import Broker
-from .errors import InfraError, UsageError
+from .errors import AlreadyRunning, InfraError, JobTimeout, UsageError
 from .heartbeat import LEASE_MS
 
 
@@ -47,3 +52,63 @@ def remove(broker: Broker, jid: str) -> None:
     owner = secrets.token_hex(8)
     if broker.take_over(jid, owner) is not None:
         broker.purge_job(jid, owner, fields.get("identity", ""))
+
+
+OVERLAP = ("forbid", "wait", "replace", "allow")
+
+
+def settle(broker: Broker, name: str, jid: str, overlap: str, keep_s: int, deadline: float,
+           clock: Callable[[], float] = time.monotonic) -> str | None:
+    """Before a new run of the job that goes by ``name`` registers as ``jid``: what of the
+    same job is there? Returns the id of a job to resume (its coordinator is dead), or None:
+    register ``jid`` (the name is then taken for it, except with ``allow``). A live run of it
+    is refused (``forbid``: ``AlreadyRunning``), waited for until ``deadline`` (``wait``:
+    ``JobTimeout`` after), cancelled (``replace``), or left to run beside (``allow``)."""
+    while True:
+        holder = broker.claim(name, jid, keep_s)
+        if holder is None:
+            return None
+        fields = broker.job_fields(holder)
+        if fields is None:  # its job is gone: the name is free
+            broker.release(name, holder)
+            continue
+        if not alive(broker, fields):
+            return holder
+        if overlap == "allow":
+            return None
+        if overlap == "forbid":
+            raise AlreadyRunning(f"job {holder} ({fields.get('name', '?')}) is already running "
+                                 f"on this cluster: started {_when(fields)} on "
+                                 f"{fields.get('host', '?')} (pid {fields.get('pid', '?')}); "
+                                 "see --overlap (forbid, wait, replace, allow)")
+        if overlap == "replace":
+            cancel(broker, holder, f"replaced by a newer run on {socket.gethostname()} "
+                                   "(--overlap replace)")
+            continue
+        wait_gone(broker, holder, deadline, clock)
+
+
+def wait_gone(broker: Broker, jid: str, deadline: float,
+              clock: Callable[[], float] = time.monotonic) -> None:
+    """``--overlap wait``: until job ``jid`` is gone or its coordinator dead, or ``deadline``."""
+    while broker.job_exists(jid):
+        if not alive(broker, broker.job_fields(jid) or {}):
+            return
+        if clock() > deadline:
+            raise JobTimeout(f"waited for job {jid}, the same job, to finish until --timeout "
+                             "(--overlap wait); it still runs")
+        time.sleep(0.2)
+
+
+def alive(broker: Broker, fields: dict[str, str]) -> bool:
+    """A job's coordinator is alive while it beats; one on this host whose process is gone is
+    dead at once (a re-run right after a crash resumes rather than waits for the lease)."""
+    if broker.server_time_ms() - int(fields.get("beat") or 0) > LEASE_MS:
+        return False
+    pid = int(fields.get("pid") or 0)
+    return not (fields.get("host") == socket.gethostname() and pid and not psutil.pid_exists(pid))
+
+
+def _when(fields: dict[str, str]) -> str:
+    started = int(fields.get("started") or 0) / 1000
+    return datetime.fromtimestamp(started, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

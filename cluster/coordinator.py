@@ -52,7 +52,7 @@ from .joblogs import Follower, save_local
 from .plan import Batcher, Tally, host_of, speculation_threshold_ms
 from .progress import NoReporter, Reporter
 from .results import Results, RunResult
-from .resume import note, open_job
+from .resume import Overlap, note, open_job
 
 log = logging.getLogger("cluster.coordinator")
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, RedisUnavailable)
@@ -77,6 +77,8 @@ class RunOptions:
     max_log_bytes: int = 32_000_000  # what job code wrote, kept in Redis for the whole job
     stream_logs: bool = False  # show what job code writes on stderr as it arrives (--logs)
     keep_logs_locally: bool = False  # a private local cluster: its Redis ends with the run
+    overlap: str = "forbid"  # what to do about a live run of the same job (control.settle)
+    name: str | None = None  # --name: the job goes by this name, for --overlap and resume
 
 
 class Coordinator:
@@ -192,7 +194,9 @@ class Coordinator:
                           max_result=self.options.max_result_bytes,
                           max_log=self.options.max_log_bytes,
                           redis_grace=self.options.redis_grace_s,
-                          resume=resume, auto=self.options.auto_resume)
+                          resume=resume, auto=self.options.auto_resume,
+                          overlap=Overlap(self.options.overlap, self.options.name,
+                                          self.options.keep_s, self.deadline()))
         self.broker.expire_job(opened.jid, self.options.keep_s, opened.identity)
         self.jid, self.identity = opened.jid, opened.identity
         self.skip = self.sent = opened.scattered
@@ -406,6 +410,11 @@ class Coordinator:
         self.snapshot = None
         self.units = self.scatter()
         self.lost = False
+
+    def deadline(self) -> float:
+        """Until when the run may wait (for another run of the job: ``--overlap wait``)."""
+        timeout = self.options.timeout
+        return self.started + (timeout if timeout is not None else self.options.keep_s)
 
     def check_deadline(self) -> None:
         timeout = self.options.timeout

@@ -24,10 +24,15 @@ key                            type    meaning
 {p}shutdown                    STRING  present: every agent stops (``cluster down``)
 {p}jobs                        SET     ids of the jobs being run
 {p}resume:{identity}           STRING  id of the unfinished job with this identity (hash of job
-                                       code, params and seed), so a re-run resumes it
+                                       code, directory, params and seed; or ``name:<--name>``),
+                                       so a re-run resumes it, or waits for it, or is refused
+                                       while it runs (``--overlap``; taken by ``CLAIM``)
 {p}job:{jid}                   HASH    name, path, code, sig, seed, params, identity,
                                        max_attempts, owner (the coordinator's fencing token),
-                                       scattered (units added), total (once scatter is done)
+                                       scattered (units added), total (once scatter is done),
+                                       started, host, pid and beat (server ms, every second:
+                                       ``heartbeat.py``) of its coordinator; cancel (who asked
+                                       it to stop)
 {p}job:{jid}:recorded          STRING  bitmap: bit i is set once unit i's result (or its final
                                        failure) is recorded. First one wins.
 {p}job:{jid}:results           STREAM  what was recorded, in recording order: ``w`` worker,

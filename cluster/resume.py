@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import time
@@ -24,10 +25,12 @@ from typing import Any
 
 from . import codec
 from .broker import Broker
+from .control import remove, settle
 from .entries import Snapshot
 from .errors import UsageError
 from .jobfile import Job
 
+log = logging.getLogger("cluster.coordinator")
 JOURNAL = Path("~/.local/state/cluster/journal.jsonl")
 
 
@@ -41,6 +44,16 @@ class Opened:
     snapshot: Snapshot | None = None  # resumed: what was recorded when it was taken over
 
 
+@dataclass(frozen=True)
+class Overlap:
+    """What a run does about a live run of the same job (``control.settle``)."""
+
+    policy: str = "forbid"
+    name: str | None = None  # --name: the job goes by this name rather than its identity
+    keep_s: int = 86400
+    deadline: float = float("inf")  # monotonic time until which ``wait`` waits
+
+
 def identity(job: Job, params: dict[str, Any], seed: int) -> str:
     shipped = job.archive.digest if job.archive else ""
     text = json.dumps([job.source, params, seed, shipped], sort_keys=True, default=str)
@@ -50,27 +63,38 @@ def identity(job: Job, params: dict[str, Any], seed: int) -> str:
 def open_job(broker: Broker, job: Job, params: dict[str, Any], seed: int, *, jid: str,
              owner: str, key: bytes, max_attempts: int, resume: str | None, auto: bool,
              max_result: int = 256 << 20, redis_grace: float = 60.0,
-             max_log: int = 32_000_000) -> Opened:
-    """Resume ``resume`` (or, with ``auto``, the unfinished job of the same identity), or
-    register a new job ``jid``. Safe to call again after a lost reply."""
+             max_log: int = 32_000_000, overlap: Overlap | None = None) -> Opened:
+    """Resume ``resume`` (or, with ``auto``, the unfinished job of the same identity or
+    ``--name``, as ``overlap`` says), or register a new job ``jid``. Safe to call again after
+    a lost reply."""
+    overlap = overlap or Overlap()
     ident = identity(job, params, seed)
+    name = f"name:{overlap.name}" if overlap.name else ident
     wanted = resume
     if wanted is None and auto:
-        wanted = broker.find_resumable(ident)
+        wanted = settle(broker, name, jid, overlap.policy, overlap.keep_s, overlap.deadline)
     if wanted:
         fields = broker.job_fields(wanted)
         if fields is None and resume:
             raise UsageError(f"job {resume} is not in Redis (it finished, failed, was "
                              "cancelled or expired)")
         if fields is not None:
-            if fields.get("identity") != ident:
+            if fields.get("identity") != ident and resume:
                 raise UsageError(f"job {wanted} was submitted with other code, params or seed; "
                                  "run the same job file and --param values to resume it")
+            if fields.get("identity") != ident:  # --name: the same name, other code
+                log.warning("job %s of the same --name, whose coordinator is gone, was "
+                            "submitted with other code, params or seed: it is removed", wanted)
+                remove(broker, wanted)
+                return open_job(broker, job, params, seed, jid=jid, owner=owner, key=key,
+                                max_attempts=max_attempts, resume=None, auto=auto,
+                                max_result=max_result, redis_grace=redis_grace,
+                                max_log=max_log, overlap=overlap)
             snapshot = broker.take_over(wanted, owner)
             if snapshot is not None:
                 total = fields.get("total")
-                note("resumed", wanted, ident, job.path, broker.where)
-                return Opened(wanted, ident, True, int(fields.get("scattered", 0)),
+                note("resumed", wanted, name, job.path, broker.where)
+                return Opened(wanted, name, True, int(fields.get("scattered", 0)),
                               int(total) if total else None, snapshot)
     code = job.source.encode()
     shipped = {} if job.archive is None else {
@@ -84,10 +108,9 @@ def open_job(broker: Broker, job: Job, params: dict[str, Any], seed: int, *, jid
         "started": (now := broker.server_time_ms()), "beat": now,
         "host": socket.gethostname(), "pid": os.getpid(),
     }, workdir=job.archive.data if job.archive else None)
-    if auto:
-        broker.set_resumable(ident, jid)
-    note("started", jid, ident, job.path, broker.where)
-    return Opened(jid, ident, False)
+    held = auto and broker.claim(name, jid, overlap.keep_s) is None  # not ours with allow
+    note("started", jid, name, job.path, broker.where)
+    return Opened(jid, name if held else "", False)
 
 
 def note(event: str, jid: str, ident: str, path: str, where: str) -> None:

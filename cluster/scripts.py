@@ -33,6 +33,9 @@ may be retried after a lost reply and recognises its own earlier success.
 - ``BEAT``: a coordinator's heartbeat on its job (Redis server time), fenced; the answer says
   whether the job was asked to stop (``cluster cancel``).
 - ``CANCEL``: asks a job's coordinator to stop; answers how long ago it last beat.
+- ``CLAIM``: a new run takes the name its job goes by (``resume:{identity}``, or its
+  ``--name``), unless another job holds it (answer ``HELD`` and that job's id); a retry of a
+  claim that went through is recognised. ``RELEASE`` drops a name that points at a job gone.
 - ``PURGE``: a finished job's keys and any of its entries still queued are removed (fenced);
   its logs stream is kept for a while.
 - ``LOG``: a worker appends records of what job code wrote, within the job's byte bound (the
@@ -366,4 +369,16 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return {'GONE'} end
 redis.call('HSET', KEYS[1], 'cancel', ARGV[1])
 local beat = tonumber(redis.call('HGET', KEYS[1], 'beat') or '0')
 return {'OK', now_ms() - beat}
+"""
+
+CLAIM = """
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] then return {'HELD', current} end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return {'OK'}
+"""
+
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return {'OK'}
 """

@@ -1,0 +1,126 @@
+"""--overlap: what a run does when the same job already runs on the cluster (cron firing while
+the last run overran). The lock is the live coordinator's heartbeat, so a run whose coordinator
+died is resumed, not blocked."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import SAMPLES, AgentProcess
+from waiting import wait_for
+
+from cluster.broker import Broker
+from cluster.errors import ExitCode
+
+GATED = str(SAMPLES / "gated.py")
+
+
+class Run:
+    """A `cluster submit` of the gated job, as cron would start it."""
+
+    def __init__(self, creds_file: Path, tmp_path: Path, name: str, *extra: str) -> None:
+        self.out = tmp_path / f"{name}.json"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cluster", "submit", GATED, "--credentials", str(creds_file),
+             "--progress", "none", "--param", f"gate={tmp_path / 'gate'}", "--param",
+             f"log={tmp_path / 'units.log'}", "-o", str(self.out), *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def wait(self) -> tuple[int, str]:
+        try:
+            _, err = self.proc.communicate(timeout=90)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        return self.proc.returncode, err
+
+
+def running(broker: Broker, count: int = 1) -> list[str]:
+    def jobs() -> list[str]:
+        found = sorted(j.decode() for j in broker.client.smembers(broker.keys.jobs))
+        return found if len(found) == count else []
+    return wait_for(jobs, 30, f"{count} job(s) running")
+
+
+def units_started(tmp_path: Path) -> int:
+    log = tmp_path / "units.log"
+    return len(log.read_text().split()) if log.exists() else 0
+
+
+def test_forbid_refuses_a_second_run_naming_the_first(creds_file: Path, broker: Broker,
+                                                      agent: AgentProcess, tmp_path: Path):
+    first = Run(creds_file, tmp_path, "first")
+    [jid] = running(broker)
+    second = Run(creds_file, tmp_path, "second")
+    rc, err = second.wait()
+    assert rc == ExitCode.ALREADY_RUNNING, err
+    line = err.strip().splitlines()[-1]
+    assert re.search(rf"job {jid} \(gated\) is already running on this cluster: started "
+                     r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ on \S+ \(pid \d+\)", line), line
+    (tmp_path / "gate").touch()
+    rc, err = first.wait()
+    assert rc == 0, err
+    assert json.loads(first.out.read_text()) == 6 and not second.out.exists()
+
+
+def test_wait_runs_after_the_first_has_finished(creds_file: Path, broker: Broker,
+                                                agent: AgentProcess, tmp_path: Path):
+    first = Run(creds_file, tmp_path, "first")
+    [jid] = running(broker)
+    second = Run(creds_file, tmp_path, "second", "--overlap", "wait")
+    wait_for(lambda: units_started(tmp_path) >= 2, 30, "the first run's units to start")
+    (tmp_path / "gate").touch()
+    assert first.wait()[0] == 0
+    rc, err = second.wait()
+    assert rc == 0, err
+    assert json.loads(second.out.read_text()) == 6
+    assert units_started(tmp_path) == 8  # the second ran its own job, after the first
+
+
+def test_replace_cancels_the_first_and_runs(creds_file: Path, broker: Broker,
+                                            agent: AgentProcess, tmp_path: Path):
+    first = Run(creds_file, tmp_path, "first")
+    [jid] = running(broker)
+    second = Run(creds_file, tmp_path, "second", "--overlap", "replace")
+    rc, err = first.wait()
+    assert rc == ExitCode.CANCELLED, err
+    assert "replaced by a newer run on" in err and not first.out.exists()
+    (tmp_path / "gate").touch()
+    rc, err = second.wait()
+    assert rc == 0, err
+    assert json.loads(second.out.read_text()) == 6
+
+
+def test_a_run_whose_coordinator_died_is_resumed_not_blocked(creds_file: Path, broker: Broker,
+                                                             agent: AgentProcess,
+                                                             tmp_path: Path):
+    first = Run(creds_file, tmp_path, "first")
+    [jid] = running(broker)
+    os.killpg(first.proc.pid, signal.SIGKILL)
+    first.wait()
+    (tmp_path / "gate").touch()
+    second = Run(creds_file, tmp_path, "second")
+    rc, err = second.wait()
+    assert rc == 0, err
+    assert json.loads(second.out.read_text()) == 6
+    assert not broker.client.smembers(broker.keys.jobs)
+
+
+def test_allow_runs_both_and_a_name_joins_other_params(creds_file: Path, broker: Broker,
+                                                       agent: AgentProcess, tmp_path: Path):
+    first = Run(creds_file, tmp_path, "first", "--name", "nightly")
+    running(broker)
+    other = Run(creds_file, tmp_path, "other", "--name", "nightly", "--param", "units=5")
+    rc, err = other.wait()  # other params, the same name: the same job for --overlap
+    assert rc == ExitCode.ALREADY_RUNNING, err
+    both = Run(creds_file, tmp_path, "both", "--name", "nightly", "--overlap", "allow")
+    running(broker, 2)
+    (tmp_path / "gate").touch()
+    assert first.wait()[0] == 0 and both.wait()[0] == 0
+    assert json.loads(first.out.read_text()) == json.loads(both.out.read_text()) == 6
