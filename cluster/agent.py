@@ -57,6 +57,7 @@ class AgentSettings:
     log_level: str = "INFO"
     pidfile: str | None = None
     cache_dir: str | None = None  # unpacked job directories (default: ~/.cache/cluster)
+    pin: bool = True  # False: workers share the CPUs (other local clusters pinned theirs)
 
 
 @dataclass
@@ -263,7 +264,8 @@ class Agent:
                                                "cpu": slot.cpu})
         env = dict(os.environ)
         env.update({name: str(self.settings.threads) for name in THREAD_VARIABLES})
-        proc = spawn_worker(env, slot.cpu)
+        proc = spawn_worker(env, slot.cpu) if self.settings.pin else \
+            _popen([sys.executable, "-m", "cluster.worker"], env, _die_with_agent)
         config = {"wid": slot.wid, "agent_pid": os.getpid(), "log_level": self.settings.log_level,
                   "credentials": json.loads(self.creds.to_json()),
                   "cache_dir": self.settings.cache_dir}

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -38,13 +39,15 @@ from .coordinator import Coordinator, RunOptions
 from .credentials import Credentials, resolve
 from .doctor import Doctor
 from .entries import LogRecord
-from .errors import ClusterError, ExitCode, ResultNotPrinted, UsageError
+from .errors import ClusterError, ExitCode, JobCancelled, ResultNotPrinted, UsageError
 from .jobfile import Job, load_job, parse_params
 from .launcher import Launcher
 from .local import LocalCluster
+from .neighbours import RunLock
 from .remote import HostReport
 from .requirements import Installed, check_hosts
 from .results import RunResult
+from .resume import identity
 
 EXIT_INTERNAL = 70
 
@@ -210,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="SECONDS",
                        help="stop when Redis is unreachable this long (default 60)")
     agent.add_argument("--pidfile", help="write the agent's pid to this file while it runs")
+    agent.add_argument("--no-pin", dest="pin", action="store_false",
+                       help="do not pin workers to CPUs (they share the CPUs chosen)")
     agent.add_argument("--cache-dir", metavar="DIR", help="where job directories are unpacked "
                        "(default: $XDG_CACHE_HOME/cluster, else ~/.cache/cluster)")
     agent.add_argument("--log-level", default="INFO")
@@ -300,9 +305,32 @@ def submit_job(args: argparse.Namespace) -> tuple[str, RunResult]:
     if creds is None:
         check_hosts(job.path, job.requirements, [Installed.here("this environment")],
                     f"install it for {sys.executable} (the local cluster runs it)")
-        with LocalCluster(cores=args.cores) as local:
-            return job.name, run_job(local, job, params, options, args.progress)
+        lock = local_lock(job, params, options)
+        try:
+            with LocalCluster(cores=args.cores) as local:
+                return job.name, run_job(local, job, params, options, args.progress)
+        finally:
+            if lock is not None:
+                lock.release()
     return job.name, run_job(creds, job, params, options, args.progress)
+
+
+def local_lock(job: Job, params: dict[str, Any], options: RunOptions) -> RunLock | None:
+    """A local run of the job holds its machine-wide lock (``--overlap``; none with allow). A
+    newer run that replaces this one signals it (SIGUSR1): its job is cancelled."""
+    if options.overlap == "allow":
+        return None
+    seed = job.seed if options.seed is None else options.seed
+    lock = RunLock(f"name:{options.name}" if options.name else identity(job, params, seed))
+    timeout = options.timeout if options.timeout is not None else options.keep_s
+    lock.acquire(options.overlap, time.monotonic() + timeout)
+    signal.signal(signal.SIGUSR1, _replaced)
+    return lock
+
+
+def _replaced(signum: int, frame: object) -> None:
+    raise JobCancelled("replaced by a newer run of the same job on this machine "
+                       "(--overlap replace)")
 
 
 def report(result: RunResult, args: argparse.Namespace) -> None:
@@ -488,7 +516,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
                              host=args.name or socket.gethostname(),
                              threads=args.threads, heartbeat_s=args.heartbeat,
                              redis_grace_s=args.redis_grace, log_level=args.log_level.upper(),
-                             pidfile=args.pidfile, cache_dir=args.cache_dir)
+                             pidfile=args.pidfile, cache_dir=args.cache_dir, pin=args.pin)
     # a short socket timeout: a silently cut network must not stall heartbeats past the grace
     broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix,
                             socket_timeout=max(1.0, 4 * args.heartbeat),

@@ -25,10 +25,11 @@ import psutil
 import redis
 
 from . import redisconf
-from .agent import available_cpus
+from .agent import available_cpus, choose_cpus
 from .broker import Broker
 from .credentials import Credentials, write_private
 from .errors import InfraError
+from .neighbours import share_cpus
 from .proc import die_with_parent
 from .settings import Memory
 
@@ -80,8 +81,9 @@ class LocalCluster:
     """Context manager: ``with LocalCluster() as creds: ...``."""
 
     def __init__(self, cores: int | None = None, log_level: str = "WARNING",
-                 agent_args: tuple[str, ...] = ()) -> None:
+                 agent_args: tuple[str, ...] = (), claim_cpus: bool = True) -> None:
         self.cores = cores
+        self.claim_cpus = claim_cpus  # False: pin, but leave the CPUs to the next local cluster
         self.log_level = log_level
         self.agent_args = agent_args
         sweep_stale(Path(tempfile.gettempdir()))
@@ -161,8 +163,9 @@ class LocalCluster:
         creds.dump(path)
         args = [sys.executable, "-m", "cluster", "agent", "--credentials", str(path),
                 "--log-level", self.log_level, *self.agent_args]
-        if self.cores:
-            args += ["--cores", str(self.cores)]
+        others = [p for p in Path(tempfile.gettempdir()).glob(f"{PREFIX}*") if p != self.dir]
+        cpus, pin = share_cpus(self.dir, others, choose_cpus(None, self.cores), self.claim_cpus)
+        args += ["--cpus", ",".join(map(str, cpus))] + ([] if pin else ["--no-pin"])
         self.agent = subprocess.Popen(args, stdin=subprocess.DEVNULL,
                                       preexec_fn=die_with_parent, start_new_session=True)
 

@@ -193,6 +193,7 @@ def local_cluster() -> Iterator[Path]:
     """One private local cluster (redis-server + agent) shared by tests that only submit;
     yields its credentials file, for ``cluster submit --credentials``."""
     need("redis-server")
-    cluster = LocalCluster(log_level="WARNING")
+    cluster = LocalCluster(log_level="WARNING", claim_cpus=False)  # the tests' own clusters
+    # pin to the CPUs as if this one (long-lived, mostly idle) were not there
     with cluster:
         yield cluster.dir / "credentials.json"

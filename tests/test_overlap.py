@@ -124,3 +124,59 @@ def test_allow_runs_both_and_a_name_joins_other_params(creds_file: Path, broker:
     (tmp_path / "gate").touch()
     assert first.wait()[0] == 0 and both.wait()[0] == 0
     assert json.loads(first.out.read_text()) == json.loads(both.out.read_text()) == 6
+
+
+# -- private local clusters on one machine ---------------------------------------------------
+
+
+class LocalRun(Run):
+    """A `cluster submit` on the default private local cluster."""
+
+    def __init__(self, tmp_path: Path, name: str, *extra: str) -> None:
+        self.out = tmp_path / f"{name}.json"
+        (tmp_path / "tmp").mkdir(exist_ok=True)  # local clusters here see these runs' alone
+        env = {**os.environ, "CLUSTER_STATE_DIR": str(tmp_path / "state"),
+               "TMPDIR": str(tmp_path / "tmp")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cluster", "submit", GATED, "--progress", "none",
+             "--param", f"gate={tmp_path / 'gate'}", "--param", f"log={tmp_path / 'units.log'}",
+             "-o", str(self.out), *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            env=env)
+
+
+def test_local_runs_of_one_job_see_each_other(tmp_path: Path):
+    first = LocalRun(tmp_path, "first", "--cores", "1")
+    wait_for(lambda: units_started(tmp_path) >= 1, 60, "the first run's units to start")
+    second = LocalRun(tmp_path, "second")
+    rc, err = second.wait()
+    assert rc == ExitCode.ALREADY_RUNNING, err
+    assert f"runs on this machine's private local cluster: pid {first.proc.pid}" in err
+    replacing = LocalRun(tmp_path, "replacing", "--overlap", "replace")
+    rc, err = first.wait()
+    assert rc == ExitCode.CANCELLED, err
+    assert "replaced by a newer run of the same job on this machine" in err
+    (tmp_path / "gate").touch()
+    rc, err = replacing.wait()
+    assert rc == 0, err
+    assert json.loads(replacing.out.read_text()) == 6 and not first.out.exists()
+    # pinned to the CPU the first run's cluster had held: it was free again
+    assert "taken by another private local cluster" not in err
+
+
+def test_a_second_local_cluster_does_not_pin_onto_taken_cpus(tmp_path: Path):
+    cpus = len(os.sched_getaffinity(0))
+    first = LocalRun(tmp_path, "first", "--cores", "1")
+    wait_for(lambda: units_started(tmp_path) >= 1, 60, "the first run's units to start")
+    other = LocalRun(tmp_path, "other", "--overlap", "allow", "--param", "units=2")
+    wait_for(lambda: units_started(tmp_path) >= 2, 60, "the other run's units to start")
+    (tmp_path / "gate").touch()
+    assert first.wait()[0] == 0
+    rc, err = other.wait()
+    assert rc == 0, err
+    first_cpu = "0"
+    if cpus > 1:
+        assert f"CPUs {first_cpu} are taken by another private local cluster (pid " \
+               f"{first.proc.pid}): this one uses CPUs " in err, err
+    else:
+        assert "every CPU is taken by other private local clusters" in err, err
