@@ -93,3 +93,21 @@ def test_cancelling_what_is_not_running_is_a_one_line_error(creds_file: Path) ->
     assert "job 0123456789ab is not running" in r.stderr
     r = run_cli("cancel", "0123456789ab")
     assert r.returncode == ExitCode.USAGE and "needs --hosts" in r.stderr
+
+
+def test_a_timed_out_job_leaves_nothing_and_frees_its_workers(creds_file: Path, broker: Broker,
+                                                              agent: AgentProcess,
+                                                              tmp_path: Path) -> None:
+    log = tmp_path / "units.log"
+    r = run_cli("submit", str(SAMPLES / "sleepy.py"), "--credentials", str(creds_file),
+                "--progress", "none", "--param", "units=6", "--param", "sleep=60", "--param",
+                f"log={log}", "--timeout", "3", "-o", str(tmp_path / "out.json"))
+    assert r.returncode == ExitCode.TIMEOUT, r.stderr
+    assert not (tmp_path / "out.json").exists() and started(log) >= 1
+    assert not broker.client.smembers(broker.keys.jobs)
+    assert broker.client.xpending(broker.keys.units, "workers")["pending"] == 0
+    assert broker.client.xlen(broker.keys.units) == 0
+    r = run_cli("submit", str(SAMPLES / "tiny.py"), "--credentials", str(creds_file),
+                "--progress", "none", timeout=60)  # its workers were replaced, not waited for
+    assert r.returncode == 0, r.stderr
+    assert "replaced: it computed a unit of a job that is gone" in agent.stop()
