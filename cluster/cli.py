@@ -298,7 +298,7 @@ def submit_job(args: argparse.Namespace) -> tuple[str, RunResult]:
                          redis_grace_s=args.redis_grace, keep_s=int(args.keep * 3600),
                          speculate=args.speculate, resume=args.resume,
                          max_result_bytes=int(args.max_result_size * 1e6),
-                         auto_resume=creds is not None and not args.fresh,
+                         auto_resume=creds is not None, fresh=args.fresh,
                          max_log_bytes=int(args.max_log_size * 1e6), stream_logs=args.logs,
                          keep_logs_locally=creds is None, overlap=args.overlap,
                          name=args.name)

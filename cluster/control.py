@@ -58,12 +58,13 @@ OVERLAP = ("forbid", "wait", "replace", "allow")
 
 
 def settle(broker: Broker, name: str, jid: str, overlap: str, keep_s: int, deadline: float,
-           clock: Callable[[], float] = time.monotonic) -> str | None:
+           clock: Callable[[], float] = time.monotonic, fresh: bool = False) -> str | None:
     """Before a new run of the job that goes by ``name`` registers as ``jid``: what of the
     same job is there? Returns the id of a job to resume (its coordinator is dead), or None:
     register ``jid`` (the name is then taken for it, except with ``allow``). A live run of it
     is refused (``forbid``: ``AlreadyRunning``), waited for until ``deadline`` (``wait``:
-    ``JobTimeout`` after), cancelled (``replace``), or left to run beside (``allow``)."""
+    ``JobTimeout`` after), cancelled (``replace``), or left to run beside (``allow``). With
+    ``fresh``, a dead run's job is removed instead of resumed."""
     while True:
         holder = broker.claim(name, jid, keep_s)
         if holder is None:
@@ -73,7 +74,10 @@ def settle(broker: Broker, name: str, jid: str, overlap: str, keep_s: int, deadl
             broker.release(name, holder)
             continue
         if not alive(broker, fields):
-            return holder
+            if not fresh:
+                return holder
+            remove(broker, holder)
+            continue
         if overlap == "allow":
             return None
         if overlap == "forbid":

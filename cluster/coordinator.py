@@ -74,6 +74,7 @@ class RunOptions:
     speculate: bool = True
     resume: str | None = None  # a job id to resume
     auto_resume: bool = False  # resume the unfinished job of the same identity, if any
+    fresh: bool = False  # --fresh: an unfinished job of the same identity is removed, not resumed
     max_log_bytes: int = 32_000_000  # what job code wrote, kept in Redis for the whole job
     stream_logs: bool = False  # show what job code writes on stderr as it arrives (--logs)
     keep_logs_locally: bool = False  # a private local cluster: its Redis ends with the run
@@ -196,7 +197,8 @@ class Coordinator:
                           redis_grace=self.options.redis_grace_s,
                           resume=resume, auto=self.options.auto_resume,
                           overlap=Overlap(self.options.overlap, self.options.name,
-                                          self.options.keep_s, self.deadline()))
+                                          self.options.keep_s, self.deadline(),
+                                          self.options.fresh))
         self.broker.expire_job(opened.jid, self.options.keep_s, opened.identity)
         self.jid, self.identity = opened.jid, opened.identity
         self.skip = self.sent = opened.scattered

@@ -52,6 +52,7 @@ class Overlap:
     name: str | None = None  # --name: the job goes by this name rather than its identity
     keep_s: int = 86400
     deadline: float = float("inf")  # monotonic time until which ``wait`` waits
+    fresh: bool = False  # a dead run's job is removed rather than resumed
 
 
 def identity(job: Job, params: dict[str, Any], seed: int) -> str:
@@ -72,7 +73,8 @@ def open_job(broker: Broker, job: Job, params: dict[str, Any], seed: int, *, jid
     name = f"name:{overlap.name}" if overlap.name else ident
     wanted = resume
     if wanted is None and auto:
-        wanted = settle(broker, name, jid, overlap.policy, overlap.keep_s, overlap.deadline)
+        wanted = settle(broker, name, jid, overlap.policy, overlap.keep_s, overlap.deadline,
+                        fresh=overlap.fresh)
     if wanted:
         fields = broker.job_fields(wanted)
         if fields is None and resume:

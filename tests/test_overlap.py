@@ -180,3 +180,21 @@ def test_a_second_local_cluster_does_not_pin_onto_taken_cpus(tmp_path: Path):
                f"{first.proc.pid}): this one uses CPUs " in err, err
     else:
         assert "every CPU is taken by other private local clusters" in err, err
+
+
+def test_fresh_removes_a_dead_runs_job_and_still_refuses_a_live_one(creds_file: Path,
+                                                                    broker: Broker,
+                                                                    agent: AgentProcess,
+                                                                    tmp_path: Path):
+    first = Run(creds_file, tmp_path, "first")
+    [old] = running(broker)
+    refused = Run(creds_file, tmp_path, "refused", "--fresh")
+    assert refused.wait()[0] == ExitCode.ALREADY_RUNNING
+    os.killpg(first.proc.pid, signal.SIGKILL)
+    first.wait()
+    (tmp_path / "gate").touch()
+    second = Run(creds_file, tmp_path, "second", "--fresh")
+    rc, err = second.wait()
+    assert rc == 0, err
+    assert json.loads(second.out.read_text()) == 6
+    assert not broker.job_exists(old) and not broker.client.smembers(broker.keys.jobs)
