@@ -253,6 +253,19 @@ class Broker:
         self._owned(jid, _status(reply))
 
     @edge
+    def keep_final(self, jid: str, value: bytes, seconds: int) -> None:
+        """Keep the encoded value gather returned, for ``seconds`` (the job's ``--keep``), so
+        that a coordinator resuming the job can deliver it without computing it again. Not
+        fenced: any coordinator that got this far gathered every unit of the same job."""
+        self.client.set(self.keys.final(jid), value, ex=max(1, seconds))
+
+    @edge
+    def final(self, jid: str) -> bytes | None:
+        """What ``keep_final`` kept, or None."""
+        reply: Any = self.client.get(self.keys.final(jid))
+        return bytes(reply) if reply is not None else None
+
+    @edge
     def job_stats(self, jid: str) -> dict[str, int]:
         reply: Any = self.client.hgetall(self.keys.stats(jid))
         raw: dict[bytes, bytes] = reply

@@ -35,8 +35,9 @@ from . import (
 from .agent import Agent, AgentSettings, choose_cpus
 from .broker import Broker
 from .config import ClusterConfig
-from .coordinator import Coordinator, RunOptions
+from .coordinator import Coordinator, RunOptions, Write
 from .credentials import Credentials, resolve
+from .destination import Destination
 from .doctor import Doctor
 from .entries import LogRecord
 from .errors import ClusterError, ExitCode, JobCancelled, ResultNotPrinted, UsageError
@@ -81,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="set a job parameter (JSON value, else a string); repeatable")
     submit.add_argument("--seed", type=within(settings.SEED), help="seed of every unit's generator "
                         "(default: the job's SEED, else 0)")
-    submit.add_argument("--output", "-o", help="write the result to FILE (.npy, .npz, .json, .png)")
+    submit.add_argument("--output", "-o", metavar="FILE", help="write the result to FILE (.npy, "
+                        ".npz, .json, .png), through a temporary file renamed into place; {job}, "
+                        "{date}, {time} and {id} in FILE are replaced")
     submit.add_argument("--print", choices=output.PRINT_MODES, default="auto",
                         help="the result on stdout: json, text or none (default: text on a "
                         "terminal, else json)")
@@ -264,9 +267,10 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     mode = output.print_mode(args.print, terminal=sys.stdout.isatty())
+    destination = Destination(args.output, Path(args.job).stem) if args.output else None
     with output.stdout_to_stderr():  # job code and a local cluster's workers print to stderr
-        name, result = submit_job(args)
-    written = output.write(args.output, result.value) if args.output else None
+        name, result = submit_job(args, destination)
+    written = destination.written if destination else None
     if written:
         print(f"result written to {written}", file=sys.stderr)
     problem = output.show(result.value, mode, sys.stdout)
@@ -275,18 +279,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"result not printed: {problem}; it is in {written}", file=sys.stderr)
     elif problem:
         raise ResultNotPrinted(problem, str(output.keep(f"{name}-{result.jid}", result.value)))
+    if destination:
+        destination.check_written(result.jid)
     return ExitCode.PARTIAL if result.failed else ExitCode.OK
 
 
-def submit_job(args: argparse.Namespace) -> tuple[str, RunResult]:
-    """Run the job ``args`` name: the job's name and what the run returned."""
+def submit_job(args: argparse.Namespace, destination: Destination | None = None
+               ) -> tuple[str, RunResult]:
+    """Run the job ``args`` name, writing its result to ``destination`` (checked before the
+    job runs): the job's name and what the run returned."""
     job = load_job(args.job, args.workdir)
     params = parse_params(args.param, job.defaults)
     job = dataclasses.replace(job, archive=workdir.pack(
         Path(args.job), Path(args.workdir) if args.workdir else None, args.exclude,
         int(args.max_workdir_size * 1e6)))
-    if args.output:
-        output.check_path(args.output)
+    if destination:
+        destination.check()
+    write = destination.write if destination else None
     cfg = config.load(args.hosts) if args.hosts else None
     creds = credentials.for_cluster(cfg, create=False) if cfg else resolve(args.redis,
                                                                             args.credentials)
@@ -308,11 +317,11 @@ def submit_job(args: argparse.Namespace) -> tuple[str, RunResult]:
         lock = local_lock(job, params, options)
         try:
             with LocalCluster(cores=args.cores) as local:
-                return job.name, run_job(local, job, params, options, args.progress)
+                return job.name, run_job(local, job, params, options, args.progress, write)
         finally:
             if lock is not None:
                 lock.release()
-    return job.name, run_job(creds, job, params, options, args.progress)
+    return job.name, run_job(creds, job, params, options, args.progress, write)
 
 
 def local_lock(job: Job, params: dict[str, Any], options: RunOptions) -> RunLock | None:
@@ -491,7 +500,7 @@ def report_table(reports: list[HostReport], with_agent: bool = False) -> str:
 
 
 def run_job(creds: Credentials, job: Job, params: dict[str, Any], options: RunOptions,
-            progress_mode: str) -> RunResult:
+            progress_mode: str, write: Write | None = None) -> RunResult:
     # a socket timeout short enough that a silently dropped connection costs little of the
     # grace, long enough for the largest reply (a result of --max-result-size)
     broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix,
@@ -503,7 +512,7 @@ def run_job(creds: Credentials, job: Job, params: dict[str, Any], options: RunOp
                         "list it in requirements in hosts.ini and run cluster up")
         coordinator = Coordinator(broker, job, params, creds.key, options,
                                   progress.reporter(progress_mode))
-        return coordinator.run()
+        return coordinator.run(write)
     finally:
         broker.close()
 

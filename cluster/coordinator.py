@@ -15,6 +15,9 @@ What it survives:
   (``resume.py``); a coordinator whose job was taken over is fenced and stops. Results leave
   Redis once gathered, so the new coordinator has the units whose results died with the old
   one computed again (``catch_up``).
+- A failed write of its result: with ``write`` (``--output``), the result is written before the
+  job leaves Redis, and kept there (``keep_final``) while it is written: when the write fails,
+  the job stays, and a re-run delivers the kept result without computing anything (``deliver``).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from .errors import (
     JobGone,
     JobTimeout,
     NoWorkers,
+    OutputFailed,
     RedisUnavailable,
 )
 from .gathering import Gatherer
@@ -57,6 +61,8 @@ from .resume import Overlap, note, open_job
 log = logging.getLogger("cluster.coordinator")
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, RedisUnavailable)
 Batch = list[tuple[int, bytes]]
+# writes the result: (value, job id, why it is not kept in Redis or None); ``OutputFailed``
+Write = Callable[[Any, str, str | None], None]
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,11 @@ class RunOptions:
     keep_logs_locally: bool = False  # a private local cluster: its Redis ends with the run
     overlap: str = "forbid"  # what to do about a live run of the same job (control.settle)
     name: str | None = None  # --name: the job goes by this name, for --overlap and resume
+
+    @property
+    def redis_outlives_run(self) -> bool:
+        """A running cluster keeps a job for a later run; a private local one ends with it."""
+        return not self.keep_logs_locally
 
 
 class Coordinator:
@@ -124,19 +135,28 @@ class Coordinator:
         self.total: int | None = None
         self.follower: Follower | None = None
         self.heartbeat = Heartbeat(broker, lambda: (self.jid, self.owner))
+        self.final: bytes | None = None  # resumed: the result a previous run kept, encoded
 
-    def run(self) -> RunResult:
+    def run(self, write: Write | None = None) -> RunResult:
+        """Run the job to its end; with ``write``, deliver its result before it leaves Redis."""
         self.started = self.clock()
         try:
             self.guarded(lambda: self.open(self.options.resume))
             self.heartbeat.start()
-            self.guarded(self.catch_up)
-            self.wait_for_workers()
-            self.units = self.scatter()
-            while not self.tally.finished:
-                self.guarded(self.step)
-            value = self.finish()
+            if self.final is None:
+                self.guarded(self.catch_up)
+                self.wait_for_workers()
+                self.units = self.scatter()
+                while not self.tally.finished:
+                    self.guarded(self.step)
+                value = self.finish()
+            else:
+                value = codec.decode(self.final)
             self.guarded(self.fetch_stats)
+            if write is not None:
+                self.deliver(value, write)
+        except OutputFailed:
+            raise  # deliver kept the job, or removed a private cluster's
         except (JobFailed, JobTimeout, JobCancelled, KeyboardInterrupt):
             self.heartbeat.stop()
             self.close(purge=True)
@@ -155,7 +175,8 @@ class Coordinator:
             self.reporter.close()
         self.close(purge=True)
         return RunResult(self.jid, value, self.tally, self.clock() - self.started, self.stats,
-                         sorted(self.gatherer.failed), sorted(self.gatherer.mismatched))
+                         sorted(self.gatherer.failed), sorted(self.gatherer.mismatched),
+                         reused=self.final is not None)
 
     def step(self) -> None:
         self.check_deadline()
@@ -204,6 +225,7 @@ class Coordinator:
         self.skip = self.sent = opened.scattered
         self.total = opened.total or self.total
         self.snapshot = opened.snapshot
+        self.final = opened.final
         self.gatherer.restart(self.jid, self.owner)
         if opened.resumed:  # the heartbeat says who runs it now, at once
             self.broker.beat(self.jid, self.owner)
@@ -432,6 +454,34 @@ class Coordinator:
             return self.job.gather(gathered, self.params)
         except Exception as exc:  # noqa: BLE001
             raise self.user_error("gather()", exc) from None
+
+    def deliver(self, value: Any, write: Write) -> None:
+        """Write the result while the job is still in Redis, kept there first (``keep_final``):
+        when the write fails, or this coordinator dies writing, a re-run delivers it without
+        computing it again. A failed write keeps the job (a private cluster's goes with it)."""
+        not_kept = self.keep_final(value) if self.final is None else None
+        try:
+            write(value, self.jid, not_kept)
+        except OutputFailed:
+            self.close(purge=not self.options.redis_outlives_run)
+            raise
+
+    def keep_final(self, value: Any) -> str | None:
+        """Keep ``value`` in Redis with the job (it expires with it); None when kept, else why
+        not, in words for the user."""
+        if not self.options.redis_outlives_run:
+            return "a private local cluster does not outlive its submit"
+        again = f"job {self.jid} is kept, but a re-run computes it again"
+        try:
+            blob = codec.encode(value)
+        except CodecError as exc:
+            return f"Redis cannot keep it, as the result {exc}; {again}"
+        try:  # briefly: the write waits for this, and does not need it when it succeeds
+            self.guarded(lambda: self.broker.keep_final(self.jid, blob, self.options.keep_s),
+                         grace=min(self.options.redis_grace_s, 2.0))
+        except (redis.RedisError, ClusterError) as exc:
+            return f"Redis did not keep it: {exc}; {again}"
+        return None
 
     def close(self, purge: bool) -> None:
         """Remove the job from Redis (done or failed), or keep it for a later resume."""

@@ -20,8 +20,11 @@ class ExitCode(IntEnum):
     TIMEOUT = 4  # --timeout elapsed
     PARTIAL = 5  # finished, but units failed for good within the --max-failed budget
     ALREADY_RUNNING = 6  # the same job runs on this cluster (--overlap forbid)
-    NOT_PRINTED = 7  # finished, but the result could not be printed as JSON: it is in a file
+    RESULT_ELSEWHERE = 7  # finished, but the result is in a file other than asked: not printed
+    # as JSON (too large, no JSON form), or not of the --output format (FILE.json...)
     CANCELLED = 8  # cluster cancel JOB_ID (or --overlap replace) stopped the job
+    OUTPUT_FAILED = 9  # finished, but --output could not be written: the error says where the
+    # result is (kept in Redis for a re-run, or in another file)
     INTERRUPTED = 130  # Ctrl-C / SIGTERM
 
 
@@ -155,10 +158,37 @@ class ResultNotPrinted(ClusterError):
     """The job finished, but its result could not go to stdout as JSON (too large, or with no
     JSON form) and no ``--output`` was given: it was written to ``path`` instead."""
 
-    exit_code = ExitCode.NOT_PRINTED
+    exit_code = ExitCode.RESULT_ELSEWHERE
 
     def __init__(self, problem: str, path: str) -> None:
         super().__init__(f"result not printed: {problem}; it was written to {path} instead "
                          "(use --output FILE, or --print none)")
         self.problem = problem
         self.path = path
+
+
+class ResultMisfit(ClusterError):
+    """The job finished, but its result does not fit the format ``--output`` asked for: it was
+    written to ``written`` (``FILE.json``, ...) instead, and ``path`` was not touched."""
+
+    exit_code = ExitCode.RESULT_ELSEWHERE
+
+    def __init__(self, path: str, problem: str, written: str) -> None:
+        super().__init__(f"--output {path}: the result does not fit ({problem}); it was written "
+                         f"to {written} instead, and {path} was left as it was")
+        self.path = path
+        self.problem = problem
+        self.written = written
+
+
+class OutputFailed(ClusterError):
+    """The job finished, but writing ``--output`` failed (``error``); ``where`` says where the
+    result is instead: kept in Redis for a re-run that writes it, or in another file."""
+
+    exit_code = ExitCode.OUTPUT_FAILED
+
+    def __init__(self, path: str, error: str, where: str) -> None:
+        super().__init__(f"could not write {path}: {error}; {where}")
+        self.path = path
+        self.error = error
+        self.where = where

@@ -55,6 +55,9 @@ key                            type    meaning
                                        (``entries.LogRecord``); bounded in bytes (stats
                                        ``log_bytes``, ``log_dropped``). Outlives the job: kept
                                        ``--keep`` hours after it ended, for ``cluster logs``
+{p}job:{jid}:final             STRING  the value gather returned (``codec.encode``d), kept
+                                       while ``--output`` is written: when the write fails the
+                                       job stays, and a re-run writes this without computing
 =============================  ======  =====================================================
 
 Every ``job:{jid}*`` key expires with the job: the coordinator refreshes the expiry, and a
@@ -129,15 +132,18 @@ class Keys:
     def logs(self, jid: str) -> str:
         return f"{self.prefix}job:{jid}:logs"
 
+    def final(self, jid: str) -> str:
+        return f"{self.prefix}job:{jid}:final"
+
     def resume(self, identity: str) -> str:
         return f"{self.prefix}resume:{identity}"
 
     def job_keys(self, jid: str) -> list[str]:
         """Every key that belongs to one job (deleted together when it ends)."""
         return [self.job(jid), self.recorded(jid), self.results(jid), self.stats(jid),
-                self.blobs(jid), self.workdir(jid)]
+                self.blobs(jid), self.workdir(jid), self.final(jid)]
 
     def job_templates(self) -> list[str]:
         """Per-job key names with ``{jid}`` left in, for Lua: job, recorded, results, stats,
-        blobs, workdir."""
+        blobs, workdir, final."""
         return self.job_keys(JOB_ID)

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, redirect_stdout
+from contextlib import contextmanager, redirect_stdout, suppress
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
@@ -140,8 +141,9 @@ def show(value: Any, mode: str, stream: TextIO) -> str | None:
 
 
 def keep(stem: str, value: Any) -> Path:
-    """Write a result that was not printed to ``stem`` plus a suffix that fits it, in the
-    current directory, else (not writable) in the temporary directory."""
+    """Write a result that was not printed (or not written where asked) to ``stem`` plus a
+    suffix that fits it, in the current directory, else (not writable) in the temporary
+    directory."""
     name = keep_name(stem, value)
     try:
         return write(name, value)
@@ -168,16 +170,37 @@ def stdout_to_stderr() -> Iterator[None]:
 
 
 def check_path(path: str) -> None:
-    """Refuse an output file we could not write before the job runs, not after."""
-    suffix = Path(path).suffix.lower()
+    """Refuse an output file we could not write before the job runs, not after: an unknown
+    format, a directory that is missing or not writable (a file is created in it and removed),
+    a directory in the file's place, PNG without pypng."""
+    target = Path(path)
+    suffix = target.suffix.lower()
     if suffix not in FORMATS:
         raise UsageError(f"--output {path}: unknown format {suffix or '(none)'}; "
                          f"use one of {', '.join(FORMATS)}")
-    parent = Path(path).parent
+    parent = target.parent
     if not parent.is_dir():
         raise UsageError(f"--output {path}: directory {parent} does not exist")
+    if target.is_dir():
+        raise UsageError(f"--output {path}: is a directory")
+    problem = _unwritable(parent)
+    if problem:
+        raise UsageError(f"--output {path}: cannot write in {parent}: {problem}")
     if suffix == ".png":
         _png()
+
+
+def _unwritable(directory: Path) -> str | None:
+    """Why no file can be created in ``directory``, or None. A file is created and removed:
+    unlike ``os.access``, that also answers for root, a read-only mount or a full inode table,
+    and with the system's own reason."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".cluster-probe-", dir=directory)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    os.unlink(probe)
+    return None
 
 
 def _png() -> Any:
@@ -189,16 +212,71 @@ def _png() -> Any:
 
 
 def write(path: str, value: Any) -> Path:
-    """Write ``value`` in the format the suffix names. When the value does not fit that format
-    it is written next to it in the first of JSON, .npy and text that holds it (``FILE.json``,
-    ``FILE.npy``, ``FILE.txt``): never lost. Returns the path written."""
+    """Write ``value`` in the format the suffix names, atomically (``write_atomically``). When
+    the value does not fit that format (``misfit`` says why) it is written next to it in the
+    first of JSON, .npy and text that holds it (``FILE.json``, ``FILE.npy``, ``FILE.txt``):
+    never lost. Returns the path written."""
+    target = fitting(path, value)
+    writer = _WRITERS[target.suffix.lower()]
+    write_atomically(target, lambda file: writer(file, value))
+    return target
+
+
+def fitting(path: str, value: Any) -> Path:
+    """The file ``write`` writes ``value`` to: ``path``, or ``path`` plus the suffix of the
+    first of JSON, .npy and text that holds it."""
     target = Path(path)
     asked = target.suffix.lower()
     suffix = next(s for s in (asked, ".json", ".npy", ".txt") if _FITS[s](value))
-    if suffix != asked:
-        target = target.with_suffix(target.suffix + suffix)
-    _WRITERS[suffix](target, value)
-    return target
+    return target if suffix == asked else target.with_suffix(target.suffix + suffix)
+
+
+def write_atomically(target: Path, fill: Callable[[BinaryIO], object]) -> None:
+    """Write ``target`` through a temporary file in its directory (``.NAME.tmp-PID``): ``fill``
+    writes it, it is flushed to disk and renamed over ``target``. A reader sees the previous
+    file or the new one, never part of one; on any failure the temporary file is removed and
+    the previous file is left as it was. The new file keeps the previous one's permissions."""
+    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        with temporary.open("wb") as file:
+            fill(file)
+            file.flush()
+            os.fsync(file.fileno())
+        with suppress(OSError):
+            os.chmod(temporary, stat.S_IMODE(os.stat(target).st_mode))
+        os.replace(temporary, target)
+    except BaseException:
+        with suppress(OSError):
+            temporary.unlink()
+        raise
+    _sync_directory(target.parent)
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make the rename itself durable (best effort: not every file system allows it)."""
+    with suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def misfit(path: str, value: Any) -> str | None:
+    """Why ``value`` does not fit the format ``path`` names (``write`` then writes it beside,
+    as ``FILE.json``...), or None when it fits."""
+    suffix = Path(path).suffix.lower()
+    if _FITS[suffix](value):
+        return None
+    if suffix == ".json":
+        return print_problem(value, cap=sys.maxsize)
+    return f"a {suffix} file holds {_HOLDS[suffix]}, and the result is {_describe(value)}"
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"a {value.dtype} array of shape {value.shape}"
+    return f"a {type(value).__name__}"
 
 
 def keep_name(stem: str, value: Any) -> str:
@@ -230,28 +308,29 @@ def _has_json_form(value: Any) -> bool:
     return True
 
 
-def _write_npz(target: Path, value: dict[Any, Any]) -> None:
+def _write_npz(file: BinaryIO, value: dict[Any, Any]) -> None:
     arrays: dict[str, Any] = {str(k): np.asarray(v) for k, v in value.items()}
-    np.savez(target, **arrays)
+    np.savez(file, **arrays)
 
 
-def _write_png(target: Path, image: np.ndarray) -> None:
+def _write_png(file: BinaryIO, image: np.ndarray) -> None:
     png = _png()
     rows = image.reshape(image.shape[0], -1)
     greyscale = image.ndim == 2
     planes = 1 if greyscale else image.shape[2]
-    with target.open("wb") as file:
-        png.Writer(image.shape[1], image.shape[0], greyscale=greyscale,
-                   alpha=planes in (2, 4), bitdepth=8).write(file, rows.tolist())
+    png.Writer(image.shape[1], image.shape[0], greyscale=greyscale,
+               alpha=planes in (2, 4), bitdepth=8).write(file, rows.tolist())
 
 
 _FITS: dict[str, Callable[[Any], bool]] = {
     ".npz": lambda v: isinstance(v, dict), ".npy": _array_like, ".png": _image,
     ".json": _has_json_form, ".txt": lambda v: True}
-_WRITERS: dict[str, Callable[[Path, Any], object]] = {
+_HOLDS = {".npz": "a dict of arrays", ".npy": "an array (or numbers)",
+          ".png": "a 2-D or 3-D uint8 array (an image)"}
+_WRITERS: dict[str, Callable[[BinaryIO, Any], object]] = {
     ".npz": _write_npz,
-    ".npy": lambda target, v: np.save(target, np.asarray(v)),
-    ".png": lambda target, v: _write_png(target, np.asarray(v)),
-    ".json": lambda target, v: target.write_text(to_json(v) + "\n"),
-    ".txt": lambda target, v: target.write_text(render(v, full=True) + "\n"),
+    ".npy": lambda file, v: np.save(file, np.asarray(v)),
+    ".png": lambda file, v: _write_png(file, np.asarray(v)),
+    ".json": lambda file, v: file.write((to_json(v) + "\n").encode()),
+    ".txt": lambda file, v: file.write((render(v, full=True) + "\n").encode()),
 }

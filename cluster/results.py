@@ -84,8 +84,12 @@ class RunResult:
     stats: dict[str, int] = field(default_factory=dict)
     failed: list[int] = field(default_factory=list)
     mismatched: list[int] = field(default_factory=list)
+    reused: bool = False  # the result a previous run of the job gathered and kept in Redis
 
     def summary(self) -> str:
+        if self.reused:
+            return (f"the result of job {self.jid} was kept in Redis by an earlier run: nothing "
+                    "computed again")
         t, s = self.tally, self.stats
         hosts = len(t.hosts())
         rate = t.done / self.seconds if self.seconds > 0 else 0.0

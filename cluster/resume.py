@@ -6,7 +6,8 @@ results recorded, how many units scatter has produced. A job is found again by i
 job's code, its directory's digest, params and seed. Taking a job over changes its owner token,
 which fences the previous coordinator off, and gives the new one a snapshot of what was
 recorded: results that the old coordinator had gathered (and dropped from Redis) are lost with
-it, and are computed again.
+it, and are computed again, unless it had kept the value gather returned (its ``--output`` write
+failed, or it died writing it): then that value is delivered, and nothing is computed.
 A small local journal (one JSON line per event) records which job ids were
 started, resumed, kept and finished, so a user can find them.
 """
@@ -42,6 +43,7 @@ class Opened:
     scattered: int = 0  # units already queued by the previous coordinator
     total: int | None = None  # known when its scatter had finished
     snapshot: Snapshot | None = None  # resumed: what was recorded when it was taken over
+    final: bytes | None = None  # resumed: the result a previous run gathered but did not write
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ def open_job(broker: Broker, job: Job, params: dict[str, Any], seed: int, *, jid
                 total = fields.get("total")
                 note("resumed", wanted, name, job.path, broker.where)
                 return Opened(wanted, name, True, int(fields.get("scattered", 0)),
-                              int(total) if total else None, snapshot)
+                              int(total) if total else None, snapshot, broker.final(wanted))
     code = job.source.encode()
     shipped = {} if job.archive is None else {
         "workdir_sha": job.archive.digest, "workdir_job": job.archive.job,

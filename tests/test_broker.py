@@ -285,7 +285,8 @@ def test_keys_made_after_the_last_expiry_refresh_expire_with_the_job(job: Broker
     rec(job, second, "w2", 0.0, [ok(1, 1)])  # stale
     said = LogRecord(0, 1, "w1", 0.0, "ok", {"stdout": "hi\n"}).to_json()
     job._log(keys=[job.keys.job(JID), job.keys.stats(JID), job.keys.logs(JID)], args=[99, said])
-    made = [k for k in job.keys.job_keys(JID) if k != job.keys.workdir(JID)]  # comes with the job
+    made = [k for k in job.keys.job_keys(JID)  # workdir comes with the job, final with its end
+            if k not in (job.keys.workdir(JID), job.keys.final(JID))]
     for key in [*made, job.keys.logs(JID)]:
         assert job.client.exists(key), key
         assert 0 < job.client.ttl(key) <= 3600, key

@@ -192,7 +192,7 @@ def test_over_the_cap_with_output_the_file_is_written_and_stdout_empty(
 def test_over_the_cap_without_output_fails_and_keeps_the_result(
         local_cluster: Path, tmp_path: Path) -> None:
     r = submit(local_cluster, *OVER_CAP, cwd=tmp_path)
-    assert r.returncode == ExitCode.NOT_PRINTED, r.stderr
+    assert r.returncode == ExitCode.RESULT_ELSEWHERE, r.stderr
     assert r.stdout == ""
     errors = [line for line in r.stderr.splitlines() if line.startswith("cluster: error:")]
     assert len(errors) == 1, r.stderr
