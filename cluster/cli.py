@@ -12,7 +12,8 @@ import signal
 import socket
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,9 @@ from . import (
     __version__,
     config,
     credentials,
+    history,
     joblogs,
+    jobs,
     output,
     progress,
     settings,
@@ -33,6 +36,7 @@ from . import (
 from .agent import Agent, AgentSettings, choose_cpus
 from .broker import Broker
 from .config import ClusterConfig
+from .console import STDERR, say
 from .coordinator import Coordinator, RunOptions
 from .credentials import Credentials, resolve
 from .doctor import Doctor
@@ -41,6 +45,7 @@ from .errors import ClusterError, ExitCode, ResultNotPrinted, UsageError
 from .jobfile import Job, load_job, parse_params
 from .launcher import Launcher
 from .local import LocalCluster
+from .recorder import Recorder
 from .remote import HostReport
 from .requirements import Installed, check_hosts
 from .results import RunResult
@@ -50,7 +55,8 @@ EXIT_INTERNAL = 70
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # one line and the usage exit code
-        self.exit(ExitCode.USAGE, f"cluster: error: {message} (see cluster --help)\n")
+        self.exit(ExitCode.USAGE, f"{STDERR.stamp()}cluster: error: {message} "
+                  "(see cluster --help)\n")
 
 
 def within(accepted: settings.Range) -> Callable[[str], float]:
@@ -130,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="local cluster only: workers to start (default: one per core)")
     submit.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
                         help="progress display (default: a bar on a terminal, else lines)")
+    submit.add_argument("--summary-json", metavar="FILE", help="write the run's record (state, "
+                        "exit code, units, hosts, failed units, times, output) to FILE as JSON, "
+                        "whatever the outcome; - for one line on stderr")
     _connection_flags(submit)
     submit.set_defaults(func=cmd_submit, log_level="WARNING")
 
@@ -173,6 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_flags(status)
     status.set_defaults(func=cmd_status, log_level="WARNING")
 
+    listing = commands.add_parser("jobs", help="the jobs running on a cluster, and recent runs")
+    listing.add_argument("--limit", type=within(settings.RUNS_SHOWN), default=20,
+                         metavar="N", help="recent runs shown (default 20)")
+    _history_flags(listing)
+    listing.set_defaults(func=cmd_jobs, log_level="WARNING")
+
+    show = commands.add_parser("show", help="one job's runs in detail: outcome, units, failed "
+                               "units with their hosts and tracebacks")
+    show.add_argument("job_id", metavar="JOB_ID")
+    _history_flags(show)
+    show.set_defaults(func=cmd_show, log_level="WARNING")
+
     doctor = commands.add_parser("doctor", help="what would stop up, host by host; changes "
                                  "nothing")
     doctor.add_argument("hosts", metavar="HOSTS_INI")
@@ -197,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--log-level", default="INFO")
     agent.set_defaults(func=cmd_agent)
     return parser
+
+
+def _history_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--hosts", metavar="HOSTS_INI", help="the cluster cluster up started "
+                        "from this file (none of --hosts, --redis, --credentials: the runs "
+                        "recorded on this machine)")
+    _connection_flags(parser)
 
 
 def _connection_flags(parser: argparse.ArgumentParser) -> None:
@@ -229,9 +258,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(message: str, detail: str, code: int) -> int:
-    print(f"cluster: error: {message}", file=sys.stderr)
-    if detail:
-        print(detail.rstrip(), file=sys.stderr)
+    say(f"cluster: error: {message}", detail)
     return int(code)
 
 
@@ -240,22 +267,28 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    with Recorder(args.summary_json) as run:  # the run's record, whatever the outcome
+        return run.ended(submit_and_show(args, run))
+
+
+def submit_and_show(args: argparse.Namespace, run: Recorder) -> int:
     mode = output.print_mode(args.print, terminal=sys.stdout.isatty())
     with output.stdout_to_stderr():  # job code and a local cluster's workers print to stderr
-        name, result = submit_job(args)
+        name, result = submit_job(args, run)
     written = output.write(args.output, result.value) if args.output else None
     if written:
-        print(f"result written to {written}", file=sys.stderr)
+        run.output = str(written)
+        say(f"result written to {written}")
     problem = output.show(result.value, mode, sys.stdout)
     report(result, args)
     if problem and written:
-        print(f"result not printed: {problem}; it is in {written}", file=sys.stderr)
+        say(f"result not printed: {problem}; it is in {written}")
     elif problem:
         raise ResultNotPrinted(problem, str(output.keep(f"{name}-{result.jid}", result.value)))
     return ExitCode.PARTIAL if result.failed else ExitCode.OK
 
 
-def submit_job(args: argparse.Namespace) -> tuple[str, RunResult]:
+def submit_job(args: argparse.Namespace, run: Recorder) -> tuple[str, RunResult]:
     """Run the job ``args`` name: the job's name and what the run returned."""
     job = load_job(args.job, args.workdir)
     params = parse_params(args.param, job.defaults)
@@ -268,6 +301,7 @@ def submit_job(args: argparse.Namespace) -> tuple[str, RunResult]:
     creds = credentials.for_cluster(cfg, create=False) if cfg else resolve(args.redis,
                                                                             args.credentials)
     check_local_flags(args, local=creds is None)
+    run.submitting(job, creds, cfg.history_days if cfg else settings.DEFAULT_HISTORY_DAYS)
     options = RunOptions(seed=args.seed, max_attempts=args.max_attempts,
                          max_failed=args.max_failed, timeout=args.timeout,
                          worker_timeout=args.worker_timeout,
@@ -282,19 +316,18 @@ def submit_job(args: argparse.Namespace) -> tuple[str, RunResult]:
         check_hosts(job.path, job.requirements, [Installed.here("this environment")],
                     f"install it for {sys.executable} (the local cluster runs it)")
         with LocalCluster(cores=args.cores) as local:
-            return job.name, run_job(local, job, params, options, args.progress)
-    return job.name, run_job(creds, job, params, options, args.progress)
+            return job.name, run_job(local, job, params, options, args.progress, run)
+    return job.name, run_job(creds, job, params, options, args.progress, run)
 
 
 def report(result: RunResult, args: argparse.Namespace) -> None:
     """The run's summary on stderr, and units per host when there were several."""
-    print(result.summary(), file=sys.stderr)
+    say(result.summary())
     if result.stats.get("log_bytes") and not args.logs:
-        print(f"compute wrote output: cluster logs {result.jid}{where_flags(args)}",
-              file=sys.stderr)
+        say(f"compute wrote output: cluster logs {result.jid}{where_flags(args)}")
     if len(result.tally.hosts()) > 1:
         per_host = ", ".join(f"{h} {n}" for h, n in sorted(result.tally.by_host().items()))
-        print(f"units per host: {per_host}", file=sys.stderr)
+        say(f"units per host: {per_host}")
 
 
 def where_flags(args: argparse.Namespace) -> str:
@@ -380,6 +413,45 @@ def cmd_status(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with _history_broker(args) as broker:
+        live = jobs.running(broker) if broker else None
+        runs = jobs.recent(broker, int(args.limit))
+        where = broker.where if broker else None
+    print(json.dumps(jobs.as_json(live, runs, where), indent=1) if args.json
+          else jobs.render(live, runs, where))
+    return ExitCode.OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with _history_broker(args) as broker:
+        live = next(iter(jobs.running(broker, [args.job_id])), None) if broker else None
+        runs = jobs.runs_of(broker, args.job_id)
+        where = f"Redis at {broker.where} or " if broker else ""
+    if live is None and not runs:
+        raise UsageError(f"job {args.job_id}: not running, and no record of it in {where}"
+                         f"{history.local_path()}")
+    print(json.dumps(jobs.show_json(args.job_id, live, runs), indent=1) if args.json
+          else jobs.render_show(args.job_id, live, runs))
+    return ExitCode.OK
+
+
+@contextmanager
+def _history_broker(args: argparse.Namespace) -> Iterator[Broker | None]:
+    """The cluster that ``--hosts``, ``--redis`` or ``--credentials`` name, or None."""
+    cfg = config.load(args.hosts) if args.hosts else None
+    creds = credentials.for_cluster(cfg, create=False) if cfg else resolve(args.redis,
+                                                                            args.credentials)
+    if creds is None:
+        yield None
+        return
+    broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+    try:
+        yield broker
+    finally:
+        broker.close()
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     cfg = config.load(args.hosts) if args.hosts else None
     creds = credentials.for_cluster(cfg, create=False) if cfg else resolve(args.redis,
@@ -427,7 +499,7 @@ def report_table(reports: list[HostReport], with_agent: bool = False) -> str:
 
 
 def run_job(creds: Credentials, job: Job, params: dict[str, Any], options: RunOptions,
-            progress_mode: str) -> RunResult:
+            progress_mode: str, run: Recorder) -> RunResult:
     # a socket timeout short enough that a silently dropped connection costs little of the
     # grace, long enough for the largest reply (a result of --max-result-size)
     broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix,
@@ -439,6 +511,7 @@ def run_job(creds: Credentials, job: Job, params: dict[str, Any], options: RunOp
                         "list it in requirements in hosts.ini and run cluster up")
         coordinator = Coordinator(broker, job, params, creds.key, options,
                                   progress.reporter(progress_mode))
+        run.watch(coordinator)
         return coordinator.run()
     finally:
         broker.close()

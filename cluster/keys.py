@@ -50,6 +50,12 @@ key                            type    meaning
                                        (``entries.LogRecord``); bounded in bytes (stats
                                        ``log_bytes``, ``log_dropped``). Outlives the job: kept
                                        ``--keep`` hours after it ended, for ``cluster logs``
+{p}history                     ZSET    job id -> when a run of it last ended (server ms): the
+                                       cluster's run history; trimmed to ``history_days`` and
+                                       ``history.REDIS_JOBS`` jobs whenever a run is added
+{p}history:{jid}               HASH    run id -> the record of one run of the job, JSON
+                                       (``history.RunRecord``); expires ``history_days`` after
+                                       the job's last run
 =============================  ======  =====================================================
 
 Every ``job:{jid}*`` key expires with the job: the coordinator refreshes the expiry, and a
@@ -119,6 +125,13 @@ class Keys:
 
     def logs(self, jid: str) -> str:
         return f"{self.prefix}job:{jid}:logs"
+
+    @property
+    def history(self) -> str:
+        return f"{self.prefix}history"
+
+    def runs(self, jid: str) -> str:
+        return f"{self.prefix}history:{jid}"
 
     def resume(self, identity: str) -> str:
         return f"{self.prefix}resume:{identity}"

@@ -8,7 +8,8 @@ which fences the previous coordinator off, and gives the new one a snapshot of w
 recorded: results that the old coordinator had gathered (and dropped from Redis) are lost with
 it, and are computed again.
 A small local journal (one JSON line per event) records which job ids were
-started, resumed, kept and finished, so a user can find them.
+started and resumed, and how each run ended (``history.STATES``, or ``kept`` for a job kept
+to be resumed), so a user can find them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +83,7 @@ def open_job(broker: Broker, job: Job, params: dict[str, Any], seed: int, *, jid
         "max_attempts": max_attempts, "owner": owner, "scattered": 0, "max_result": max_result,
         "redis_grace": redis_grace, "max_log": max_log,
         "started": broker.server_time_ms(),
+        "host": socket.gethostname(), "pid": os.getpid(),
     }, workdir=job.archive.data if job.archive else None)
     if auto:
         broker.set_resumable(ident, jid)
