@@ -6,13 +6,17 @@ A ``RunRecord`` is built once, when a ``cluster submit`` ends, whatever the outc
 ``~/.local/state/cluster/history.sqlite`` (or ``CLUSTER_HISTORY``), which keeps the last
 ``LOCAL_RUNS`` runs of at most ``LOCAL_DAYS`` days, whatever cluster ran them.
 
-A run's state is one of ``STATES``; it follows from its exit code (``state_of``).
+A run's state is one of ``STATES``; it follows from its exit code (``state_of``). A run that
+ended with no coordinator left to record it (``cluster cancel`` of a job whose coordinator is
+gone) is recorded by ``ended_elsewhere``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -21,8 +25,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ExitCode
+import redis
 
+from . import settings
+from .broker import Broker
+from .console import utc
+from .errors import ClusterError, ExitCode
+
+log = logging.getLogger("cluster.history")
 VERSION = 1  # of the JSON form; readers ignore what they do not know
 STATES = ("finished", "partial", "failed", "timed-out", "interrupted", "cancelled", "fenced")
 CANCELLED = 8  # the exit code of a cancelled run (``cluster cancel``)
@@ -151,8 +161,7 @@ class LocalHistory:
     def add(self, record: RunRecord) -> None:
         """Keep ``record`` and drop what is over the bounds. Raises ``OSError`` or
         ``sqlite3.Error`` when the file cannot be written."""
-        oldest = time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                               time.gmtime(self.now() - self.keep_days * 86400))
+        oldest = utc(self.now() - self.keep_days * 86400)
         with self._db() as db:
             db.execute("INSERT INTO runs (job, ended, record) VALUES (?, ?, ?)",
                        (record.job or "", record.ended, record.to_json()))
@@ -174,3 +183,46 @@ class LocalHistory:
         with self._db() as db:
             rows = db.execute(query, args).fetchall()
         return [RunRecord.from_json(row[0]) for row in rows]
+
+
+def save_to_redis(broker: Broker, record: RunRecord, history_days: float) -> None:
+    """Add ``record`` to the cluster's history (best effort: a warning when it cannot)."""
+    assert record.job is not None
+    try:
+        broker.save_run(record.job, record.run, record.to_json(), int(history_days * 86400e3),
+                        REDIS_JOBS)
+    except (ClusterError, redis.RedisError) as exc:
+        log.warning("job=%s: the run's record is not in the cluster's history: %s",
+                    record.job, exc)
+
+
+def save_locally(local: LocalHistory, record: RunRecord) -> None:
+    """Add ``record`` to this machine's history (best effort: a warning when it cannot)."""
+    try:
+        local.add(record)
+    except (OSError, sqlite3.Error) as exc:
+        log.warning("job=%s: the run's record is not in the local history %s: %s",
+                    record.job or "-", local.path, exc)
+
+
+def ended_elsewhere(broker: Broker, jid: str, state: str, exit_code: int, error: str = "",
+                    history_days: float = settings.DEFAULT_HISTORY_DAYS) -> RunRecord | None:
+    """Record a run of ``jid`` that ended with no coordinator to record it (``cluster cancel``
+    of a job whose coordinator is gone: ``state`` "cancelled", exit code 8), from what the
+    job's hash says; call it before the job is removed. None when the job is not in Redis."""
+    found = broker.job_summaries([jid])
+    if not found:
+        return None
+    _, fields, recorded = found[0]
+    now = time.time()
+    started = int(fields.get("started", 0) or 0) / 1000 or now
+    total = fields.get("total")
+    record = RunRecord(
+        job=jid, run=secrets.token_hex(4), name=fields.get("name", ""),
+        file=fields.get("path", ""), state=state, exit_code=exit_code,
+        started=utc(started), ended=utc(now), seconds=round(now - started, 3),
+        error=error, units=Units(total=int(total) if total else None, done=recorded),
+        coordinator=fields.get("host", ""), redis=broker.where)
+    save_to_redis(broker, record, history_days)
+    save_locally(LocalHistory(), record)
+    return record

@@ -4,8 +4,8 @@ stderr), to the cluster's history in Redis (bounded by ``history_days``), to the
 file and to the local journal.
 
 Writing it is best effort: a record that cannot be written is a warning, never a failed run.
-A run that ended with no coordinator left to record it (``cluster cancel`` of a job whose
-coordinator is gone) is recorded by ``ended_elsewhere``.
+A run that ended with no coordinator left to record it is recorded by
+``history.ended_elsewhere``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import os
 import secrets
 import signal
 import socket
-import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -29,7 +28,15 @@ from . import console, settings
 from .broker import Broker
 from .credentials import Credentials
 from .errors import ClusterError, ExitCode, Fenced, ResultNotPrinted, UsageError
-from .history import REDIS_JOBS, FailedUnit, LocalHistory, RunRecord, Units, state_of
+from .history import (
+    FailedUnit,
+    LocalHistory,
+    RunRecord,
+    Units,
+    save_locally,
+    save_to_redis,
+    state_of,
+)
 from .jobfile import Job
 from .plan import host_of
 from .resume import note
@@ -197,47 +204,6 @@ def save_to_cluster(creds: Credentials, record: RunRecord, history_days: float) 
                     record.job, exc)
         return
     try:
-        save_with(broker, record, history_days)
+        save_to_redis(broker, record, history_days)
     finally:
         broker.close()
-
-
-def save_with(broker: Broker, record: RunRecord, history_days: float) -> None:
-    assert record.job is not None
-    try:
-        broker.save_run(record.job, record.run, record.to_json(), int(history_days * 86400e3),
-                        REDIS_JOBS)
-    except (ClusterError, redis.RedisError) as exc:
-        log.warning("job=%s: the run's record is not in the cluster's history: %s",
-                    record.job, exc)
-
-
-def save_locally(local: LocalHistory, record: RunRecord) -> None:
-    try:
-        local.add(record)
-    except (OSError, sqlite3.Error) as exc:
-        log.warning("job=%s: the run's record is not in the local history %s: %s",
-                    record.job or "-", local.path, exc)
-
-
-def ended_elsewhere(broker: Broker, jid: str, state: str, exit_code: int, error: str = "",
-                    history_days: float = settings.DEFAULT_HISTORY_DAYS) -> RunRecord | None:
-    """Record a run of ``jid`` that ended with no coordinator to record it (``cluster cancel``
-    of a job whose coordinator is gone: ``state`` "cancelled", exit code 8), from what the
-    job's hash says; call it before the job is removed. None when the job is not in Redis."""
-    found = broker.job_summaries([jid])
-    if not found:
-        return None
-    _, fields, recorded = found[0]
-    now = time.time()
-    started = int(fields.get("started", 0) or 0) / 1000 or now
-    total = fields.get("total")
-    record = RunRecord(
-        job=jid, run=secrets.token_hex(4), name=fields.get("name", ""),
-        file=fields.get("path", ""), state=state, exit_code=exit_code,
-        started=console.utc(started), ended=console.utc(now), seconds=round(now - started, 3),
-        error=error, units=Units(total=int(total) if total else None, done=recorded),
-        coordinator=fields.get("host", ""), redis=broker.where)
-    save_with(broker, record, history_days)
-    save_locally(LocalHistory(), record)
-    return record

@@ -24,9 +24,9 @@ from cluster.broker import Broker
 from cluster.config import ConfigError, load
 from cluster.console import Console, utc
 from cluster.errors import ExitCode
-from cluster.history import LocalHistory, RunRecord, Units, state_of
+from cluster.history import LocalHistory, RunRecord, Units, ended_elsewhere, state_of
 from cluster.jobs import runs_of
-from cluster.recorder import Recorder, ended_elsewhere
+from cluster.recorder import Recorder
 
 LISTED = str(SAMPLES / "listed.py")
 HOST = socket.gethostname()
