@@ -104,6 +104,7 @@ class Broker:
         reg = client.register_script
         self._add = reg(scripts.ADD)
         self._record = reg(scripts.RECORD)
+        self._save_run = reg(scripts.SAVE_RUN)
         self._reissue = reg(scripts.REISSUE)
         self._renew = reg(scripts.RENEW)
         self._register_worker = reg(scripts.REGISTER_WORKER)
@@ -395,6 +396,58 @@ class Broker:
         """(used, maxmemory) in bytes; maxmemory 0 means no limit."""
         info = self.client.info("memory")
         return int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+
+    # -- history -----------------------------------------------------------------------------
+
+    RUNNING_FIELDS = ("name", "path", "started", "host", "pid", "scattered", "total")
+
+    @edge
+    def running_jobs(self) -> list[tuple[str, dict[str, str], int]]:
+        """The jobs being run: (id, ``RUNNING_FIELDS`` of its hash, units recorded)."""
+        reply: Any = self.client.smembers(self.keys.jobs)
+        return self.job_summaries(sorted(j.decode() for j in reply))
+
+    @edge
+    def job_summaries(self, jids: Sequence[str]) -> list[tuple[str, dict[str, str], int]]:
+        """(id, ``RUNNING_FIELDS`` of its hash, units recorded) of those jobs still there."""
+        pipe = self.client.pipeline(transaction=False)
+        for jid in jids:
+            pipe.hmget(self.keys.job(jid), self.RUNNING_FIELDS)
+            pipe.bitcount(self.keys.recorded(jid))
+        replies = pipe.execute() if jids else []
+        jobs = []
+        for jid, values, recorded in zip(jids, replies[::2], replies[1::2], strict=True):
+            found = {k: v.decode(errors="replace")
+                     for k, v in zip(self.RUNNING_FIELDS, values, strict=True) if v is not None}
+            if found:  # not expired or purged between the two reads
+                jobs.append((jid, found, int(recorded)))
+        return jobs
+
+    @edge
+    def save_run(self, jid: str, run: str, record: str, keep_ms: int, most_jobs: int) -> int:
+        """Add the record of a run of ``jid`` to the cluster's history, which keeps the jobs
+        whose last run ended within ``keep_ms``, at most ``most_jobs`` of them; returns how
+        many jobs left it."""
+        k = self.keys
+        reply = self._save_run(keys=[k.history, k.runs(jid)],
+                               args=[jid, run, record, max(1, keep_ms), most_jobs,
+                                     k.runs(JOB_ID)])
+        return int(reply[1])
+
+    @edge
+    def recent_runs(self, jobs: int) -> list[bytes]:
+        """The records of every run of the ``jobs`` jobs that last ended, in no order."""
+        reply: Any = self.client.zrevrange(self.keys.history, 0, max(0, jobs - 1))
+        pipe = self.client.pipeline(transaction=False)
+        for jid in reply:
+            pipe.hvals(self.keys.runs(jid.decode()))
+        return [r for runs in (pipe.execute() if reply else []) for r in runs]
+
+    @edge
+    def job_runs(self, jid: str) -> list[bytes]:
+        """The records of the runs of ``jid`` in the cluster's history, in no order."""
+        reply: Any = self.client.hvals(self.keys.runs(jid))
+        return list(reply)
 
     @edge
     def _alive(self, zset: str, lease_ms: int) -> list[str]:

@@ -13,7 +13,8 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ from . import (
     config,
     control,
     credentials,
+    history,
     joblogs,
+    jobs,
     output,
     progress,
     settings,
@@ -35,6 +38,7 @@ from . import (
 from .agent import Agent, AgentSettings, choose_cpus
 from .broker import Broker
 from .config import ClusterConfig
+from .console import STDERR, say
 from .coordinator import Coordinator, RunOptions, Write
 from .credentials import Credentials, resolve
 from .destination import Destination
@@ -45,6 +49,7 @@ from .jobfile import Job, load_job, parse_params
 from .launcher import Launcher
 from .local import LocalCluster
 from .neighbours import RunLock
+from .recorder import Recorder
 from .remote import HostReport
 from .requirements import Installed, check_hosts
 from .results import RunResult
@@ -55,7 +60,8 @@ EXIT_INTERNAL = 70
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # one line and the usage exit code
-        self.exit(ExitCode.USAGE, f"cluster: error: {message} (see cluster --help)\n")
+        self.exit(ExitCode.USAGE, f"{STDERR.stamp()}cluster: error: {message} "
+                  "(see cluster --help)\n")
 
 
 def within(accepted: settings.Range) -> Callable[[str], float]:
@@ -143,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="local cluster only: workers to start (default: one per core)")
     submit.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
                         help="progress display (default: a bar on a terminal, else lines)")
+    submit.add_argument("--summary-json", metavar="FILE", help="write the run's record (state, "
+                        "exit code, units, hosts, failed units, times, output) to FILE as JSON, "
+                        "whatever the outcome; - for one line on stderr")
     _connection_flags(submit)
     submit.set_defaults(func=cmd_submit, log_level="WARNING")
 
@@ -197,6 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_flags(status)
     status.set_defaults(func=cmd_status, log_level="WARNING")
 
+    listing = commands.add_parser("jobs", help="the jobs running on a cluster, and recent runs")
+    listing.add_argument("--limit", type=within(settings.RUNS_SHOWN), default=20,
+                         metavar="N", help="recent runs shown (default 20)")
+    _history_flags(listing)
+    listing.set_defaults(func=cmd_jobs, log_level="WARNING")
+
+    show = commands.add_parser("show", help="one job's runs in detail: outcome, units, failed "
+                               "units with their hosts and tracebacks")
+    show.add_argument("job_id", metavar="JOB_ID")
+    _history_flags(show)
+    show.set_defaults(func=cmd_show, log_level="WARNING")
+
     doctor = commands.add_parser("doctor", help="what would stop up, host by host; changes "
                                  "nothing")
     doctor.add_argument("hosts", metavar="HOSTS_INI")
@@ -223,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--log-level", default="INFO")
     agent.set_defaults(func=cmd_agent)
     return parser
+
+
+def _history_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--hosts", metavar="HOSTS_INI", help="the cluster cluster up started "
+                        "from this file (none of --hosts, --redis, --credentials: the runs "
+                        "recorded on this machine)")
+    _connection_flags(parser)
 
 
 def _connection_flags(parser: argparse.ArgumentParser) -> None:
@@ -255,9 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(message: str, detail: str, code: int) -> int:
-    print(f"cluster: error: {message}", file=sys.stderr)
-    if detail:
-        print(detail.rstrip(), file=sys.stderr)
+    say(f"cluster: error: {message}", detail)
     return int(code)
 
 
@@ -266,17 +293,24 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    # the run's record, whatever the outcome
+    with Recorder(args.summary_json, job_name=Path(args.job).stem) as run:
+        return run.ended(submit_and_show(args, run))
+
+
+def submit_and_show(args: argparse.Namespace, run: Recorder) -> int:
     mode = output.print_mode(args.print, terminal=sys.stdout.isatty())
     destination = Destination(args.output, Path(args.job).stem) if args.output else None
     with output.stdout_to_stderr():  # job code and a local cluster's workers print to stderr
-        name, result = submit_job(args, destination)
+        name, result = submit_job(args, run, destination)
     written = destination.written if destination else None
     if written:
-        print(f"result written to {written}", file=sys.stderr)
+        run.output = str(written)
+        say(f"result written to {written}")
     problem = output.show(result.value, mode, sys.stdout)
     report(result, args)
     if problem and written:
-        print(f"result not printed: {problem}; it is in {written}", file=sys.stderr)
+        say(f"result not printed: {problem}; it is in {written}")
     elif problem:
         raise ResultNotPrinted(problem, str(output.keep(f"{name}-{result.jid}", result.value)))
     if destination:
@@ -284,8 +318,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return ExitCode.PARTIAL if result.failed else ExitCode.OK
 
 
-def submit_job(args: argparse.Namespace, destination: Destination | None = None
-               ) -> tuple[str, RunResult]:
+def submit_job(args: argparse.Namespace, run: Recorder,
+               destination: Destination | None = None) -> tuple[str, RunResult]:
     """Run the job ``args`` name, writing its result to ``destination`` (checked before the
     job runs): the job's name and what the run returned."""
     job = load_job(args.job, args.workdir)
@@ -300,6 +334,7 @@ def submit_job(args: argparse.Namespace, destination: Destination | None = None
     creds = credentials.for_cluster(cfg, create=False) if cfg else resolve(args.redis,
                                                                             args.credentials)
     check_local_flags(args, local=creds is None)
+    run.submitting(job, creds, cfg.history_days if cfg else settings.DEFAULT_HISTORY_DAYS)
     options = RunOptions(seed=args.seed, max_attempts=args.max_attempts,
                          max_failed=args.max_failed, timeout=args.timeout,
                          worker_timeout=args.worker_timeout,
@@ -317,11 +352,11 @@ def submit_job(args: argparse.Namespace, destination: Destination | None = None
         lock = local_lock(job, params, options)
         try:
             with LocalCluster(cores=args.cores) as local:
-                return job.name, run_job(local, job, params, options, args.progress, write)
+                return job.name, run_job(local, job, params, options, args.progress, run, write)
         finally:
             if lock is not None:
                 lock.release()
-    return job.name, run_job(creds, job, params, options, args.progress, write)
+    return job.name, run_job(creds, job, params, options, args.progress, run, write)
 
 
 def local_lock(job: Job, params: dict[str, Any], options: RunOptions) -> RunLock | None:
@@ -344,13 +379,12 @@ def _replaced(signum: int, frame: object) -> None:
 
 def report(result: RunResult, args: argparse.Namespace) -> None:
     """The run's summary on stderr, and units per host when there were several."""
-    print(result.summary(), file=sys.stderr)
+    say(result.summary())
     if result.stats.get("log_bytes") and not args.logs:
-        print(f"compute wrote output: cluster logs {result.jid}{where_flags(args)}",
-              file=sys.stderr)
+        say(f"compute wrote output: cluster logs {result.jid}{where_flags(args)}")
     if len(result.tally.hosts()) > 1:
         per_host = ", ".join(f"{h} {n}" for h, n in sorted(result.tally.by_host().items()))
-        print(f"units per host: {per_host}", file=sys.stderr)
+        say(f"units per host: {per_host}")
 
 
 def where_flags(args: argparse.Namespace) -> str:
@@ -436,6 +470,45 @@ def cmd_status(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with _history_broker(args) as broker:
+        live = jobs.running(broker) if broker else None
+        runs = jobs.recent(broker, int(args.limit))
+        where = broker.where if broker else None
+    print(json.dumps(jobs.as_json(live, runs, where), indent=1) if args.json
+          else jobs.render(live, runs, where))
+    return ExitCode.OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with _history_broker(args) as broker:
+        live = next(iter(jobs.running(broker, [args.job_id])), None) if broker else None
+        runs = jobs.runs_of(broker, args.job_id)
+        where = f"Redis at {broker.where} or " if broker else ""
+    if live is None and not runs:
+        raise UsageError(f"job {args.job_id}: not running, and no record of it in {where}"
+                         f"{history.local_path()}")
+    print(json.dumps(jobs.show_json(args.job_id, live, runs), indent=1) if args.json
+          else jobs.render_show(args.job_id, live, runs))
+    return ExitCode.OK
+
+
+@contextmanager
+def _history_broker(args: argparse.Namespace) -> Iterator[Broker | None]:
+    """The cluster that ``--hosts``, ``--redis`` or ``--credentials`` name, or None."""
+    cfg = config.load(args.hosts) if args.hosts else None
+    creds = credentials.for_cluster(cfg, create=False) if cfg else resolve(args.redis,
+                                                                            args.credentials)
+    if creds is None:
+        yield None
+        return
+    broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+    try:
+        yield broker
+    finally:
+        broker.close()
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     cfg = config.load(args.hosts) if args.hosts else None
     creds = credentials.for_cluster(cfg, create=False) if cfg else resolve(args.redis,
@@ -500,7 +573,7 @@ def report_table(reports: list[HostReport], with_agent: bool = False) -> str:
 
 
 def run_job(creds: Credentials, job: Job, params: dict[str, Any], options: RunOptions,
-            progress_mode: str, write: Write | None = None) -> RunResult:
+            progress_mode: str, run: Recorder, write: Write | None = None) -> RunResult:
     # a socket timeout short enough that a silently dropped connection costs little of the
     # grace, long enough for the largest reply (a result of --max-result-size)
     broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix,
@@ -512,6 +585,7 @@ def run_job(creds: Credentials, job: Job, params: dict[str, Any], options: RunOp
                         "list it in requirements in hosts.ini and run cluster up")
         coordinator = Coordinator(broker, job, params, creds.key, options,
                                   progress.reporter(progress_mode))
+        run.watch(coordinator)
         return coordinator.run(write)
     finally:
         broker.close()

@@ -16,6 +16,7 @@
     heartbeat = 0.5                 ; agents renew heartbeats and leases this often (seconds)
     lease = 5                       ; a worker not renewed this long is lost (submit --lease)
     redis_maxmemory = 50%           ; for a Redis that up starts: of the host's RAM, or 4gb
+    history_days = 30               ; how long Redis keeps the records of runs (cluster jobs)
     requirements =                  ; what up builds into the wheelhouse and installs on hosts:
         scipy>=1.11                 ;   one per line: a requirement (from an index, on this
         ./tools/mylib               ;   machine), or a local project directory or wheel
@@ -43,7 +44,7 @@ from .settings import Memory, Range, parse_cpus
 
 CLUSTER_KEYS = {"name", "redis", "redis_port", "user", "port", "identity_file", "known_hosts",
                 "install_dir", "python", "state_dir", "connect_timeout", "redis_grace",
-                "heartbeat", "lease", "redis_maxmemory", "requirements"}
+                "heartbeat", "lease", "redis_maxmemory", "requirements", "history_days"}
 HOST_KEYS = {"address", "cores", "cpus", "user", "port", "python", "install_dir",
              "identity_file"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -100,6 +101,7 @@ class ClusterConfig:
     redis_maxmemory: Memory = Memory()
     requirements: tuple[str, ...] = ()  # for pip, from an index or from the wheelhouse
     packages: tuple[Path, ...] = ()  # local project directories and wheels, built by up
+    history_days: float = settings.DEFAULT_HISTORY_DAYS  # run records kept in Redis this long
 
     @property
     def prefix(self) -> str:
@@ -214,7 +216,9 @@ class _Parsed:
             connect_timeout=self.number("connect_timeout", settings.CONNECT_TIMEOUT, 10.0),
             redis_grace=self.number("redis_grace", settings.REDIS_GRACE, 60.0),
             heartbeat=heartbeat, lease=self.lease(heartbeat), redis_maxmemory=self.memory(),
-            requirements=requirements, packages=packages)
+            requirements=requirements, packages=packages,
+            history_days=self.number("history_days", settings.HISTORY_DAYS,
+                                     settings.DEFAULT_HISTORY_DAYS))
 
     def host(self, section: str, defaults: dict[str, str | None]) -> HostConfig:
         self.check_keys(section, HOST_KEYS)

@@ -11,6 +11,7 @@ back) and removes it itself.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import socket
 import time
@@ -18,10 +19,14 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 
 import psutil
+import redis
 
 from .broker import Broker
-from .errors import AlreadyRunning, InfraError, JobTimeout, UsageError
+from .errors import AlreadyRunning, ClusterError, ExitCode, InfraError, JobTimeout, UsageError
 from .heartbeat import LEASE_MS
+from .history import ended_elsewhere
+
+log = logging.getLogger("cluster.control")
 
 
 def cancel(broker: Broker, jid: str, who: str, wait_s: float = 30.0,
@@ -37,6 +42,10 @@ def cancel(broker: Broker, jid: str, who: str, wait_s: float = 30.0,
         if age is None:
             return "stopped by its coordinator"
         if age > LEASE_MS:
+            try:
+                ended_elsewhere(broker, jid, "cancelled", ExitCode.CANCELLED, who)
+            except (ClusterError, redis.RedisError) as exc:  # best effort, as all history
+                log.warning("job=%s: its cancel was not recorded in the history: %s", jid, exc)
             remove(broker, jid)
             return "removed (its coordinator was gone)"
         if clock() > deadline:

@@ -117,6 +117,8 @@ class Coordinator:
         self.skip = 0  # units the previous coordinator had queued already
         self.snapshot: Snapshot | None = None  # resumed: recorded units at the takeover
         self.reclaimed: set[int] = set()  # their results died with the previous coordinator
+        self.recorded_before: int | None = None  # resumed: units recorded by earlier runs
+        self.kept = False  # ended, but the job stays in Redis to be resumed
         self.gatherer = Gatherer(broker, self.results, self.tally, self.batcher,
                                  options.max_failed, lambda exc: self.user_error("reduce()", exc),
                                  clock)
@@ -147,6 +149,7 @@ class Coordinator:
                 self.guarded(self.catch_up)
                 self.wait_for_workers()
                 self.units = self.scatter()
+                self.reporter.begin(self.jid, self.recorded_before, self.total)
                 while not self.tally.finished:
                     self.guarded(self.step)
                 value = self.finish()
@@ -164,7 +167,7 @@ class Coordinator:
         except ClusterError as exc:  # infrastructure: keep a started job for --resume
             if isinstance(exc, Fenced):
                 raise
-            resumable = self.options.auto_resume and self.sent > 0
+            resumable = self.kept = self.options.auto_resume and self.sent > 0
             self.close(purge=not resumable)
             if resumable:
                 exc.message += f" (job {self.jid} is kept in Redis: run the same command " \
@@ -239,6 +242,7 @@ class Coordinator:
         if self.snapshot is not None:
             self.reclaimed = self.gatherer.catch_up(self.snapshot)
             self.snapshot = None
+            self.recorded_before = self.tally.done
 
     def wait_for_workers(self) -> None:
         deadline = self.clock() + self.options.worker_timeout
@@ -444,7 +448,7 @@ class Coordinator:
         timeout = self.options.timeout
         if timeout is not None and self.clock() - self.started > timeout:
             raise JobTimeout(f"the job did not finish within {timeout:g} s "
-                             f"({self.tally.done} of {self.tally.scattered} units done)")
+                             f"({units_done(self.tally.done, self.total)})")
 
     # -- the end ----------------------------------------------------------------------------
 
@@ -494,8 +498,6 @@ class Coordinator:
                 self.guarded(lambda: self.broker.purge_job(self.jid, self.owner, self.identity,
                                                            self.options.keep_s),
                              grace=min(self.options.redis_grace_s, 10.0))
-            note("finished" if purge else "kept", self.jid, self.identity, self.job.path,
-                 self.broker.where)
         except (redis.RedisError, ClusterError) as exc:
             log.warning("job=%s: could not clean up in Redis: %s", self.jid, exc)
 
@@ -518,3 +520,9 @@ class Coordinator:
         return JobFailed(f"{where} raised {type(exc).__name__}: {exc}",
                          detail=user_traceback(exc, self.job.path))
 
+
+def units_done(done: int, total: int | None) -> str:
+    """How far a job got, in units, for a message: ``4 of 40 units done``."""
+    if total is None:
+        return f"{done} units done; scatter had not finished, so the total is not known"
+    return f"{done} of {total} units done"

@@ -21,6 +21,7 @@ from .plan import Batcher, Tally
 from .results import Results, redis_bitmap
 
 log = logging.getLogger("cluster.coordinator")
+MAX_ERRORS_KEPT = 20  # failed units whose error and traceback the run's record holds
 
 
 class Gatherer:
@@ -39,6 +40,7 @@ class Gatherer:
         self.drop_upto = ""  # taken results entries not yet dropped from Redis
         self.drop_refs: list[bytes] = []
         self.failed: list[int] = []
+        self.errors: dict[int, dict[str, Any]] = {}  # of the first failed units, for the record
         self.mismatched: list[int] = []
         self.digests = bytearray()  # 8 bytes per unit: the first result's digest seen
         self.last_progress = clock()
@@ -141,6 +143,8 @@ class Gatherer:
             return
         self.tally.failed += 1
         self.failed.append(index)
+        if len(self.errors) < MAX_ERRORS_KEPT:
+            self.errors[index] = {k: v for k, v in error.items() if k != "output"}
         self.last_progress = self.clock()
         log.warning("unit=%d job=%s failed: %s", index, self.jid, error.get("error"))
         if self.tally.failed > self.max_failed:

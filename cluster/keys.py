@@ -58,6 +58,12 @@ key                            type    meaning
 {p}job:{jid}:final             STRING  the value gather returned (``codec.encode``d), kept
                                        while ``--output`` is written: when the write fails the
                                        job stays, and a re-run writes this without computing
+{p}history                     ZSET    job id -> when a run of it last ended (server ms): the
+                                       cluster's run history; trimmed to ``history_days`` and
+                                       ``history.REDIS_JOBS`` jobs whenever a run is added
+{p}history:{jid}               HASH    run id -> the record of one run of the job, JSON
+                                       (``history.RunRecord``); expires ``history_days`` after
+                                       the job's last run
 =============================  ======  =====================================================
 
 Every ``job:{jid}*`` key expires with the job: the coordinator refreshes the expiry, and a
@@ -134,6 +140,13 @@ class Keys:
 
     def final(self, jid: str) -> str:
         return f"{self.prefix}job:{jid}:final"
+
+    @property
+    def history(self) -> str:
+        return f"{self.prefix}history"
+
+    def runs(self, jid: str) -> str:
+        return f"{self.prefix}history:{jid}"
 
     def resume(self, identity: str) -> str:
         return f"{self.prefix}resume:{identity}"

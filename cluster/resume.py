@@ -9,7 +9,8 @@ recorded: results that the old coordinator had gathered (and dropped from Redis)
 it, and are computed again, unless it had kept the value gather returned (its ``--output`` write
 failed, or it died writing it): then that value is delivered, and nothing is computed.
 A small local journal (one JSON line per event) records which job ids were
-started, resumed, kept and finished, so a user can find them.
+started and resumed, and how each run ended (``history.STATES``, or ``kept`` for a job kept
+to be resumed), so a user can find them.
 """
 
 from __future__ import annotations

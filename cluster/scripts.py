@@ -40,6 +40,8 @@ may be retried after a lost reply and recognises its own earlier success.
   its logs stream is kept for a while.
 - ``LOG``: a worker appends records of what job code wrote, within the job's byte bound (the
   records over it are dropped and counted); nothing for a job that is gone.
+- ``SAVE_RUN``: the record of a run that ended joins the cluster's history, and the jobs whose
+  last run is older than the history's time, or beyond its count, leave it.
 
 Keys that a script creates after the coordinator last refreshed the job's expiry inherit the
 expiry of the job's hash (``inherit``), so an abandoned job's keys all expire.
@@ -295,6 +297,27 @@ end
 if dropped > 0 then redis.call('HINCRBY', stats, 'log_dropped', dropped) end
 inherit(job, stats, logs)
 return {'OK', kept, dropped}
+"""
+
+SAVE_RUN = JOBKEYS + """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local keep, most = tonumber(ARGV[4]), tonumber(ARGV[5])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], keep)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - keep))
+local over = redis.call('ZCARD', KEYS[1]) - #gone - most
+if over > 0 then
+  for _, jid in ipairs(redis.call('ZRANGE', KEYS[1], #gone, #gone + over - 1)) do
+    gone[#gone + 1] = jid
+  end
+end
+for _, jid in ipairs(gone) do
+  redis.call('DEL', jobkey(ARGV[6], jid))
+  redis.call('ZREM', KEYS[1], jid)
+end
+return {'OK', #gone}
 """
 
 TAKEOVER = """

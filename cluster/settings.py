@@ -15,6 +15,7 @@ from .errors import UsageError
 
 HEARTBEAT_S = 0.5  # the agents' default heartbeat and lease renewal interval
 LEASE_S = 5.0  # the default lease of a worker
+DEFAULT_HISTORY_DAYS = 30.0  # how long a cluster's Redis keeps records of runs (history_days)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ CORES = Range(1, 65536, whole=True)
 # hosts.ini
 PORT = Range(1, 65535, whole=True)
 CONNECT_TIMEOUT = Range(0.1, 600, unit="seconds")
+HISTORY_DAYS = Range(0, 3650, unit="days", above=True)
+# jobs
+RUNS_SHOWN = Range(1, 10_000, whole=True)
 
 
 def lease_problem(lease_s: float, heartbeat_s: float) -> str | None:

@@ -25,6 +25,7 @@ from netns import sshd_binary
 from waiting import wait_for
 
 from cluster.broker import Broker
+from cluster.console import unstamped
 from cluster.credentials import Credentials
 from cluster.local import LocalCluster, free_port
 
@@ -54,6 +55,24 @@ def _private_cache() -> None:
 
 
 _private_cache()
+
+
+def _private_history() -> None:
+    """Runs submitted by the tests are recorded in a history file and a journal of this
+    session, not in the user's ~/.local/state/cluster (a test may name its own)."""
+    state = tempfile.mkdtemp(prefix="cluster-test-state-")
+    os.environ["CLUSTER_HISTORY"] = str(Path(state) / "history.sqlite")
+    os.environ.setdefault("CLUSTER_JOURNAL", str(Path(state) / "journal.jsonl"))
+    atexit.register(shutil.rmtree, state, ignore_errors=True)
+
+
+_private_history()
+
+
+def plain(stderr: str) -> str:
+    """stderr of ``cluster`` without the stamps its own lines start with off a terminal
+    (``2026-11-28T09:30:00Z job=3f9a0c12d4e1 ``): what tests compare."""
+    return unstamped(stderr)
 
 
 def need(binary: str) -> str:
@@ -180,12 +199,16 @@ def tagged_processes(tag: str) -> list[str]:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
-            cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m cluster`` as a user would; a hang fails the test instead of CI."""
+            cwd: Path = ROOT, raw: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m cluster`` as a user would; a hang fails the test instead of CI. Its
+    stderr comes without the stamps of its lines (``plain``) unless ``raw``."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "cluster", *args], capture_output=True,
-                          text=True, timeout=timeout, env=full_env, cwd=cwd,
-                          stdin=subprocess.DEVNULL)
+    result = subprocess.run([sys.executable, "-m", "cluster", *args], capture_output=True,
+                            text=True, timeout=timeout, env=full_env, cwd=cwd,
+                            stdin=subprocess.DEVNULL)
+    if not raw:
+        result.stderr = plain(result.stderr)
+    return result
 
 
 @pytest.fixture(scope="session")

@@ -762,5 +762,7 @@ def test_a_second_coordinator_fences_the_first(site: Site, tmp_path: Path):
     assert_completed(site, second, second.wait())
     counts = first.counts()  # queued once; gathered by the fenced one: computed again
     assert set(counts) == set(range(units)) and max(counts.values()) <= 2, counts
-    assert journal_events(journal) == [("started", jid), ("resumed", jid), ("finished", jid)]
+    # the fenced coordinator journals how it ended, before the second finishes
+    assert journal_events(journal) == [("started", jid), ("resumed", jid), ("fenced", jid),
+                                       ("finished", jid)]
     wait_healthy(site)

@@ -35,7 +35,7 @@ from typing import Any
 import psutil
 import pytest
 import redis
-from conftest import ROOT, SAMPLES, AgentProcess, need
+from conftest import ROOT, SAMPLES, AgentProcess, need, plain
 from faultproxy import Fault, FaultProxy, Rates
 
 from cluster.credentials import Credentials
@@ -333,7 +333,7 @@ def wait_recorded(rig: Rig, count: int, proc: subprocess.Popen[bytes]) -> int | 
 
 def last_lines(err: Path) -> tuple[str, str]:
     """(the last ``cluster: error:`` line, the summary line) of a submit's stderr."""
-    lines = err.read_text(errors="replace").splitlines() if err.exists() else []
+    lines = plain(err.read_text(errors="replace")).splitlines() if err.exists() else []
     errors = [line for line in lines if line.startswith("cluster: error:")]
     summaries = [line for line in lines if " units on " in line and " reissued" in line]
     return (errors[-1] if errors else ""), (summaries[-1] if summaries else "")
