@@ -10,6 +10,7 @@ from typing import Any
 
 from .broker import Broker
 from .console import utc
+from .control import alive
 from .history import LocalHistory, RunRecord
 
 
@@ -24,6 +25,7 @@ class RunningJob:
     recorded: int  # units recorded (or failed for good)
     total: int | None  # None while scatter runs
     scattered: int
+    alive: bool = True  # its coordinator beats; else the job is kept for a run to resume
 
     def progress(self) -> str:
         if self.total:
@@ -36,7 +38,8 @@ def running(broker: Broker, only: Sequence[str] | None = None) -> list[RunningJo
     found = broker.running_jobs() if only is None else broker.job_summaries(only)
     return [RunningJob(jid, f.get("name", "?"), f.get("path", ""), f.get("host", "?"),
                        _int(f.get("pid")), utc(int(f["started"]) / 1000) if f.get("started")
-                       else None, recorded, _int(f.get("total")), _int(f.get("scattered")) or 0)
+                       else None, recorded, _int(f.get("total")), _int(f.get("scattered")) or 0,
+                       alive(broker, f))
             for jid, f, recorded in found]
 
 
@@ -77,7 +80,8 @@ def render(live: list[RunningJob] | None, runs: list[RunRecord], where: str | No
                    f"no job running on the cluster at {where}")
         if live:
             out.append(table([["JOB", "NAME", "PROGRESS", "COORDINATOR", "STARTED"]] + [
-                [j.job, j.name, j.progress(), _host(j.coordinator, j.pid), j.started or "?"]
+                [j.job, j.name, j.progress(), _host(j.coordinator, j.pid) + (
+                    "" if j.alive else " (gone: the next run resumes it)"), j.started or "?"]
                 for j in live]))
     source = f"the cluster at {where}" if where else "this machine"
     out.append(f"recent runs on {source}:" if runs else f"no run recorded on {source}")

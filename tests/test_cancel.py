@@ -69,6 +69,8 @@ def test_a_running_job_is_cancelled_from_another_process(creds_file: Path, broke
     assert r.returncode == 0, r.stderr
     assert "0 reissued" in r.stderr
     assert "replaced: it computed a unit of a job that is gone" in agent.stop()
+    shown = run_cli("show", jid, "--credentials", str(creds_file))
+    assert "cancelled (exit 8)" in shown.stdout, shown.stdout  # in the cluster's history
 
 
 def test_a_job_whose_coordinator_died_is_removed_by_cancel(creds_file: Path, broker: Broker,
@@ -76,15 +78,19 @@ def test_a_job_whose_coordinator_died_is_removed_by_cancel(creds_file: Path, bro
                                                            tmp_path: Path) -> None:
     log = tmp_path / "units.log"
     submit = start_sleepy(creds_file, log, units=6)
-    jid = the_job(broker)
-    wait_for(lambda: started(log) >= 1, 30, "a unit to start")
-    os.killpg(submit.pid, signal.SIGKILL)
-    submit.communicate()
+    try:
+        jid = the_job(broker)
+        wait_for(lambda: started(log) >= 1, 30, "a unit to start")
+    finally:
+        os.killpg(submit.pid, signal.SIGKILL)
+        submit.communicate()
     broker.client.hset(broker.keys.job(jid), "beat", 0)  # its last beat: long ago
     r = run_cli("cancel", jid, "--credentials", str(creds_file))
     assert r.returncode == 0, r.stderr
     assert "removed (its coordinator was gone)" in r.stdout
     nothing_left(broker, jid)
+    shown = run_cli("show", jid, "--credentials", str(creds_file))
+    assert "cancelled (exit 8)" in shown.stdout, shown.stdout
 
 
 def test_cancelling_what_is_not_running_is_a_one_line_error(creds_file: Path) -> None:

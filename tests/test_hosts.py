@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from conftest import JOBS, SAMPLES, need_root_network, run_cli
 from netns import NsHost, NsNetwork, NsSite, hosts_ini
+from test_cron import cron
 from test_workdir import expected_total, make_project
 from waiting import wait_for
 
@@ -223,6 +224,19 @@ def test_what_compute_writes_on_hosts_is_in_cluster_logs(site: Site):
     one = sorted(hosts)[0]
     only = run_cli("logs", jid, "--hosts", str(site.ini), "--host", one).stdout
     assert only and all(line.startswith(f"[{one} unit ") for line in only.splitlines())
+
+
+def test_a_cron_run_on_the_hosts(site: Site, tmp_path: Path):
+    (tmp_path / "home").mkdir()
+    r = cron(tmp_path, str(SAMPLES / "gated.py"), "--hosts", str(site.ini), "--param",
+             "units=12", "--output", "out-{date}.json", "--summary-json", "summary-{id}.json")
+    assert r.returncode == 0, r.stderr
+    [written] = tmp_path.glob("out-*.json")
+    assert json.loads(written.read_text()) == sum(range(12))
+    [summary] = tmp_path.glob("summary-*.json")
+    record = json.loads(summary.read_text())
+    assert record["state"] == "finished" and summary.name == f"summary-{record['job']}.json"
+    assert sum(record["hosts"].values()) == 12
 
 
 def test_an_unreachable_host_is_reported_while_the_others_come_up(site: Site):

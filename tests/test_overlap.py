@@ -10,8 +10,10 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from conftest import SAMPLES, AgentProcess
 from waiting import wait_for
 
@@ -19,6 +21,18 @@ from cluster.broker import Broker
 from cluster.errors import ExitCode
 
 GATED = str(SAMPLES / "gated.py")
+STARTED: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def no_run_left_behind() -> Iterator[None]:
+    """A failing test must not leave its runs (and their local clusters) running."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
 
 
 class Run:
@@ -31,6 +45,7 @@ class Run:
              "--progress", "none", "--param", f"gate={tmp_path / 'gate'}", "--param",
              f"log={tmp_path / 'units.log'}", "-o", str(self.out), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        STARTED.append(self.proc)
 
     def wait(self) -> tuple[int, str]:
         try:
@@ -143,6 +158,7 @@ class LocalRun(Run):
              "-o", str(self.out), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
             env=env)
+        STARTED.append(self.proc)
 
 
 def test_local_runs_of_one_job_see_each_other(tmp_path: Path):
