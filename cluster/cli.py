@@ -330,9 +330,7 @@ def submit_job(args: argparse.Namespace, run: Recorder,
     if destination:
         destination.check()
     write = destination.write if destination else None
-    cfg = config.load(args.hosts) if args.hosts else None
-    creds = credentials.for_cluster(cfg, create=False) if cfg else resolve(args.redis,
-                                                                            args.credentials)
+    cfg, creds = named_cluster(args)
     check_local_flags(args, local=creds is None)
     run.submitting(job, creds, cfg.history_days if cfg else settings.DEFAULT_HISTORY_DAYS)
     options = RunOptions(seed=args.seed, max_attempts=args.max_attempts,
@@ -393,6 +391,15 @@ def where_flags(args: argparse.Namespace) -> str:
         if getattr(args, flag, None):
             return f" --{flag} {getattr(args, flag)}"
     return ""
+
+
+def named_cluster(args: argparse.Namespace) -> tuple[ClusterConfig | None, Credentials | None]:
+    """The cluster a command names: ``--hosts`` (hosts.ini), else ``--redis`` or
+    ``--credentials``; no credentials when it names none."""
+    cfg = config.load(args.hosts) if args.hosts else None
+    if cfg is not None:
+        return cfg, credentials.for_cluster(cfg, create=False)
+    return None, resolve(args.redis, args.credentials)
 
 
 def check_local_flags(args: argparse.Namespace, local: bool) -> None:
@@ -458,9 +465,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    cfg = config.load(args.hosts) if args.hosts else None
-    creds = credentials.for_cluster(cfg, create=False) if cfg else resolve(args.redis,
-                                                                            args.credentials)
+    cfg, creds = named_cluster(args)
     if creds is None:
         raise UsageError("cluster status needs HOSTS_INI, --redis URL or --credentials FILE")
     broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
@@ -496,9 +501,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 @contextmanager
 def _history_broker(args: argparse.Namespace) -> Iterator[Broker | None]:
     """The cluster that ``--hosts``, ``--redis`` or ``--credentials`` name, or None."""
-    cfg = config.load(args.hosts) if args.hosts else None
-    creds = credentials.for_cluster(cfg, create=False) if cfg else resolve(args.redis,
-                                                                            args.credentials)
+    cfg, creds = named_cluster(args)
     if creds is None:
         yield None
         return
@@ -510,9 +513,7 @@ def _history_broker(args: argparse.Namespace) -> Iterator[Broker | None]:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    cfg = config.load(args.hosts) if args.hosts else None
-    creds = credentials.for_cluster(cfg, create=False) if cfg else resolve(args.redis,
-                                                                            args.credentials)
+    cfg, creds = named_cluster(args)
 
     def show(record: LogRecord) -> None:
         for _ in joblogs.select([record], args.unit, args.host, args.failed):
@@ -540,9 +541,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    cfg = config.load(args.hosts) if args.hosts else None
-    creds = credentials.for_cluster(cfg, create=False) if cfg else resolve(args.redis,
-                                                                            args.credentials)
+    cfg, creds = named_cluster(args)
     if creds is None:
         raise UsageError("cluster cancel needs --hosts HOSTS_INI, --redis URL or --credentials "
                          "FILE (a private local cluster is stopped with its submit: Ctrl-C)")
