@@ -22,6 +22,7 @@ import hmac
 import json
 import math
 import struct
+import warnings
 import zlib
 from typing import Any
 
@@ -63,29 +64,67 @@ def encode(value: Any) -> bytes:
 
 
 def decode(blob: bytes) -> Any:
-    """Decode what ``encode`` produced. Arrays come back writable, in their own memory."""
+    """Decode what ``encode`` produced. Arrays come back writable, in their own memory. Total:
+    whatever the input (read from Redis, so maybe corrupt or hostile), the only exception is
+    ``CodecError``, and no array is allocated beyond what the input holds."""
+    try:
+        return _decode(bytes(blob))
+    except CodecError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError,
+            MemoryError, AttributeError) as exc:  # json, numpy and our checks below
+        raise CodecError(f"a malformed encoded value: {type(exc).__name__}: "
+                         f"{str(exc)[:200]}") from None
+
+
+def _decode(blob: bytes) -> Any:
     tag = blob[:1]
     if tag == _JSON:
         return json.loads(blob[1:])
     if tag != _NUMPY:
         raise CodecError(f"not an encoded value (starts with {blob[:8]!r})")
+    if len(blob) < 5:
+        raise CodecError("a truncated encoded value")
     length = int.from_bytes(blob[1:5], "little")
     base = 5 + length
+    if base > len(blob):
+        raise CodecError(f"a truncated encoded value ({len(blob)} bytes, header of {length})")
 
     def hook(obj: dict[str, Any]) -> Any:
         if len(obj) != 1 or _ND not in obj:
             return obj
-        offset, descr, shape, scalar = obj[_ND]
-        dtype = npformat.descr_to_dtype(descr)
-        count = math.prod(shape)
-        if count == 0 or dtype.itemsize == 0:
-            array = np.zeros(shape, dtype)
-        else:
-            flat = np.frombuffer(blob, dtype=dtype, count=count, offset=base + offset)
-            array = flat.reshape(shape).copy()
-        return array[()] if scalar else array
+        return _array(blob, base, obj[_ND])
 
     return json.loads(blob[5:base], object_hook=hook)
+
+
+def _array(blob: bytes, base: int, spec: Any) -> Any:
+    """One array of an encoded value, from its header entry ``[offset, dtype, shape,
+    scalar]``, checked before anything is read or allocated."""
+    if not isinstance(spec, list) or len(spec) != 4:
+        raise CodecError(f"a malformed array header: {str(spec)[:80]}")
+    offset, descr, shape, scalar = spec
+    if not isinstance(offset, int) or offset < 0 or not isinstance(shape, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise CodecError(f"a malformed array header: {str(spec)[:80]}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a deprecated dtype alias is refused, not warned of
+        try:
+            dtype = npformat.descr_to_dtype(descr)
+        except Warning as exc:
+            raise CodecError(f"an encoded array of dtype {str(descr)[:40]}: {exc}") from None
+    if dtype.hasobject:
+        raise CodecError(f"an encoded array of dtype {dtype}, which holds Python objects")
+    count = math.prod(shape)
+    if count * dtype.itemsize > len(blob) - base - offset:
+        raise CodecError(f"an encoded array of shape {tuple(shape)}, dtype {dtype} larger "
+                         "than its bytes")
+    if count == 0 or dtype.itemsize == 0:
+        array = np.zeros(shape, dtype)
+    else:
+        flat = np.frombuffer(blob, dtype=dtype, count=count, offset=base + offset)
+        array = flat.reshape(shape).copy()
+    return array[()] if scalar is True else array
 
 
 def _check_keys(value: Any, where: str) -> None:
