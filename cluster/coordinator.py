@@ -121,7 +121,8 @@ class Coordinator:
         self.kept = False  # ended, but the job stays in Redis to be resumed
         self.gatherer = Gatherer(broker, self.results, self.tally, self.batcher,
                                  options.max_failed, lambda exc: self.user_error("reduce()", exc),
-                                 clock)
+                                 clock, units=lambda: max(self.tally.scattered, self.sent,
+                                                          self.skip))
         self.opened = False
         self.lost = False  # Redis lost the job: rebuild it before anything else
         self.total_saved = False

@@ -15,8 +15,8 @@ from typing import Any
 
 from . import codec
 from .broker import Broker
-from .entries import Failed, Snapshot, Unrecorded, output_block, parse_result
-from .errors import InfraError, JobFailed, JobGone, UnitFailed
+from .entries import Failed, Recorded, Snapshot, Unrecorded, output_block, parse_result
+from .errors import CodecError, InfraError, JobFailed, JobGone, UnitFailed
 from .plan import Batcher, Tally
 from .results import Results, redis_bitmap
 
@@ -24,11 +24,18 @@ log = logging.getLogger("cluster.coordinator")
 MAX_ERRORS_KEPT = 20  # failed units whose error and traceback the run's record holds
 
 
+class Rejected(Exception):
+    """A results entry that is malformed or names a unit never scattered: counted, logged
+    with its entry id, and otherwise ignored."""
+
+
 class Gatherer:
     def __init__(self, broker: Broker, results: Results, tally: Tally, batcher: Batcher,
                  max_failed: int, reduce_failed: Callable[[Exception], JobFailed],
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], units: Callable[[], int] = lambda: 1 << 62
+                 ) -> None:
         self.broker = broker
+        self.units = units  # how many units were scattered: a result for any other is refused
         self.results = results
         self.tally = tally
         self.batcher = batcher
@@ -69,7 +76,11 @@ class Gatherer:
         Returns how many entries were read."""
         entries = self.broker.read_results(self.jid, self.last_id, 512, block_ms)
         for mid, fields in entries:
-            self.drop_refs += self.take(fields)
+            try:
+                self.drop_refs += self.take(fields)
+            except Rejected as exc:
+                self.tally.rejected += 1
+                log.warning("job=%s: results entry %s rejected: %s", self.jid, mid, exc)
             self.last_id = self.drop_upto = mid
             if self.drop_refs:  # large results: out of Redis at once, not after the batch
                 self.drop()
@@ -84,7 +95,7 @@ class Gatherer:
     def take(self, fields: dict[bytes, bytes]) -> list[bytes]:
         """Take one results entry (first result wins here too); returns the references of
         its large results, to drop from Redis."""
-        entry = parse_result(fields)
+        entry = self.checked(fields)
         if isinstance(entry, Failed):
             self.unit_failed(entry.index, entry.error)
             return []
@@ -100,10 +111,16 @@ class Gatherer:
             found = iter(blobs)
             units = [(i, (next(found) or b"") if p[:1] == b"R" else p) for i, p in units]
         for index, payload in units:
+            try:
+                value = codec.decode(payload)
+            except CodecError as exc:  # a corrupt (or forged) recorded result: fails its unit
+                self.unit_failed(index, {"error": f"its recorded result does not decode: {exc}",
+                                         "worker": entry.wid})
+                continue
             self.compare(index, codec.digest(payload), entry.wid)
             self.results.mark(index)
             try:
-                self.results.add(index, codec.decode(payload))
+                self.results.add(index, value)
             except Exception as exc:  # noqa: BLE001 - reduce() is the job's code
                 raise self.reduce_failed(exc) from None
         self.tally.recorded += len(units)
@@ -112,6 +129,27 @@ class Gatherer:
         if units:
             self.last_progress = self.clock()
         return [p for _, p in entry.units if p[:1] == b"R"]
+
+    def checked(self, fields: dict[bytes, bytes]) -> Recorded | Failed | Unrecorded:
+        """The entry, if it is well formed and names only units that were scattered; else
+        ``Rejected``."""
+        try:
+            entry = parse_result(fields)
+        except (ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError) as exc:
+            raise Rejected(f"malformed ({type(exc).__name__}: {str(exc)[:100]})") from None
+        if isinstance(entry, Failed):
+            if not isinstance(entry.error, dict):
+                raise Rejected("a failure whose error is not a JSON object")
+            indices = [entry.index]
+        else:
+            indices = [i for i, _ in (entry.digests if isinstance(entry, Unrecorded)
+                                      else entry.units)]
+        limit = self.units()
+        outside = [i for i in indices if not 0 <= i < limit]
+        if outside:
+            raise Rejected(f"it names unit {outside[0]}, but units 0 to {limit - 1} were "
+                           "scattered")
+        return entry
 
     def compare(self, index: int, seen: bytes, wid: str) -> None:
         """Two results for one unit, in whichever order they come: are they the same?"""

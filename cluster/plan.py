@@ -54,6 +54,7 @@ class Tally:
     scattered: int = 0
     recorded: int = 0
     failed: int = 0
+    rejected: int = 0  # results entries refused: malformed, or naming a unit never scattered
     exhausted: bool = False
     by_worker: Counter[str] = field(default_factory=Counter)
 

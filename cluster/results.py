@@ -101,6 +101,9 @@ class RunResult:
             line += f", {s['speculated']} speculative copies"
         if self.mismatched:
             line += f", {len(self.mismatched)} nondeterministic"
+        if t.rejected:
+            line += f", {t.rejected} results entries rejected (malformed, or naming a unit " \
+                    "never scattered: see the warnings)"
         if s.get("log_dropped"):
             line += f", {s['log_dropped']} log records dropped (over --max-log-size)"
         if self.failed:

@@ -1,0 +1,50 @@
+"""Entries a password holder without the cluster key could write into a running job's results
+stream (issue 12): malformed ones, and ones naming units that were never scattered, are
+rejected, counted and logged; they change no result and crash nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import SAMPLES, AgentProcess
+from waiting import wait_for
+
+from cluster import codec
+from cluster.broker import Broker
+
+
+def test_malformed_and_out_of_range_entries_are_rejected(creds_file: Path, broker: Broker,
+                                                         agent: AgentProcess, tmp_path: Path):
+    gate, log = tmp_path / "gate", tmp_path / "units.log"
+    submit = subprocess.Popen(
+        [sys.executable, "-m", "cluster", "submit", str(SAMPLES / "gated.py"), "--credentials",
+         str(creds_file), "--progress", "none", "--param", f"gate={gate}", "--param",
+         f"log={log}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        jid = wait_for(lambda: next(iter(broker.client.smembers(broker.keys.jobs)), None), 30,
+                       "the job to be registered").decode()
+        wait_for(lambda: log.exists() and len(log.read_text().split()) >= 1, 30,
+                 "a unit to start")
+        results = broker.keys.results(jid)
+        for fields in (
+            {"w": "forger", "t": "0.1", "-1": codec.encode(666)},  # the bitmap's last bit
+            {"w": "forger", "t": "0.1", str(10**11): codec.encode(666)},  # a 12.5 GB bitmap
+            {"w": "forger"},  # truncated
+            {"w": "forger", "t": "soon", "0": codec.encode(1)},  # not a number
+            {"f": "1", "e": "not json"},
+            {"f": "2", "e": json.dumps(["not", "an", "object"])},
+            {"d": "forger", "x": b"12345678"},
+        ):
+            broker.client.xadd(results, fields)
+        gate.touch()
+        out, err = submit.communicate(timeout=60)
+    finally:
+        submit.kill()
+    assert submit.returncode == 0, err
+    assert json.loads(out) == 6  # 0 + 1 + 2 + 3: nothing forged counted, nothing lost
+    assert "7 results entries rejected" in err, err
+    assert "rejected: it names unit -1, but units 0 to 3 were scattered" in err
+    assert f"rejected: it names unit {10**11}" in err
