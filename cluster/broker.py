@@ -90,6 +90,22 @@ def _fields(values: Mapping[str, Any]) -> Mapping[FieldT, EncodableT]:
     return cast("Mapping[FieldT, EncodableT]", values)
 
 
+def _work(msgid: str, fields: dict[bytes, bytes]) -> Work | None:
+    """A work entry as ADD writes it (``j`` job id, ``a`` attempt, then unit index -> unit),
+    or None."""
+    items = list(fields.items())
+    try:
+        if len(items) < 3 or items[0][0] != b"j" or items[1][0] != b"a":
+            return None
+        units = [(int(k), v) for k, v in items[2:]]
+        attempt = int(items[1][1])
+        if attempt < 1 or any(i < 0 for i, _ in units):
+            return None
+        return Work(msgid, items[0][1].decode(), attempt, units)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
 def _status(reply: Any) -> str:
     return str(reply[0].decode() if isinstance(reply[0], bytes) else reply[0])
 
@@ -477,10 +493,14 @@ class Broker:
         if not fields:  # delivered, then deleted (its job was purged): nothing to do
             self.client.xack(self.keys.units, GROUP, msgid)
             return self.read_work(wid, block_ms, own) if own else None
-        items = list(fields.items())
-        jid, attempt = items[0][1].decode(), int(items[1][1])
-        units = [(int(k), v) for k, v in items[2:]]
-        return Work(msgid.decode(), jid, attempt, units)
+        work = _work(msgid.decode(), fields)
+        if work is None:  # not what ADD writes: dropped, so no worker trips on it again
+            log.warning("work entry %s is malformed (%s): dropped", msgid.decode(),
+                        str(list(fields)[:4])[:100])
+            self.client.xack(self.keys.units, GROUP, msgid)
+            self.client.xdel(self.keys.units, msgid)
+            return self.read_work(wid, block_ms, own) if own else None
+        return work
 
     @edge
     def job_info(self, jid: str) -> dict[str, bytes] | None:

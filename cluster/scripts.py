@@ -185,9 +185,9 @@ for _, p in ipairs(pending) do
   local entry = redis.call('XRANGE', units, id, id)
   redis.call('XACK', units, group, id)
   redis.call('XDEL', units, id)
-  if #entry > 0 then
-    local f = entry[1][2]
-    local jid, attempt = f[2], tonumber(f[4])
+  local f = #entry > 0 and entry[1][2] or {}
+  local jid, attempt = f[2], tonumber(f[4])
+  if f[1] == 'j' and f[3] == 'a' and attempt then  -- else not what ADD writes: dropped
     local job = jobkey(ARGV[6], jid)
     if redis.call('EXISTS', job) == 1 then
       local recorded = jobkey(ARGV[7], jid)
@@ -196,7 +196,9 @@ for _, p in ipairs(pending) do
       local whole = {'j', jid, 'a', attempt}
       for i = 5, #f, 2 do
         local idx, unit = f[i], f[i + 1]
-        if redis.call('GETBIT', recorded, idx) == 0 then
+        local n = tonumber(idx)
+        if n and n >= 0 and n < 4294967296 and n == math.floor(n)
+           and redis.call('GETBIT', recorded, idx) == 0 then
           moved = moved + 1
           if not charged then
             whole[#whole + 1] = idx

@@ -48,3 +48,39 @@ def test_malformed_and_out_of_range_entries_are_rejected(creds_file: Path, broke
     assert "7 results entries rejected" in err, err
     assert "rejected: it names unit -1, but units 0 to 3 were scattered" in err
     assert f"rejected: it names unit {10**11}" in err
+
+
+def test_a_malformed_work_entry_crashes_no_worker_or_agent(creds_file: Path, broker: Broker,
+                                                           agent: AgentProcess, tmp_path: Path):
+    gate, log = tmp_path / "gate", tmp_path / "units.log"
+    submit = subprocess.Popen(
+        [sys.executable, "-m", "cluster", "submit", str(SAMPLES / "gated.py"), "--credentials",
+         str(creds_file), "--progress", "none", "--param", f"gate={gate}", "--param",
+         f"log={log}", "--param", "units=1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        jid = wait_for(lambda: next(iter(broker.client.smembers(broker.keys.jobs)), None), 30,
+                       "the job to be registered").decode()
+        wait_for(lambda: log.exists() and len(log.read_text().split()) >= 1, 30,
+                 "a unit to start")
+        for fields in ({"j": jid, "a": "soon", "0": codec.encode({"i": 0})},
+                       {"j": jid},
+                       {"j": jid, "a": "1", "zero": b"N\x00"},
+                       {"j": jid, "a": "1", "1": b"garbage"}):
+            last = broker.client.xadd(broker.keys.units, fields)
+
+        def delivered() -> bool:
+            [group] = broker.client.xinfo_groups(broker.keys.units)
+            done = group["last-delivered-id"]
+            return tuple(map(int, done.split(b"-"))) >= tuple(map(int, last.split(b"-")))
+        wait_for(delivered, 30, "the workers to read the malformed entries")
+        gate.touch()
+        out, err = submit.communicate(timeout=60)
+    finally:
+        submit.kill()
+    assert submit.returncode == 0, err
+    assert json.loads(out) == 0  # one unit, held by one worker while the other reads these
+    assert agent.proc.poll() is None, agent.stop()  # the agent is still there
+    told = agent.stop()
+    assert "exit code" not in told and "script" not in told, told  # no worker died, no error
+    assert told.count("is malformed") >= 3, told
