@@ -16,18 +16,30 @@ from cluster import codec
 from cluster.broker import Broker
 
 
-def test_malformed_and_out_of_range_entries_are_rejected(creds_file: Path, broker: Broker,
-                                                         agent: AgentProcess, tmp_path: Path):
+def start_gated(creds_file: Path, broker: Broker, tmp_path: Path, *params: str
+                ) -> tuple[subprocess.Popen[str], str]:
+    """A submit of the gated job, once its job is registered and a unit has started."""
     gate, log = tmp_path / "gate", tmp_path / "units.log"
     submit = subprocess.Popen(
         [sys.executable, "-m", "cluster", "submit", str(SAMPLES / "gated.py"), "--credentials",
          str(creds_file), "--progress", "none", "--param", f"gate={gate}", "--param",
-         f"log={log}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         f"log={log}", *params], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         jid = wait_for(lambda: next(iter(broker.client.smembers(broker.keys.jobs)), None), 30,
                        "the job to be registered").decode()
         wait_for(lambda: log.exists() and len(log.read_text().split()) >= 1, 30,
                  "a unit to start")
+    except BaseException:
+        submit.kill()
+        raise
+    return submit, jid
+
+
+def test_malformed_and_out_of_range_entries_are_rejected(creds_file: Path, broker: Broker,
+                                                         agent: AgentProcess, tmp_path: Path):
+    gate = tmp_path / "gate"
+    submit, jid = start_gated(creds_file, broker, tmp_path)
+    try:
         results = broker.keys.results(jid)
         for fields in (
             {"w": "forger", "t": "0.1", "-1": codec.encode(666)},  # the bitmap's last bit
@@ -52,17 +64,9 @@ def test_malformed_and_out_of_range_entries_are_rejected(creds_file: Path, broke
 
 def test_a_malformed_work_entry_crashes_no_worker_or_agent(creds_file: Path, broker: Broker,
                                                            agent: AgentProcess, tmp_path: Path):
-    gate, log = tmp_path / "gate", tmp_path / "units.log"
-    submit = subprocess.Popen(
-        [sys.executable, "-m", "cluster", "submit", str(SAMPLES / "gated.py"), "--credentials",
-         str(creds_file), "--progress", "none", "--param", f"gate={gate}", "--param",
-         f"log={log}", "--param", "units=1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    gate = tmp_path / "gate"
+    submit, jid = start_gated(creds_file, broker, tmp_path, "--param", "units=1")
     try:
-        jid = wait_for(lambda: next(iter(broker.client.smembers(broker.keys.jobs)), None), 30,
-                       "the job to be registered").decode()
-        wait_for(lambda: log.exists() and len(log.read_text().split()) >= 1, 30,
-                 "a unit to start")
         for fields in ({"j": jid, "a": "soon", "0": codec.encode({"i": 0})},
                        {"j": jid},
                        {"j": jid, "a": "1", "zero": b"N\x00"},
