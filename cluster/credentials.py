@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .broker import redact
-from .config import ClusterConfig
+from .config import ClusterConfig, load
 from .errors import UsageError
 
 DEFAULT_KEY_FILE = Path("~/.config/cluster/key")
@@ -119,6 +119,16 @@ def resolve(redis_url: str | None, credentials_file: str | None,
     prefix = env.get("CLUSTER_PREFIX") or (base.prefix if base else "cluster:")
     return Credentials(redis_url=url, password=password, key=key, prefix=prefix)
 
+
+
+def named(hosts: str | None, redis_url: str | None, credentials_file: str | None
+          ) -> tuple[ClusterConfig | None, Credentials | None]:
+    """The cluster a command names: ``--hosts`` (hosts.ini), else ``--redis`` or
+    ``--credentials``; no credentials when it names none."""
+    if hosts:
+        cfg = load(hosts)
+        return cfg, for_cluster(cfg, create=False)
+    return None, resolve(redis_url, credentials_file)
 
 
 def for_cluster(config: ClusterConfig, create: bool,

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from conftest import ROOT
 
-from cluster.cli import build_parser
+from cluster.arguments import build_parser
 
 DEPLOY = ROOT / "deploy"
 

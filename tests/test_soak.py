@@ -11,6 +11,7 @@ process has a hard deadline.
 
 By default a few seeds run (CI); ``CLUSTER_SOAK=N`` runs seeds 0..N-1 instead.
 ``CLUSTER_SOAK_REPORT=FILE`` appends one JSON line per run (outcome, stats, faults injected).
+``CLUSTER_SOAK_KEEP=DIR`` keeps the logs of a failed seed there (agent, both submits at INFO).
 ``CLUSTER_SOAK_FAULTS=running`` injects faults only once the job records results, to look past
 startup; ``CLUSTER_SOAK_TIMEOUT`` is submit's ``--timeout`` (default 90 s; a run takes 2 to 10 s,
 but each black hole costs the client it hits its 15 s socket timeout, and a busy machine more).
@@ -22,6 +23,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,6 +180,7 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 def worktree_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Subprocesses (agent, workers, submit) import this checkout's ``cluster``."""
     path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("CLUSTER_LOG_LEVEL", "INFO")  # the coordinator's story, kept on failure
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + (os.pathsep + path if path else ""))
     monkeypatch.setenv("CLUSTER_JOURNAL", str(tmp_path / "journal.jsonl"))
     return dict(os.environ)
@@ -267,6 +270,8 @@ def test_soak(seed: int, private_redis: PrivateRedis, worktree_env: dict[str, st
     report.seconds = time.monotonic() - started
     judge(scenario, report)
     publish(report)
+    if report.problems:
+        keep(tmp_path, scenario)
     assert not report.problems, report.line()
 
 
@@ -384,6 +389,18 @@ def fault_counts(proxy: FaultProxy, roles: Roles) -> dict[str, Any]:
     return {"lost": c.lost, "resets": c.resets, "delays": c.delays,
             "blackholes": c.blackholes, "replies": c.replies,
             "by_role": dict(roles.counts.most_common())}
+
+
+def keep(tmp_path: Path, scenario: Scenario) -> None:
+    """Copy a failed run's logs (the agent's, each submit's stderr) to ``CLUSTER_SOAK_KEEP``."""
+    where = os.environ.get("CLUSTER_SOAK_KEEP")
+    if not where:
+        return
+    dest = Path(where) / f"{scenario.name}-{uuid.uuid4().hex[:6]}"
+    dest.mkdir(parents=True)
+    for log in [*tmp_path.glob("*.err"), *tmp_path.glob("agent-*.log"), *tmp_path.glob("*.jsonl")]:
+        shutil.copy(log, dest / log.name)
+    print(f"logs kept in {dest}")
 
 
 def publish(report: Report) -> None:
