@@ -15,6 +15,7 @@ Signals (deploy/ follows these):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -38,6 +39,7 @@ from .errors import ExitCode, RedisUnavailable, UsageError
 from .proc import die_with_parent
 from .requirements import Installed
 from .settings import parse_cpus
+from .signing import Keyring
 from .worker import RECYCLE
 
 log = logging.getLogger("cluster.agent")
@@ -124,6 +126,7 @@ class Agent:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.broker = broker
         self.creds = creds
+        self.worker_keys = Keyring(creds.key).for_workers()
         self.settings = settings
         self.clock = clock
         self.aid = f"{settings.host}/{os.getpid()}"
@@ -267,7 +270,9 @@ class Agent:
         proc = spawn_worker(env, slot.cpu) if self.settings.pin else \
             _popen([sys.executable, "-m", "cluster.worker"], env, _die_with_agent)
         config = {"wid": slot.wid, "agent_pid": os.getpid(), "log_level": self.settings.log_level,
-                  "credentials": json.loads(self.creds.to_json()),
+                  # never the cluster key: a worker's own keys (``signing``), on stdin
+                  "credentials": json.loads(dataclasses.replace(self.creds, key=b"").to_json()),
+                  "keys": self.worker_keys.to_json(),
                   "cache_dir": self.settings.cache_dir}
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(config).encode())

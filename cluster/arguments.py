@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="exit 0 even if some hosts failed")
     up.add_argument("--wheelhouse", metavar="DIR", help="ship these wheels instead of building")
 
+    rotate = commands.add_parser("rotate-key", help="a new cluster key on every host (agents "
+                                 "restarted with it); refused while a job runs")
+    rotate.add_argument("hosts", metavar="HOSTS_INI")
+
     down = commands.add_parser("down", help="stop every agent and worker, and the Redis up "
                                "started")
     down.add_argument("hosts", metavar="HOSTS_INI")

@@ -19,7 +19,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 from urllib.parse import urlsplit
 
 import redis
@@ -31,6 +31,9 @@ from . import scripts
 from .entries import Commit, Outcome, Renewal, Snapshot, Work
 from .errors import Fenced, InfraError, JobGone, RedisFull, RedisRefused, RedisUnavailable
 from .keys import GROUP, JOB_ID, Keys
+
+if TYPE_CHECKING:
+    from .credentials import Credentials
 
 BLOB_THRESHOLD = 32 * 1024  # results at least this large travel beside the RECORD script
 
@@ -91,17 +94,20 @@ def _fields(values: Mapping[str, Any]) -> Mapping[FieldT, EncodableT]:
 
 
 def _work(msgid: str, fields: dict[bytes, bytes]) -> Work | None:
-    """A work entry as ADD writes it (``j`` job id, ``a`` attempt, then unit index -> unit),
-    or None."""
+    """A work entry as ADD and REISSUE write it (``j`` job id, ``a`` attempt, maybe ``r``
+    the reason of its last worker's death, then unit index -> unit), or None."""
     items = list(fields.items())
     try:
+        reason = ""
+        if len(items) > 2 and items[2][0] == b"r":
+            reason = items.pop(2)[1].decode("utf-8", "replace")[:200]
         if len(items) < 3 or items[0][0] != b"j" or items[1][0] != b"a":
             return None
         units = [(int(k), v) for k, v in items[2:]]
         attempt = int(items[1][1])
         if attempt < 1 or any(i < 0 for i, _ in units):
             return None
-        return Work(msgid, items[0][1].decode(), attempt, units)
+        return Work(msgid, items[0][1].decode(), attempt, units, reason)
     except (ValueError, UnicodeDecodeError):
         return None
 
@@ -132,14 +138,24 @@ class Broker:
         self._reclaim = reg(scripts.RECLAIM)
         self._log = reg(scripts.LOG)
         self._beat = reg(scripts.BEAT)
+        self._resign = reg(scripts.RESIGN)
         self._cancel = reg(scripts.CANCEL)
         self._claim = reg(scripts.CLAIM)
         self._release = reg(scripts.RELEASE)
 
     @classmethod
+    def of(cls, creds: Credentials, *, timeout: float = 5.0, socket_timeout: float = 60.0,
+           retry_s: float = 0.0) -> Broker:
+        """``connect`` with these credentials (URL, password, user, prefix)."""
+        return cls.connect(creds.redis_url, creds.password, prefix=creds.prefix,
+                           timeout=timeout, socket_timeout=socket_timeout, retry_s=retry_s,
+                           username=creds.username)
+
+    @classmethod
     def connect(
         cls, url: str, password: str | None = None, *, prefix: str = "cluster:",
         timeout: float = 5.0, socket_timeout: float = 60.0, retry_s: float = 0.0,
+        username: str | None = None,
     ) -> Broker:
         """Connect and check that Redis answers and accepts our credentials; an unreachable
         Redis (not a refused password) is tried again for up to ``retry_s`` seconds."""
@@ -147,7 +163,7 @@ class Broker:
         delay = 0.05
         while True:
             try:
-                return cls._connect(url, password, prefix, timeout, socket_timeout)
+                return cls._connect(url, password, username, prefix, timeout, socket_timeout)
             except RedisRefused:
                 raise
             except RedisUnavailable as exc:
@@ -159,14 +175,15 @@ class Broker:
                 delay = min(2 * delay, 2.0)
 
     @classmethod
-    def _connect(cls, url: str, password: str | None, prefix: str, timeout: float,
-                 socket_timeout: float) -> Broker:
+    def _connect(cls, url: str, password: str | None, username: str | None, prefix: str,
+                 timeout: float, socket_timeout: float) -> Broker:
         where = redact(url)
         # No retries inside redis-py: a request whose reply was lost would be sent again
         # behind our back (an XREADGROUP would deliver a second entry while the first stays
         # pending, an ADD would queue a batch twice). Every retry is ours, and knows the step.
         client = redis.Redis.from_url(
-            url, password=password or None, socket_connect_timeout=timeout,
+            url, password=password or None, username=username or None,
+            socket_connect_timeout=timeout,
             socket_timeout=socket_timeout, socket_keepalive=True, health_check_interval=30,
             retry=Retry(NoBackoff(), 0),
         )
@@ -200,12 +217,29 @@ class Broker:
 
     @edge
     def create_job(self, jid: str, fields: dict[str, Any], workdir: bytes | None = None) -> None:
-        pipe = self.client.pipeline()
-        if workdir is not None:
-            pipe.set(self.keys.workdir(jid), workdir)
-        pipe.hset(self.keys.job(jid), mapping=_fields(fields))
-        pipe.sadd(self.keys.jobs, jid)
-        pipe.execute()
+        """Register job ``jid`` for the coordinator whose token is ``fields["owner"]``; a
+        retry of its own creation writes the same again, but a job of another owner is never
+        overwritten (``Fenced``)."""
+        job = self.keys.job(jid)
+        try:
+            self._create(job, jid, fields, workdir)
+        except redis.WatchError as exc:  # the job changed meanwhile, or the connection broke
+            raise RedisUnavailable(f"Redis at {self.where}: registering job {jid} was "
+                                   f"interrupted ({exc})") from None
+
+    def _create(self, job: str, jid: str, fields: dict[str, Any], workdir: bytes | None
+                ) -> None:
+        with self.client.pipeline() as pipe:
+            pipe.watch(job)  # type: ignore[no-untyped-call]  # EXEC fails if job changed
+            current: Any = pipe.hget(job, "owner")
+            if current is not None and current.decode() != fields["owner"]:
+                raise Fenced(jid)
+            pipe.multi()
+            if workdir is not None:
+                pipe.set(self.keys.workdir(jid), workdir)
+            pipe.hset(job, mapping=_fields(fields))
+            pipe.sadd(self.keys.jobs, jid)
+            pipe.execute()
 
     @edge
     def add_units(self, jid: str, owner: str, batches: Sequence[Sequence[tuple[int, bytes]]]
@@ -268,6 +302,14 @@ class Broker:
         reply = self._reclaim(keys=[self.keys.job(jid), self.keys.recorded(jid)],
                               args=[owner, mask])
         self._owned(jid, _status(reply))
+
+    @edge
+    def resign(self, jid: str, owner: str, fields: dict[str, Any]) -> None:
+        """Write the job's signed description (``resume.signed``), fenced."""
+        args: list[Any] = [owner]
+        for name, value in fields.items():
+            args += (name, value)
+        self._owned(jid, _status(self._resign(keys=[self.keys.job(jid)], args=args)))
 
     @edge
     def keep_final(self, jid: str, value: bytes, seconds: int) -> None:

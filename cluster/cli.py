@@ -4,9 +4,11 @@ maps errors to exit codes (``errors.ExitCode``)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -85,6 +87,25 @@ def cmd_up(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    cfg = config.load(args.hosts)
+    old = credentials.for_cluster(cfg, create=False)
+    new = dataclasses.replace(old, key=secrets.token_bytes(32))
+    reports = Launcher(cfg, old).rotate_key(new)
+    print(report_table(reports, with_agent=True))
+    failed = [r for r in reports if not r.ok]
+    if len(failed) == len(reports):
+        return _fail("no host took the new key; the old one stays", "", ExitCode.INFRA)
+    new.dump(cfg.credentials_file)
+    say(f"new cluster key in {cfg.credentials_file}; copy it wherever coordinators use a copy "
+        "of the old one")
+    if failed:
+        return _fail(f"{len(failed)} of {len(reports)} hosts kept the old key: "
+                     f"{', '.join(r.host for r in failed)} (cluster up {args.hosts} gives them "
+                     "the new one)", "", ExitCode.INFRA)
+    return ExitCode.OK
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     cfg = config.load(args.hosts)
     creds = credentials.for_cluster(cfg, create=False)
@@ -110,7 +131,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     cfg, creds = named(args.hosts, args.redis, args.credentials)
     if creds is None:
         raise UsageError("cluster status needs HOSTS_INI, --redis URL or --credentials FILE")
-    broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+    broker = Broker.of(creds)
     lease_s = cfg.lease if cfg else settings.LEASE_S
     agents = status.collect(broker, lease_ms=int(lease_s * 1000))
     print(json.dumps(status.as_json(agents), indent=1) if args.json else status.render(agents))
@@ -147,7 +168,7 @@ def _history_broker(args: argparse.Namespace) -> Iterator[Broker | None]:
     if creds is None:
         yield None
         return
-    broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+    broker = Broker.of(creds)
     try:
         yield broker
     finally:
@@ -170,7 +191,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
         for record in records:
             show(record)
         return ExitCode.OK
-    broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+    broker = Broker.of(creds)
     try:
         if not broker.logs_exist(args.job_id) and not broker.job_exists(args.job_id):
             raise UsageError(f"job {args.job_id}: no logs in Redis at {broker.where} (its "
@@ -187,7 +208,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     if creds is None:
         raise UsageError("cluster cancel needs --hosts HOSTS_INI, --redis URL or --credentials "
                          "FILE (a private local cluster is stopped with its submit: Ctrl-C)")
-    broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+    broker = Broker.of(creds)
     try:
         how = control.cancel(broker, args.job_id, f"cluster cancel on {socket.gethostname()}",
                              wait_s=args.wait)
@@ -223,9 +244,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
                              redis_grace_s=args.redis_grace, log_level=args.log_level.upper(),
                              pidfile=args.pidfile, cache_dir=args.cache_dir, pin=args.pin)
     # a short socket timeout: a silently cut network must not stall heartbeats past the grace
-    broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix,
-                            socket_timeout=max(1.0, 4 * args.heartbeat),
-                            retry_s=min(args.redis_grace, 10.0))
+    broker = Broker.of(creds, socket_timeout=max(1.0, 4 * args.heartbeat),
+                       retry_s=min(args.redis_grace, 10.0))
     agent = Agent(broker, creds, settings)
     signal.signal(signal.SIGTERM, agent.request_stop)
     signal.signal(signal.SIGINT, agent.request_stop)
@@ -234,5 +254,6 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "submit": cmd_submit, "logs": cmd_logs, "cancel": cmd_cancel, "up": cmd_up, "down": cmd_down,
+    "rotate-key": cmd_rotate_key,
     "status": cmd_status, "jobs": cmd_jobs, "show": cmd_show, "doctor": cmd_doctor,
     "agent": cmd_agent}

@@ -67,13 +67,15 @@ OVERLAP = ("forbid", "wait", "replace", "allow")
 
 
 def settle(broker: Broker, name: str, jid: str, overlap: str, keep_s: int, deadline: float,
-           clock: Callable[[], float] = time.monotonic, fresh: bool = False) -> str | None:
+           clock: Callable[[], float] = time.monotonic, fresh: bool = False,
+           owner: str = "") -> str | None:
     """Before a new run of the job that goes by ``name`` registers as ``jid``: what of the
     same job is there? Returns the id of a job to resume (its coordinator is dead), or None:
     register ``jid`` (the name is then taken for it, except with ``allow``). A live run of it
     is refused (``forbid``: ``AlreadyRunning``), waited for until ``deadline`` (``wait``:
     ``JobTimeout`` after), cancelled (``replace``), or left to run beside (``allow``). With
-    ``fresh``, a dead run's job is removed instead of resumed."""
+    ``fresh``, a dead run's job is removed instead of resumed. A job that ``owner`` (this
+    run's token) took over already, in a try whose reply was lost, is resumed."""
     while True:
         holder = broker.claim(name, jid, keep_s)
         if holder is None:
@@ -82,6 +84,8 @@ def settle(broker: Broker, name: str, jid: str, overlap: str, keep_s: int, deadl
         if fields is None:  # its job is gone: the name is free
             broker.release(name, holder)
             continue
+        if owner and fields.get("owner") == owner:
+            return holder
         if not alive(broker, fields):
             if not fresh:
                 return holder

@@ -56,7 +56,8 @@ from .joblogs import Follower, save_local
 from .plan import Batcher, Tally, host_of, speculation_threshold_ms
 from .progress import NoReporter, Reporter
 from .results import Results, RunResult
-from .resume import Overlap, note, open_job
+from .resume import Limits, Overlap, note, open_job, signed
+from .signing import Keyring
 
 log = logging.getLogger("cluster.coordinator")
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, RedisUnavailable)
@@ -101,6 +102,8 @@ class Coordinator:
         self.job = job
         self.params = params
         self.key = key
+        self.keyring = Keyring(key)
+        self.description: dict[str, Any] = {}  # the job's signed fields (``resume.describe``)
         self.options = options
         self.reporter = reporter or NoReporter()
         self.clock = clock
@@ -121,8 +124,8 @@ class Coordinator:
         self.kept = False  # ended, but the job stays in Redis to be resumed
         self.gatherer = Gatherer(broker, self.results, self.tally, self.batcher,
                                  options.max_failed, lambda exc: self.user_error("reduce()", exc),
-                                 clock, units=lambda: max(self.tally.scattered, self.sent,
-                                                          self.skip))
+                                 clock, self.keyring.sealer,
+                                 units=lambda: max(self.tally.scattered, self.sent, self.skip))
         self.opened = False
         self.lost = False  # Redis lost the job: rebuild it before anything else
         self.total_saved = False
@@ -215,25 +218,29 @@ class Coordinator:
 
     def open(self, resume: str | None = None) -> None:
         """Register the job, or take over the one to resume; it expires unless refreshed."""
+        limits = Limits(max_attempts=self.options.max_attempts,
+                        max_result=self.options.max_result_bytes,
+                        redis_grace=self.options.redis_grace_s, max_log=self.options.max_log_bytes)
         opened = open_job(self.broker, self.job, self.params, self.seed, jid=self.jid,
-                          owner=self.owner, key=self.key, max_attempts=self.options.max_attempts,
-                          max_result=self.options.max_result_bytes,
-                          max_log=self.options.max_log_bytes,
-                          redis_grace=self.options.redis_grace_s,
-                          resume=resume, auto=self.options.auto_resume,
+                          owner=self.owner, keyring=self.keyring, limits=limits,
+                          resume=resume, auto=self.options.auto_resume, keep_s=self.options.keep_s,
                           overlap=Overlap(self.options.overlap, self.options.name,
                                           self.options.keep_s, self.deadline(),
                                           self.options.fresh))
         self.broker.expire_job(opened.jid, self.options.keep_s, opened.identity)
+        if opened.resumed:  # the heartbeat says who runs it now, at once
+            self.broker.beat(opened.jid, self.owner)
+            self.broker.describe_job(opened.jid, {"host": socket.gethostname(),
+                                                  "pid": os.getpid()})
+        # only now that every call went through: a retry after a lost reply opens afresh
+        # (our own new id, which cannot be mistaken for the job we took over)
         self.jid, self.identity = opened.jid, opened.identity
+        self.description = opened.description or {}
         self.skip = self.sent = opened.scattered
         self.total = opened.total or self.total
         self.snapshot = opened.snapshot
         self.final = opened.final
         self.gatherer.restart(self.jid, self.owner)
-        if opened.resumed:  # the heartbeat says who runs it now, at once
-            self.broker.beat(self.jid, self.owner)
-            self.broker.describe_job(self.jid, {"host": socket.gethostname(), "pid": os.getpid()})
         self.opened = True
         log.info("job=%s %s (%s, seed %d)", self.jid,
                  "resumed" if opened.resumed else "submitted", self.job.name, self.seed)
@@ -262,12 +269,15 @@ class Coordinator:
         self.check_keys()
 
     def check_keys(self) -> None:
-        """Fail fast when the only agents there cannot verify our job code."""
+        """Fail fast when agents cannot verify our job (their workers would drop its units)."""
         mine = codec.fingerprint(self.key)
         prints = self.broker.agent_fingerprints(self.lease_ms)
-        if prints and all(p is not None and p != mine for p in prints.values()):
-            raise InfraError(f"every agent ({', '.join(sorted(prints))}) has a different "
-                             "cluster key than this coordinator: copy the key file to them")
+        others = sorted(a for a, p in prints.items() if p is not None and p != mine)
+        if others:
+            raise InfraError(f"{'every agent' if len(others) == len(prints) else 'agent'} "
+                             f"({', '.join(others)}) has a different cluster key than this "
+                             "coordinator: its workers cannot verify this job; copy the key "
+                             "file to its host, or run cluster up again")
 
     def scatter(self) -> Iterator[Any]:
         """The job's units from the start (``next_unit`` skips those queued already)."""
@@ -371,7 +381,7 @@ class Coordinator:
             raise JobFailed(f"unit {index} from scatter() is {len(blob) / 1e6:.1f} MB encoded, "
                             f"more than the limit of {self.options.max_result_bytes / 1e6:g} MB "
                             "(--max-result-size)")
-        return index, blob
+        return index, self.gatherer.sealer.seal(blob, "unit", self.jid, index)
 
     def maintain(self) -> None:
         """Reissue what dead workers held; notice lost data, a takeover, no workers left."""
@@ -398,6 +408,9 @@ class Coordinator:
         if now >= self.next_expiry:
             self.next_expiry = now + min(30.0, self.options.keep_s / 3)
             self.broker.expire_job(self.jid, self.options.keep_s, self.identity)
+            expires = self.broker.server_time_ms() + self.options.keep_s * 1000
+            self.broker.resign(self.jid, self.owner,
+                               signed(self.keyring, self.jid, self.description, expires))
         self.speculate()
         self.check_workers(now, {host_of(w) for w in live})
         self.check_memory(now)

@@ -11,9 +11,11 @@ A Redis that is not on loopback must have a password.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
+import re
 import secrets
 import stat
 from collections.abc import Mapping
@@ -34,17 +36,30 @@ class Credentials:
     password: str | None
     key: bytes
     prefix: str = "cluster:"
+    username: str | None = None  # a Redis ACL user (``acl.py``); None: the default user
+    users: dict[str, str] | None = None  # of a Redis that `up` started: role -> password
 
     def to_json(self) -> str:
         return json.dumps({"redis_url": self.redis_url, "password": self.password,
-                           "key": self.key.hex(), "prefix": self.prefix})
+                           "key": self.key.hex(), "prefix": self.prefix,
+                           "username": self.username, "users": self.users})
+
+    def as_role(self, role: str) -> Credentials:
+        """These credentials as Redis user ``role`` (``acl.ROLES``), with no other role's
+        password; unchanged for a Redis without our users."""
+        if not self.users:
+            return self
+        return dataclasses.replace(self, username=role, password=self.users[role], users=None)
 
     @classmethod
     def from_json(cls, text: str, where: str) -> Credentials:
         try:
             data = json.loads(text)
+            users = data.get("users")
             return cls(redis_url=data["redis_url"], password=data.get("password"),
-                       key=bytes.fromhex(data["key"]), prefix=data.get("prefix", "cluster:"))
+                       key=bytes.fromhex(data["key"]), prefix=data.get("prefix", "cluster:"),
+                       username=data.get("username"),
+                       users=dict(users) if isinstance(users, dict) else None)
         except (ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"{where}: not a valid credentials file ({exc})") from None
 
@@ -109,7 +124,8 @@ def resolve(redis_url: str | None, credentials_file: str | None,
     if url is None:
         return None
     if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise UsageError(f"bad Redis URL {url!r}: expected redis://host:port")
+        shown = re.sub(r"//[^@/]*@", "//", url)  # never repeat a password
+        raise UsageError(f"bad Redis URL {shown!r}: expected redis://host:port")
     password = env.get("CLUSTER_REDIS_PASSWORD") or (base.password if base else None)
     password = password or urlsplit(url).password
     if not password and not is_loopback(url):

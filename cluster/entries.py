@@ -7,9 +7,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any
+
+from .signing import Forged, Sealer
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,7 @@ class Work:
     jid: str
     attempt: int
     units: list[tuple[int, bytes]]
+    reason: str = ""  # why its last worker died, when it is queued past its last attempt
 
 
 @dataclass(frozen=True)
@@ -82,16 +86,26 @@ class Unrecorded:
 
     wid: str
     digests: list[tuple[int, bytes]]
+    forged: int = 0  # digests whose tag did not verify (left out of ``digests``)
 
 
-def parse_result(fields: dict[bytes, bytes]) -> Recorded | Failed | Unrecorded:
-    """One entry of a job's results stream, as RECORD and REISSUE write it."""
+def parse_result(fields: dict[bytes, bytes], sealer: Sealer, jid: str
+                 ) -> Recorded | Failed | Unrecorded:
+    """One entry of a job's results stream, as RECORD writes it. A failure's error and the
+    digests are opened here (``Forged``: the whole failure, or the digests that do not verify,
+    are not the cluster's); results are opened by the gatherer, once large ones are fetched."""
     items = list(fields.items())
     first = items[0][0]
     if first == b"f":
-        return Failed(int(fields[b"f"]), json.loads(fields[b"e"]))
+        index = int(fields[b"f"])
+        return Failed(index, json.loads(sealer.open(fields[b"e"], "failure", jid, index)))
     if first == b"d":
-        return Unrecorded(items[0][1].decode(), [(int(i), d) for i, d in items[1:]])
+        wid = items[0][1].decode()
+        digests = []
+        for i, sealed in items[1:]:
+            with contextlib.suppress(Forged):
+                digests.append((int(i), sealer.open(sealed, "digest", jid, int(i), wid)))
+        return Unrecorded(wid, digests, len(items) - 1 - len(digests))
     units = [(int(i), p) for i, p in items[2:]]
     return Recorded(items[0][1].decode(), float(items[1][1]), len(units), units)
 

@@ -19,22 +19,36 @@ from .entries import Failed, Recorded, Snapshot, Unrecorded, output_block, parse
 from .errors import CodecError, InfraError, JobFailed, JobGone, UnitFailed
 from .plan import Batcher, Tally
 from .results import Results, redis_bitmap
+from .signing import Forged, Sealer
 
 log = logging.getLogger("cluster.coordinator")
 MAX_ERRORS_KEPT = 20  # failed units whose error and traceback the run's record holds
 
 
 class Rejected(Exception):
-    """A results entry that is malformed or names a unit never scattered: counted, logged
-    with its entry id, and otherwise ignored."""
+    """A results entry that is malformed, not signed by the cluster's key, or names a unit
+    never scattered: counted, logged with its entry id, and otherwise ignored. ``unit``: the
+    unit a forged entry claims."""
+
+    def __init__(self, why: str, unit: int | None = None) -> None:
+        super().__init__(why)
+        self.unit = unit
+
+
+def _failure_index(fields: dict[bytes, bytes]) -> int | None:
+    try:
+        return int(fields[b"f"])
+    except (KeyError, ValueError):
+        return None
 
 
 class Gatherer:
     def __init__(self, broker: Broker, results: Results, tally: Tally, batcher: Batcher,
                  max_failed: int, reduce_failed: Callable[[Exception], JobFailed],
-                 clock: Callable[[], float], units: Callable[[], int] = lambda: 1 << 62
-                 ) -> None:
+                 clock: Callable[[], float], sealer: Sealer,
+                 units: Callable[[], int] = lambda: 1 << 62) -> None:
         self.broker = broker
+        self.sealer = sealer
         self.units = units  # how many units were scattered: a result for any other is refused
         self.results = results
         self.tally = tally
@@ -49,6 +63,7 @@ class Gatherer:
         self.failed: list[int] = []
         self.errors: dict[int, dict[str, Any]] = {}  # of the first failed units, for the record
         self.mismatched: list[int] = []
+        self.forged: set[int] = set()  # units a rejected entry claimed (their bit cleared)
         self.digests = bytearray()  # 8 bytes per unit: the first result's digest seen
         self.last_progress = clock()
 
@@ -77,10 +92,9 @@ class Gatherer:
         entries = self.broker.read_results(self.jid, self.last_id, 512, block_ms)
         for mid, fields in entries:
             try:
-                self.drop_refs += self.take(fields)
+                self.drop_refs += self.take(mid, fields)
             except Rejected as exc:
-                self.tally.rejected += 1
-                log.warning("job=%s: results entry %s rejected: %s", self.jid, mid, exc)
+                self.rejected(mid, str(exc), exc.unit)
             self.last_id = self.drop_upto = mid
             if self.drop_refs:  # large results: out of Redis at once, not after the batch
                 self.drop()
@@ -92,7 +106,17 @@ class Gatherer:
         self.broker.consume(self.jid, self.owner, self.drop_upto, self.drop_refs)
         self.drop_upto, self.drop_refs = "", []
 
-    def take(self, fields: dict[bytes, bytes]) -> list[bytes]:
+    def rejected(self, mid: str, why: str, unit: int | None = None) -> None:
+        """Count and log an entry (or one result in it) that is not the cluster's. When it
+        names a unit not taken yet, that unit's recorded bit (which its writer may have set,
+        making the real result a duplicate) is cleared, so the real result is recorded."""
+        self.tally.rejected += 1
+        log.warning("job=%s: results entry %s rejected: %s", self.jid, mid, why)
+        if unit is not None and not self.results.is_taken(unit):
+            self.broker.reclaim(self.jid, self.owner, redis_bitmap([unit]))
+            self.forged.add(unit)
+
+    def take(self, mid: str, fields: dict[bytes, bytes]) -> list[bytes]:
         """Take one results entry (first result wins here too); returns the references of
         its large results, to drop from Redis."""
         entry = self.checked(fields)
@@ -102,14 +126,10 @@ class Gatherer:
         if isinstance(entry, Unrecorded):
             for index, seen in entry.digests:
                 self.compare(index, seen, entry.wid)
+            if entry.forged:
+                self.rejected(mid, f"{entry.forged} digests not signed by this cluster's key")
             return []
-        units = [(i, p) for i, p in entry.units if not self.results.is_taken(i)]
-        wanted = [p for _, p in units if p[:1] == b"R"]
-        if wanted:
-            blobs = self.broker.fetch_blobs(self.jid, wanted)
-            self.check_blobs(units, blobs)
-            found = iter(blobs)
-            units = [(i, (next(found) or b"") if p[:1] == b"R" else p) for i, p in units]
+        units = self.opened(mid, entry)
         for index, payload in units:
             try:
                 value = codec.decode(payload)
@@ -130,11 +150,33 @@ class Gatherer:
             self.last_progress = self.clock()
         return [p for _, p in entry.units if p[:1] == b"R"]
 
+    def opened(self, mid: str, entry: Recorded) -> list[tuple[int, bytes]]:
+        """The entry's results for units not taken yet, large ones fetched, each checked to be
+        signed for this job, unit and worker (one that is not is rejected)."""
+        units = [(i, p) for i, p in entry.units if not self.results.is_taken(i)]
+        wanted = [p for _, p in units if p[:1] == b"R"]
+        if wanted:
+            blobs = self.broker.fetch_blobs(self.jid, wanted)
+            self.check_blobs(units, blobs)
+            found = iter(blobs)
+            units = [(i, (next(found) or b"") if p[:1] == b"R" else p) for i, p in units]
+        opened = []
+        for index, sealed in units:
+            try:
+                opened.append((index, self.sealer.open(sealed, "result", self.jid, index,
+                                                       entry.wid)))
+            except Forged:
+                self.rejected(mid, f"the result of unit {index} is not signed by this "
+                              f"cluster's key (it claims worker {entry.wid})", index)
+        return opened
+
     def checked(self, fields: dict[bytes, bytes]) -> Recorded | Failed | Unrecorded:
         """The entry, if it is well formed and names only units that were scattered; else
         ``Rejected``."""
         try:
-            entry = parse_result(fields)
+            entry = parse_result(fields, self.sealer, self.jid)
+        except Forged as exc:
+            raise Rejected(str(exc), _failure_index(fields)) from None
         except (ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError) as exc:
             raise Rejected(f"malformed ({type(exc).__name__}: {str(exc)[:100]})") from None
         if isinstance(entry, Failed):

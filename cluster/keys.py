@@ -27,9 +27,13 @@ key                            type    meaning
                                        code, directory, params and seed; or ``name:<--name>``),
                                        so a re-run resumes it, or waits for it, or is refused
                                        while it runs (``--overlap``; taken by ``CLAIM``)
-{p}job:{jid}                   HASH    name, path, code, sig, seed, params, identity,
-                                       max_attempts, owner (the coordinator's fencing token),
-                                       scattered (units added), total (once scatter is done),
+{p}job:{jid}                   HASH    name, path, code, seed, params, max_attempts,
+                                       max_result, max_log, redis_grace, workdir_sha,
+                                       workdir_job, expires (server ms), signed together with
+                                       the job id by the coordinator (``sig``, Ed25519:
+                                       ``signing.py``); identity, owner (the coordinator's
+                                       fencing token), scattered (units added), total (once
+                                       scatter is done),
                                        started, host, pid and beat (server ms, every second:
                                        ``heartbeat.py``) of its coordinator; cancel (who asked
                                        it to stop)
@@ -40,15 +44,17 @@ key                            type    meaning
                                        or a failure: ``f`` index, ``e`` JSON error; or the
                                        digests of results not recorded (duplicates, stale):
                                        ``d`` worker, ``<index>`` -> digest. Trimmed as the
-                                       coordinator gathers it (which compares the digests)
+                                       coordinator gathers it (which compares the digests).
+                                       Every result, error and digest here, like every unit
+                                       in ``units``, ends with a tag (``signing.Sealer``)
 {p}job:{jid}:stats             HASH    recorded, failed, duplicates, stale, reissued, retried
 {p}job:{jid}:blobs             HASH    ``<msgid>:<index>:<attempt>`` -> a large encoded result,
                                        which the results entry names as ``R<field>`` (large
                                        values stay out of Lua, which would copy them twice);
                                        ``attempt`` is unique to one commit attempt. Deleted as
                                        the coordinator gathers it
-{p}job:{jid}:workdir           STRING  the job's directory: a gzip'd tar, signed in the job
-                                       hash (``workdir_sha``, ``workdir_job``, ``workdir_sig``);
+{p}job:{jid}:workdir           STRING  the job's directory: a gzip'd tar, its digest signed
+                                       in the job hash (``workdir_sha``, ``workdir_job``);
                                        a host's workers fetch it once (``workdir.Cache``)
 {p}job:{jid}:logs              STREAM  what job code wrote, one entry per unit attempt that
                                        wrote something or failed: ``r`` -> a JSON record

@@ -7,7 +7,7 @@ On each host everything lives in its install directory (mode 0700)::
     venv/              the virtualenv the agent runs in
     BUILD              the build id installed in venv
     REQUIREMENTS       the id of hosts.ini's requirements installed in venv
-    credentials.json   Redis URL, password and cluster key (0600)
+    credentials.json   Redis URL, password and cluster key (0600; ``rotate-key`` replaces it)
     agent.pid agent.log agent.build
     redis/             redis.conf (0600), AOF, pid and log, on the host that runs Redis
 
@@ -27,11 +27,11 @@ from __future__ import annotations
 import shlex
 import time
 
-from . import __version__, redisconf
+from . import __version__, codec, redisconf
 from .broker import Broker
 from .config import ClusterConfig, HostConfig
 from .credentials import Credentials
-from .errors import ClusterError
+from .errors import ClusterError, UsageError
 from .redisconf import Limits
 from .remote import HostReport, Remote, check_disk, check_python, fan_out
 from .requirements import Installed, parse, unmet
@@ -53,7 +53,7 @@ class Launcher:
         return Remote(connect(self.config, host, self.accept_new), host)
 
     def broker(self) -> Broker:
-        return Broker.connect(self.creds.redis_url, self.creds.password, prefix=self.creds.prefix)
+        return Broker.of(self.creds)
 
     # -- up ---------------------------------------------------------------------------------
 
@@ -199,8 +199,9 @@ class Launcher:
             self.prepare(remote)
             pid = remote.pid_alive("agent.pid")
             previous = remote.read("agent.pid")
-            if pid is not None and remote.read("agent.build") == build \
-                    and self.agent_of(broker, host, pid) is not None:
+            running = self.agent_of(broker, host, pid) if pid is not None else None
+            if running is not None and remote.read("agent.build") == build \
+                    and running.get("key") == codec.fingerprint(self.creds.key):
                 state = "running (unchanged)"
             else:
                 state = "restarted" if remote.stop_pid("agent.pid") else "started"
@@ -256,6 +257,35 @@ class Launcher:
         tail = remote.read("agent.log").splitlines()[-1:]
         raise HostError(host.name, f"no heartbeat from its agent within {HEARTBEAT_WAIT_S:g} s"
                         f"{': ' + tail[0] if tail else ''} (log: {remote.path('agent.log')})")
+
+    # -- rotate-key -------------------------------------------------------------------------
+
+    def rotate_key(self, new: Credentials) -> list[HostReport]:
+        """Give every host the credentials with the new cluster key, and restart its agent on
+        them. Refused while a job runs: its coordinator signs with the old key."""
+        broker = self.broker()
+        running = sorted(jid for jid, _, _ in broker.running_jobs())
+        if running:
+            raise UsageError(f"jobs are running ({', '.join(running[:5])}): rotate the key once "
+                             "they have ended (cluster jobs), or cancel them (cluster cancel)")
+        self.creds = new
+        return fan_out(self.config.hosts, lambda host: self.rekey_host(host, broker))
+
+    def rekey_host(self, host: HostConfig, broker: Broker) -> HostReport:
+        remote = self.remote(host)
+        with remote.conn:
+            remote.write_private("credentials.json", self.creds.to_json())
+            previous = remote.read("agent.pid")
+            remote.stop_pid("agent.pid")
+            self.start_agent(remote, remote.read("agent.build"))
+            info = self.wait_for_heartbeat(broker, remote, host)
+        if info.get("key") != codec.fingerprint(self.creds.key):
+            raise HostError(host.name, "its agent did not start with the new key")
+        if previous.isdigit() and previous != info.get("pid"):
+            broker.forget_agent(f"{host.name}/{previous}")
+        return HostReport(host.name, state="restarted with the new key",
+                          cpus=info.get("cpus", ""), pid=int(info.get("pid", 0)),
+                          version=info.get("version", ""))
 
     # -- down -------------------------------------------------------------------------------
 

@@ -134,7 +134,7 @@ class LocalCluster:
 
     def check_limits(self, creds: Credentials) -> None:
         """Warn when Redis accepted fewer clients than this cluster may open."""
-        broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+        broker = Broker.of(creds)
         try:
             problem = redisconf.Limits.of(broker).shortfall(self.workers, 1)
         finally:

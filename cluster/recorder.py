@@ -203,8 +203,7 @@ def write_atomically(path: Path, text: str) -> None:
 
 def save_to_cluster(creds: Credentials, record: RunRecord, history_days: float) -> None:
     try:
-        broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix,
-                                timeout=2.0, socket_timeout=10.0)
+        broker = Broker.of(creds, timeout=2.0, socket_timeout=10.0)
     except (ClusterError, redis.RedisError) as exc:
         log.warning("job=%s: the run's record is not in the cluster's history: %s",
                     record.job, exc)

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import codec
 from .broker import Broker
 from .control import remove, settle
 from .entries import Snapshot
 from .errors import UsageError
 from .jobfile import Job
+from .signing import Keyring
 
 log = logging.getLogger("cluster.coordinator")
 JOURNAL = Path("~/.local/state/cluster/journal.jsonl")
@@ -45,6 +45,7 @@ class Opened:
     total: int | None = None  # known when its scatter had finished
     snapshot: Snapshot | None = None  # resumed: what was recorded when it was taken over
     final: bytes | None = None  # resumed: the result a previous run gathered but did not write
+    description: dict[str, Any] | None = None  # the signed fields (``describe``)
 
 
 @dataclass(frozen=True)
@@ -64,20 +65,46 @@ def identity(job: Job, params: dict[str, Any], seed: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class Limits:
+    """A job's limits, as its workers read them (signed with the job)."""
+
+    max_attempts: int = 3
+    max_result: int = 256 << 20
+    redis_grace: float = 60.0
+    max_log: int = 32_000_000
+
+
+def describe(job: Job, params: dict[str, Any], seed: int, limits: Limits) -> dict[str, Any]:
+    """The signed fields of a job's hash, but its expiry."""
+    return {"name": job.name, "path": job.path, "code": job.source, "seed": seed,
+            "params": json.dumps(params, default=str), "max_attempts": limits.max_attempts,
+            "max_result": limits.max_result, "redis_grace": limits.redis_grace,
+            "max_log": limits.max_log, "workdir_sha": job.archive.digest if job.archive else "",
+            "workdir_job": job.archive.job if job.archive else ""}
+
+
+def signed(keyring: Keyring, jid: str, description: dict[str, Any], expires: int
+           ) -> dict[str, Any]:
+    """The description with its expiry (Redis server ms) and signature (``sig``)."""
+    fields = {**description, "expires": expires}
+    return {**fields, "sig": keyring.sign_job({"jid": jid, **fields})}
+
+
 def open_job(broker: Broker, job: Job, params: dict[str, Any], seed: int, *, jid: str,
-             owner: str, key: bytes, max_attempts: int, resume: str | None, auto: bool,
-             max_result: int = 256 << 20, redis_grace: float = 60.0,
-             max_log: int = 32_000_000, overlap: Overlap | None = None) -> Opened:
+             owner: str, keyring: Keyring, limits: Limits, resume: str | None, auto: bool,
+             keep_s: int = 86400, overlap: Overlap | None = None) -> Opened:
     """Resume ``resume`` (or, with ``auto``, the unfinished job of the same identity or
-    ``--name``, as ``overlap`` says), or register a new job ``jid``. Safe to call again after
-    a lost reply."""
+    ``--name``, as ``overlap`` says), or register a new job ``jid``, signed to be valid
+    ``keep_s`` from now. Safe to call again after a lost reply."""
     overlap = overlap or Overlap()
     ident = identity(job, params, seed)
     name = f"name:{overlap.name}" if overlap.name else ident
+    description = describe(job, params, seed, limits)
     wanted = resume
     if wanted is None and auto:
         wanted = settle(broker, name, jid, overlap.policy, overlap.keep_s, overlap.deadline,
-                        fresh=overlap.fresh)
+                        fresh=overlap.fresh, owner=owner)
     if wanted:
         fields = broker.job_fields(wanted)
         if fields is None and resume:
@@ -91,31 +118,28 @@ def open_job(broker: Broker, job: Job, params: dict[str, Any], seed: int, *, jid
                 log.warning("job %s of the same --name, whose coordinator is gone, was "
                             "submitted with other code, params or seed: it is removed", wanted)
                 remove(broker, wanted)
-                return open_job(broker, job, params, seed, jid=jid, owner=owner, key=key,
-                                max_attempts=max_attempts, resume=None, auto=auto,
-                                max_result=max_result, redis_grace=redis_grace,
-                                max_log=max_log, overlap=overlap)
+                return open_job(broker, job, params, seed, jid=jid, owner=owner,
+                                keyring=keyring, limits=limits, resume=None, auto=auto,
+                                keep_s=keep_s, overlap=overlap)
             snapshot = broker.take_over(wanted, owner)
             if snapshot is not None:
+                # our own description (never what Redis holds), signed anew
+                expires = broker.server_time_ms() + keep_s * 1000
+                broker.resign(wanted, owner, signed(keyring, wanted, description, expires))
                 total = fields.get("total")
                 note("resumed", wanted, name, job.path, broker.where)
                 return Opened(wanted, name, True, int(fields.get("scattered", 0)),
-                              int(total) if total else None, snapshot, broker.final(wanted))
-    code = job.source.encode()
-    shipped = {} if job.archive is None else {
-        "workdir_sha": job.archive.digest, "workdir_job": job.archive.job,
-        "workdir_sig": job.archive.signature(key), "workdir_files": job.archive.files}
-    broker.create_job(jid, {**shipped,
-        "name": job.name, "path": job.path, "code": code, "sig": codec.sign(key, code),
-        "seed": seed, "params": json.dumps(params, default=str), "identity": ident,
-        "max_attempts": max_attempts, "owner": owner, "scattered": 0, "max_result": max_result,
-        "redis_grace": redis_grace, "max_log": max_log,
-        "started": (now := broker.server_time_ms()), "beat": now,
+                              int(total) if total else None, snapshot, broker.final(wanted),
+                              description)
+    now = broker.server_time_ms()
+    shipped = {} if job.archive is None else {"workdir_files": job.archive.files}
+    broker.create_job(jid, {**shipped, **signed(keyring, jid, description, now + keep_s * 1000),
+        "identity": ident, "owner": owner, "scattered": 0, "started": now, "beat": now,
         "host": socket.gethostname(), "pid": os.getpid(),
     }, workdir=job.archive.data if job.archive else None)
     held = auto and broker.claim(name, jid, overlap.keep_s) is None  # not ours with allow
     note("started", jid, name, job.path, broker.where)
-    return Opened(jid, name if held else "", False)
+    return Opened(jid, name if held else "", False, description=description)
 
 
 def note(event: str, jid: str, ident: str, path: str, where: str) -> None:

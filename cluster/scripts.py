@@ -18,7 +18,9 @@ may be retried after a lost reply and recognises its own earlier success.
   are there before recording anything and deletes only its own fields when it discards them.
 - ``REISSUE``: the entries pending for a dead worker are queued again (the entry it was running
   split into single units when the death is charged to it as an attempt, so a unit that kills
-  its worker is isolated; entries it never started are not charged).
+  its worker is isolated; entries it never started are not charged). A unit past its last
+  attempt is queued once more with the reason (``r``): the worker that gets it records it as
+  failed without computing it, signed (a script cannot sign).
 - ``RENEW``: an agent renews its heartbeat and the leases of its workers, on Redis server time,
   and learns which of its workers compute a unit of a job that is gone (cancelled, or finished
   while a copy ran): the agent replaces them, charging no attempt.
@@ -32,6 +34,8 @@ may be retried after a lost reply and recognises its own earlier success.
 - ``COPY``: a speculative copy of a straggling entry (units not yet recorded only).
 - ``BEAT``: a coordinator's heartbeat on its job (Redis server time), fenced; the answer says
   whether the job was asked to stop (``cluster cancel``).
+- ``RESIGN``: the owner writes its job's signed description anew (a later expiry, or a
+  resuming coordinator's own description), fenced.
 - ``CANCEL``: asks a job's coordinator to stop; answers how long ago it last beat.
 - ``CLAIM``: a new run takes the name its job goes by (``resume:{identity}``, or its
   ``--name``), unless another job holds it (answer ``HELD`` and that job's id); a retry of a
@@ -194,7 +198,7 @@ for _, p in ipairs(pending) do
       local results, stats = jobkey(ARGV[8], jid), jobkey(ARGV[9], jid)
       local max_attempts = tonumber(redis.call('HGET', job, 'max_attempts'))
       local whole = {'j', jid, 'a', attempt}
-      for i = 5, #f, 2 do
+      for i = 5, #f, 2 do  -- an 'r' field (a reason) is no unit index: skipped below
         local idx, unit = f[i], f[i + 1]
         local n = tonumber(idx)
         if n and n >= 0 and n < 4294967296 and n == math.floor(n)
@@ -205,11 +209,8 @@ for _, p in ipairs(pending) do
             whole[#whole + 1] = unit
           elseif attempt < max_attempts then
             redis.call('XADD', units, '*', 'j', jid, 'a', attempt + 1, idx, unit)
-          else
-            redis.call('SETBIT', recorded, idx, 1)
-            redis.call('XADD', results, '*', 'f', idx, 'e', cjson.encode({
-              error = reason, attempts = attempt, worker = wid, traceback = ''}))
-            redis.call('HINCRBY', stats, 'failed', 1)
+          else  -- past its last attempt: a worker records the failure, signed, uncomputed
+            redis.call('XADD', units, '*', 'j', jid, 'a', attempt + 1, 'r', reason, idx, unit)
           end
         end
       end
@@ -362,7 +363,7 @@ local f = entry[1][2]
 if f[2] ~= ARGV[3] then return {'OK', 0} end
 local fields, n = {}, 0
 for i = 1, #f, 2 do
-  if i > 4 and redis.call('GETBIT', KEYS[4], f[i]) == 1 then
+  if i > 4 and (f[i] == 'r' or redis.call('GETBIT', KEYS[4], f[i]) == 1) then
   else
     fields[#fields + 1] = f[i]
     fields[#fields + 1] = f[i + 1]
@@ -373,6 +374,13 @@ if n == 0 then return {'OK', 0} end
 redis.call('XADD', KEYS[1], '*', unpack(fields))
 redis.call('HINCRBY', KEYS[3], 'speculated', n)
 return {'OK', n}
+"""
+
+RESIGN = OWNED + """
+local refused = owned(KEYS[1], ARGV[1])
+if refused then return {refused} end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return {'OK'}
 """
 
 NOW = """

@@ -161,8 +161,7 @@ def run_job(creds: Credentials, job: Job, params: dict[str, Any], options: RunOp
             progress_mode: str, run: Recorder, write: Write | None = None) -> RunResult:
     # a socket timeout short enough that a silently dropped connection costs little of the
     # grace, long enough for the largest reply (a result of --max-result-size)
-    broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix,
-                            socket_timeout=15.0, retry_s=options.redis_grace_s)
+    broker = Broker.of(creds, socket_timeout=15.0, retry_s=options.redis_grace_s)
     try:
         if job.requirements:  # agents that join later are not checked (README)
             hosts = broker.live_agents_info(int(options.lease_s * 1000))

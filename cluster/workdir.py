@@ -7,7 +7,7 @@ named by its SHA-256. What is skipped: ``.git`` and other version-control direct
 the tree; one that points out of it is refused.
 
 ``Cache`` is a host's store of unpacked directories, one per digest, shared by the host's
-workers. An archive is verified (its digest, and the cluster key's signature of it) before
+workers. An archive is verified (its digest, which the job's signature covers) before
 anything is unpacked; members that are not plain files or directories, or whose names leave the
 directory, and archives larger than the unpack bound are refused. Unpacking goes to a temporary
 name and is renamed into place, so workers that start on a new archive at the same moment
@@ -34,7 +34,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from . import codec
 from .errors import ClusterError, UsageError
 
 DEFAULT_MAX_BYTES = 20_000_000  # files shipped, before compression (--max-workdir-size)
@@ -59,13 +58,6 @@ class Archive:
     digest: str  # SHA-256 of data, hex
     files: int
     size: int  # bytes of the files, before compression
-
-    def signature(self, key: bytes) -> str:
-        return codec.sign(key, self.signed_text(self.digest, self.job))
-
-    @staticmethod
-    def signed_text(digest: str, job: str) -> bytes:
-        return f"workdir:{digest}:{job}".encode()
 
 
 def pack(job_file: Path, workdir: Path | None = None, exclude: Sequence[str] = (),
@@ -180,7 +172,7 @@ class Cache:
 
     def unpack(self, digest: str, data: bytes) -> Path:
         """Unpack ``data`` as the directory of ``digest`` (once per host), if it is the
-        archive of that digest (whose signature the caller checked: ``check_signature``)."""
+        archive of that digest (which the job's signature covers)."""
         if hashlib.sha256(data).hexdigest() != digest:
             raise ArchiveError("the job directory in Redis does not match its digest (tampered "
                                "with, or damaged)")
@@ -228,14 +220,6 @@ class Cache:
 def _check_digest(digest: str) -> None:
     if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
         raise ArchiveError(f"not a SHA-256 digest: {digest[:80]!r}")
-
-
-def check_signature(digest: str, job: str, signature: str | bytes, key: bytes) -> None:
-    """The digest (and job file) were signed with this cluster's key."""
-    _check_digest(digest)
-    if not codec.verify(key, Archive.signed_text(digest, job), signature):
-        raise ArchiveError("the job directory is not signed by this cluster's key (the key "
-                           "files differ, or it was tampered with)")
 
 
 def extract(data: bytes, target: Path, limit: int = UNPACK_LIMIT) -> None:

@@ -36,7 +36,8 @@ from .entries import LogRecord, Outcome, Work
 from .errors import ClusterError, CodecError, RedisFull, RedisUnavailable
 from .jobfile import load_source
 from .proc import die_with_parent
-from .workdir import ArchiveError, Cache, Workspace, check_signature, default_cache_dir
+from .signing import TAG, Forged, WorkerKeys
+from .workdir import ArchiveError, Cache, Workspace, default_cache_dir
 
 log = logging.getLogger("cluster.worker")
 
@@ -53,8 +54,11 @@ class LoadedJob:
 
     def __init__(self, module: types.ModuleType | None, seed: int, error: str = "",
                  max_result: int = DEFAULT_MAX_RESULT, full_wait: float = 60.0,
-                 workspace: Workspace | None = None, max_log: int = 0) -> None:
+                 workspace: Workspace | None = None, max_log: int = 0, max_attempts: int = 3,
+                 expires: int = 0) -> None:
         self.module = module
+        self.max_attempts = max_attempts
+        self.expires = expires  # Redis server ms after which its signature no longer holds
         self.workspace = workspace
         self.max_log = max_log  # bytes of log records the job keeps in Redis
         self.imported: dict[str, str] = {}  # what its code wrote while being imported
@@ -65,7 +69,7 @@ class LoadedJob:
 
 
 class Worker:
-    def __init__(self, broker: Broker, wid: str, key: bytes, block_ms: int = 500,
+    def __init__(self, broker: Broker, wid: str, keys: WorkerKeys, block_ms: int = 500,
                  parent: int | None = None, cache: Cache | None = None,
                  capture: Capture | None = None) -> None:
         self.broker = broker
@@ -74,7 +78,8 @@ class Worker:
         self.workspace: Workspace | None = None  # the job directory units now run in
         self.parent = parent
         self.wid = wid
-        self.key = key
+        self.keys = keys
+        self.sealer = keys.sealer
         self.block_ms = block_ms
         self.jobs: dict[str, LoadedJob | None] = {}
         self.idle = True
@@ -109,8 +114,44 @@ class Worker:
             self.enter(job.workspace)
         self.broker.started(self.wid, work)
         started = time.perf_counter()
-        outcomes = [] if job is None else [self.run_unit(job, work, i, b) for i, b in work.units]
+        if job is None or not self.current(work, job):
+            outcomes = []  # the job is gone, or this entry replays one of its past
+        elif work.attempt > job.max_attempts:  # each attempt killed its worker: not again
+            outcomes = [self.failure(work, i, b, "fatal", "it was computing when its worker "
+                                     f"died, {work.attempt - 1} times (last: {work.reason})",
+                                     "") for i, b in self.genuine(work)]
+        else:
+            outcomes = [self.run_unit(job, work, i, b) for i, b in self.genuine(work)]
         self.commit(work, time.perf_counter() - started, outcomes)
+
+    def genuine(self, work: Work) -> list[tuple[int, bytes]]:
+        """The entry's units that its job's coordinator signed for that unit of that job; any
+        other is left out (its entry is acknowledged all the same)."""
+        units = []
+        for index, sealed in work.units:
+            try:
+                self.sealer.open(sealed, "unit", work.jid, index)
+                units.append((index, sealed))
+            except Forged:
+                log.warning("unit=%d job=%s entry %s is not signed by this cluster's key: "
+                            "dropped", index, work.jid, work.msgid)
+        return units
+
+    def current(self, work: Work, job: LoadedJob) -> bool:
+        """The entry was queued (Redis server time) while its job's signature held; the
+        coordinator signs anew as it keeps the job, so a newer signature is looked up once."""
+        queued = int(work.msgid.partition("-")[0])
+        if queued <= job.expires:
+            return True
+        info = self.broker.job_info(work.jid)
+        fields = self.keys.job(work.jid, info) if info is not None else None
+        if fields is not None:
+            job.expires = int(fields["expires"] or 0)
+        if queued <= job.expires:
+            return True
+        log.warning("job=%s entry %s was queued after the job's signature expired: dropped "
+                    "(a replay)", work.jid, work.msgid)
+        return False
 
     def commit(self, work: Work, seconds: float, outcomes: list[Outcome]) -> None:
         """Record a batch; kept for a retry if Redis is unreachable. A retry whose first try
@@ -119,7 +160,8 @@ class Worker:
         self.unrecorded = (work, seconds, outcomes)
         try:
             job = self.jobs.get(work.jid)
-            answer = self.broker.record(work, self.wid, seconds, outcomes,
+            answer = self.broker.record(work, self.wid, seconds,
+                                        [self.sealed(work, o) for o in outcomes],
                                         log_bound=job.max_log if job else 0)
         except RedisFull:
             self.unrecorded = (work, seconds, self.when_full(work, outcomes))
@@ -137,6 +179,17 @@ class Worker:
             return
         log.debug("← job=%s units=%d %s recorded=%d duplicates=%d %.3fs", work.jid,
                   len(work.units), answer.status, answer.done, answer.dups, seconds)
+
+    def sealed(self, work: Work, outcome: Outcome) -> Outcome:
+        """The outcome with its result and digest, or its error, signed for its job and unit
+        (a result and a digest also for this worker)."""
+        jid, index = work.jid, outcome.index
+        if outcome.kind == "ok":
+            return dataclasses.replace(
+                outcome, payload=self.sealer.seal(outcome.payload, "result", jid, index, self.wid),
+                digest=self.sealer.seal(outcome.digest, "digest", jid, index, self.wid))
+        return dataclasses.replace(outcome,
+                                   payload=self.sealer.seal(outcome.payload, "failure", jid, index))
 
     def when_full(self, work: Work, outcomes: list[Outcome]) -> list[Outcome]:
         """Redis is out of memory: retry the commit for a while (the coordinator frees memory
@@ -156,7 +209,8 @@ class Worker:
             f"{wait:g} s", "") for o in outcomes]
 
     def job(self, jid: str) -> LoadedJob | None:
-        """The job's code, loaded once per worker; None when the job is gone."""
+        """The job's code, loaded once per worker; None when the job is gone or not signed
+        with this cluster's key."""
         if jid not in self.jobs:
             self.jobs[jid] = self.load(jid)
         return self.jobs[jid]
@@ -188,41 +242,45 @@ class Worker:
         info = self.broker.job_info(jid)
         if info is None:
             return None
-        seed = int(info.get("seed", b"0"))
-        code = info.get("code", b"")
-        if not codec.verify(self.key, code, info.get("sig", b"")):
-            log.error("job=%s: code signature does not verify; refusing to run it", jid)
-            return LoadedJob(None, seed, f"worker {self.wid} refused the job: its code is not "
-                             "signed by this cluster's key (the key files differ)")
-        name = info.get("name", b"job").decode()
-        path = info.get("path", b"job.py").decode()
+        fields = self.keys.job(jid, info)
+        if fields is None:  # its entries are dropped, as if it were gone
+            log.error("job=%s: not signed by this cluster's key (forged, or a copy of another "
+                      "job); refusing to run it", jid)
+            return None
+        seed, code = int(fields["seed"] or 0), fields["code"]
+
+        def loaded_job(module: types.ModuleType | None, error: str = "",
+                       workspace: Workspace | None = None) -> LoadedJob:
+            return LoadedJob(module, seed, error, workspace=workspace,
+                             max_result=int(fields["max_result"] or DEFAULT_MAX_RESULT),
+                             full_wait=float(fields["redis_grace"] or 60.0),
+                             max_log=int(fields["max_log"] or 0),
+                             max_attempts=int(fields["max_attempts"] or 3),
+                             expires=int(fields["expires"] or 0))
+
         try:
-            workspace = self.workspace_of(jid, info)
+            workspace = self.workspace_of(jid, fields)
         except ArchiveError as exc:
             log.error("job=%s: %s", jid, exc)
-            return LoadedJob(None, seed, f"worker {self.wid} refused the job: {exc}")
-        file = str(workspace.path / info["workdir_job"].decode()) if workspace else None
+            return loaded_job(None, f"worker {self.wid} refused the job: {exc}")
+        file = str(workspace.path / fields["workdir_job"]) if workspace else None
         self.enter(workspace)
         try:
-            module = load_source(code.decode(), path, module_name=f"cluster_job_{name}_{jid}",
-                                 file=file)
-            loaded = LoadedJob(module, seed,
-                               max_result=int(info.get("max_result", DEFAULT_MAX_RESULT)),
-                               full_wait=float(info.get("redis_grace", 60.0)),
-                               workspace=workspace, max_log=int(info.get("max_log", 0)))
-            log.info("job=%s loaded (%s)", jid, name)
+            module = load_source(code, fields["path"] or "job.py",
+                                 module_name=f"cluster_job_{fields['name']}_{jid}", file=file)
+            loaded = loaded_job(module, workspace=workspace)
+            log.info("job=%s loaded (%s)", jid, fields["name"])
         except ClusterError as exc:
-            loaded = LoadedJob(None, seed, f"on worker {self.wid}: {exc}",
-                               max_log=int(info.get("max_log", 0)))
+            loaded = loaded_job(None, f"on worker {self.wid}: {exc}")
         loaded.imported = self.capture.take() if self.capture else {}
         return loaded
 
-    def workspace_of(self, jid: str, info: dict[str, bytes]) -> Workspace | None:
-        """The job's directory, unpacked on this host once (``workdir.Cache``)."""
-        if "workdir_sha" not in info:
+    def workspace_of(self, jid: str, fields: dict[str, str]) -> Workspace | None:
+        """The job's directory (its digest signed with the job), unpacked on this host once
+        (``workdir.Cache``, which checks the digest)."""
+        digest = fields["workdir_sha"]
+        if not digest:
             return None
-        digest, job = info["workdir_sha"].decode(), info.get("workdir_job", b"").decode()
-        check_signature(digest, job, info.get("workdir_sig", b""), self.key)
         path, _held = self.cache.hold(digest)  # held until this process exits
         if path is None:
             data = self.broker.workdir(jid)
@@ -251,7 +309,7 @@ class Worker:
         if job.module is None:
             return self.failure(work, index, blob, "err", job.error, "")
         try:
-            unit = codec.decode(blob)
+            unit = codec.decode(blob[:-TAG])  # its tag was checked (``genuine``)
         except CodecError as exc:
             return self.failure(work, index, blob, "fatal", f"unit cannot be decoded: {exc}", "")
         try:
@@ -309,7 +367,8 @@ def main() -> int:
     if broker is None:
         return 0
     cache = Cache(Path(config["cache_dir"])) if config.get("cache_dir") else None
-    worker = Worker(broker, config["wid"], creds.key, block_ms=config.get("block_ms", 500),
+    keys = WorkerKeys.from_json(config["keys"])
+    worker = Worker(broker, config["wid"], keys, block_ms=config.get("block_ms", 500),
                     parent=parent, cache=cache, capture=capture)
     worker.stopping = stopping
     return run_forever(worker, parent)
@@ -321,8 +380,7 @@ def connect(creds: Credentials, parent: int) -> Broker | None:
     delay = 0.1
     while os.getppid() == parent:
         try:
-            return Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix,
-                                  socket_timeout=10)
+            return Broker.of(creds, socket_timeout=10)
         except RedisUnavailable as exc:
             log.warning("cannot reach Redis (%s); retrying", exc)
             time.sleep(delay * random.uniform(0.5, 1.5))

@@ -286,6 +286,13 @@ def test_wrong_redis_password(redis_server: tuple[str, str]) -> None:
     assert_no_traceback(result)
 
 
+def test_a_bad_redis_url_is_named_without_its_password() -> None:
+    result = run_cli("submit", job("tiny"), "--redis", "http://:S3cret-9d@example:6379/0")
+    line = failed(result, ExitCode.USAGE)
+    assert "bad Redis URL 'http://example:6379/0'" in line
+    assert "S3cret" not in result.stderr
+
+
 def test_no_worker_appears(redis_server: tuple[str, str]) -> None:
     url, password = redis_server
     prefix = f"t{uuid.uuid4().hex[:8]}:"

@@ -9,6 +9,7 @@ from cluster import codec
 from cluster.broker import Broker
 from cluster.entries import LogRecord, Outcome, Unrecorded, Work, parse_result
 from cluster.errors import Fenced
+from cluster.signing import Keyring
 
 JID, OWNER = "j1", "owner-token"
 
@@ -122,16 +123,21 @@ def test_a_death_is_not_charged_to_an_entry_never_started(job: Broker):
     assert attempts == {0: 2, 1: 2, 2: 1}  # the entry it never started costs nothing
 
 
-def test_a_unit_that_keeps_killing_workers_is_recorded_as_failed(job: Broker):
+def test_a_unit_that_keeps_killing_workers_is_queued_once_more_to_fail(job: Broker):
     job.add_units(JID, OWNER, [[(0, codec.encode(0))]])
     job.started("w1", job.read_work("w1", 0))
     job.reissue("w1", charge=True, reason="worker w1 killed by SIGKILL")  # attempt 2 of 2
     job.register_worker("w3", {"host": "h"})
     job.started("w3", job.read_work("w3", 0))
     job.reissue("w3", charge=True, reason="worker w3 killed by SIGKILL")
+    assert job.read_results(JID, "0-0", 10, None) == []  # a script cannot sign a failure:
+    last = job.read_work("w2", 0)  # a worker records it, without computing it
+    assert last is not None and (last.attempt, last.reason) == (3, "worker w3 killed by SIGKILL")
+    assert [i for i, _ in last.units] == [0]
+    error = json.dumps({"error": "its worker died"}).encode()
+    assert rec(job, last, "w2", 0.0, [Outcome(0, "fatal", error)]) == ("RECORDED", 0, 0)
     results = job.read_results(JID, "0-0", 10, 0)
     assert len(results) == 1 and int(results[0][1][b"f"]) == 0
-    assert "SIGKILL" in json.loads(results[0][1][b"e"])["error"]
     assert pending(job) == 0 and job.client.xlen(job.keys.units) == 0
 
 
@@ -196,16 +202,26 @@ def digest(value: object) -> bytes:
     return codec.digest(codec.encode(value))
 
 
+SEALER = Keyring(b"k" * 32).sealer
+
+
+def signed_digest(value: object, wid: str) -> bytes:
+    """What a worker sends: the digest of its result, signed (``Worker.sealed``)."""
+    return SEALER.seal(digest(value), "digest", JID, 0, wid)
+
+
 def unrecorded(broker: Broker) -> list[Unrecorded]:
-    entries = [parse_result(f) for _, f in broker.read_results(JID, "0-0", 10, 0)]
+    entries = [parse_result(f, SEALER, JID) for _, f in broker.read_results(JID, "0-0", 10, 0)]
     return [e for e in entries if isinstance(e, Unrecorded)]
 
 
 def test_a_duplicate_leaves_its_digest_for_the_coordinator_to_compare(job: Broker):
     job.add_units(JID, OWNER, [[(0, codec.encode(0))], [(0, codec.encode(0))]])
     first, second = job.read_work("w1", 0), job.read_work("w2", 0)
-    rec(job, first, "w1", 0.0, [Outcome(0, "ok", codec.encode(1), digest=digest(1))])
-    rec(job, second, "w2", 0.0, [Outcome(0, "ok", codec.encode(2), digest=digest(2))])
+    rec(job, first, "w1", 0.0,
+        [Outcome(0, "ok", codec.encode(1), digest=signed_digest(1, "w1"))])
+    rec(job, second, "w2", 0.0,
+        [Outcome(0, "ok", codec.encode(2), digest=signed_digest(2, "w2"))])
     assert unrecorded(job) == [Unrecorded("w2", [(0, digest(2))])]
     assert not job.client.keys(f"{job.keys.prefix}job:{JID}:digests")  # nothing per unit kept
 
@@ -215,8 +231,10 @@ def test_a_stale_result_leaves_its_digest_too(job: Broker):
     lost = job.read_work("w1", 0)
     job.reissue("w1", charge=False, reason="lease expired")
     again = job.read_work("w2", 0)
-    rec(job, lost, "w1", 0.0, [Outcome(0, "ok", codec.encode(5), digest=digest(5))])  # stale
-    rec(job, again, "w2", 0.0, [Outcome(0, "ok", codec.encode(6), digest=digest(6))])
+    rec(job, lost, "w1", 0.0,
+        [Outcome(0, "ok", codec.encode(5), digest=signed_digest(5, "w1"))])  # stale
+    rec(job, again, "w2", 0.0,
+        [Outcome(0, "ok", codec.encode(6), digest=signed_digest(6, "w2"))])
     assert unrecorded(job) == [Unrecorded("w1", [(0, digest(5))])]
     assert recorded(job) == {0: 6}  # the stale one was not recorded
 

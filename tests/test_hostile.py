@@ -1,6 +1,6 @@
-"""Entries a password holder without the cluster key could write into a running job's results
-stream (issue 12): malformed ones, and ones naming units that were never scattered, are
-rejected, counted and logged; they change no result and crash nothing."""
+"""What a password holder without the cluster key could write into Redis (issue 12): forged,
+tampered, replayed and malformed results, failures, units and jobs are rejected (counted and
+logged) or dropped; they change no result, run no code and crash nothing."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from waiting import wait_for
 
 from cluster import codec
 from cluster.broker import Broker
+from cluster.signing import Keyring
 
 
 def start_gated(creds_file: Path, broker: Broker, tmp_path: Path, *params: str
@@ -73,11 +74,7 @@ def test_a_malformed_work_entry_crashes_no_worker_or_agent(creds_file: Path, bro
                        {"j": jid, "a": "1", "1": b"garbage"}):
             last = broker.client.xadd(broker.keys.units, fields)
 
-        def delivered() -> bool:
-            [group] = broker.client.xinfo_groups(broker.keys.units)
-            done = group["last-delivered-id"]
-            return tuple(map(int, done.split(b"-"))) >= tuple(map(int, last.split(b"-")))
-        wait_for(delivered, 30, "the workers to read the malformed entries")
+        wait_for(lambda: delivered(broker, last), 30, "the workers to read the malformed entries")
         gate.touch()
         out, err = submit.communicate(timeout=60)
     finally:
@@ -88,3 +85,128 @@ def test_a_malformed_work_entry_crashes_no_worker_or_agent(creds_file: Path, bro
     told = agent.stop()
     assert "exit code" not in told and "script" not in told, told  # no worker died, no error
     assert told.count("is malformed") >= 3, told
+
+
+def test_forged_results_and_failures_change_nothing(creds_file: Path, broker: Broker,
+                                                    agent: AgentProcess, tmp_path: Path):
+    """The issue's reproduction: the unit's bit set and a result added (the gather printed
+    666), a result tagged with another key, and a failure whose text would be the job's
+    traceback. Each is rejected and its unit's bit cleared, so the real result is recorded."""
+    gate = tmp_path / "gate"
+    submit, jid = start_gated(creds_file, broker, tmp_path)
+    other = Keyring(b"x" * 32).sealer
+    try:
+        recorded, results = broker.keys.recorded(jid), broker.keys.results(jid)
+        for index, fields in (
+            (3, {"w": "forger", "t": "0.1", "3": codec.encode(666)}),
+            (2, {"w": "forger", "t": "0.1", "2": other.seal(codec.encode(666), "result", jid, 2,
+                                                            "forger")}),
+            (1, {"f": "1", "e": json.dumps({"error": "PWNED", "traceback": "PWNED"})}),
+        ):
+            broker.client.setbit(recorded, index, 1)
+            broker.client.xadd(results, fields)
+        wait_for(lambda: not any(broker.client.getbit(recorded, i) for i in (1, 2, 3)), 30,
+                 "the coordinator to reject them and clear their units' bits")
+        gate.touch()
+        out, err = submit.communicate(timeout=60)
+    finally:
+        submit.kill()
+    assert submit.returncode == 0, err
+    assert json.loads(out) == 6  # 0 + 1 + 2 + 3, each computed by a worker
+    assert "3 results entries rejected" in err, err
+    assert "the result of unit 3 is not signed by this cluster's key" in err
+    assert "PWNED" not in err
+
+
+def test_a_copied_job_or_replayed_unit_runs_nothing(creds_file: Path, broker: Broker,
+                                                    agent: AgentProcess, tmp_path: Path):
+    """The issue's reproduction: a running job's code and signature copied into a new job id,
+    with a unit of one's own choosing (it would append to a file the attacker names), and a
+    real unit of the running job replayed into that job. Workers refuse both."""
+    gate, planted = tmp_path / "gate", tmp_path / "planted"
+    submit, jid = start_gated(creds_file, broker, tmp_path, "--param", "units=1")
+    try:
+        copy = "c0ffee000000"
+        broker.client.hset(broker.keys.job(copy), mapping=broker.client.hgetall(
+            broker.keys.job(jid)))
+        (_, real), = broker.client.xrange(broker.keys.units, count=1)
+        index, unit = next((k, v) for k, v in real.items() if k not in (b"j", b"a"))
+        own = codec.encode({"i": 99, "gate": "", "log": str(planted)})
+        last = broker.client.xadd(broker.keys.units, {"j": copy, "a": "1", "0": own,
+                                                     index: unit})
+        wait_for(lambda: handled(broker, last), 30, "a worker to take the entry")
+        gate.touch()
+        out, err = submit.communicate(timeout=60)
+    finally:
+        submit.kill()
+    assert submit.returncode == 0, err
+    assert json.loads(out) == 0  # one unit, held by one worker while the other reads
+    assert not planted.exists()
+    told = agent.stop()
+    assert f"job={copy}: not signed by this cluster's key" in told, told
+    assert "Traceback" not in told
+
+
+def test_a_unit_not_signed_for_its_job_and_index_is_dropped(creds_file: Path, broker: Broker,
+                                                            agent: AgentProcess,
+                                                            tmp_path: Path):
+    """Units added to a running, genuine job: one of the attacker's own, one tagged with
+    another key, and a real unit of the job under another index. None is computed."""
+    gate, planted = tmp_path / "gate", tmp_path / "planted"
+    submit, jid = start_gated(creds_file, broker, tmp_path, "--param", "units=1")
+    try:
+        (_, real), = broker.client.xrange(broker.keys.units, count=1)
+        index, unit = next((k, v) for k, v in real.items() if k not in (b"j", b"a"))
+        own = codec.encode({"i": 99, "gate": "", "log": str(planted)})
+        other = Keyring(b"x" * 32).sealer.seal(own, "unit", jid, 4)
+        last = broker.client.xadd(broker.keys.units, {"j": jid, "a": "1", "5": own, "4": other,
+                                                     str(int(index) + 6): unit})
+        wait_for(lambda: handled(broker, last), 30, "a worker to take the entry")
+        gate.touch()
+        out, err = submit.communicate(timeout=60)
+    finally:
+        submit.kill()
+    assert submit.returncode == 0, err
+    assert json.loads(out) == 0  # one unit, held by one worker while the other reads
+    assert not planted.exists()
+    told = agent.stop()
+    assert told.count("is not signed by this cluster's key: dropped") == 3, told
+
+
+def handled(broker: Broker, entry: bytes) -> bool:
+    """A worker took entry ``entry`` of the units stream, and acknowledged and deleted it."""
+    return delivered(broker, entry) and not broker.client.xrange(broker.keys.units, entry, entry)
+
+
+def delivered(broker: Broker, last: bytes) -> bool:
+    """The workers' group has read the units stream up to entry ``last``."""
+    [group] = broker.client.xinfo_groups(broker.keys.units)
+    done = group["last-delivered-id"]
+    return tuple(map(int, done.split(b"-"))) >= tuple(map(int, last.split(b"-")))
+
+
+def test_a_job_replayed_after_its_signature_expired_runs_nothing(creds_file: Path,
+                                                                 broker: Broker,
+                                                                 agent: AgentProcess,
+                                                                 tmp_path: Path):
+    """A finished job's hash and a unit of it, seen while it ran, written back once the job's
+    signature expired (``--keep``, renewed while the job is kept): the worker refuses."""
+    gate, log = tmp_path / "gate", tmp_path / "units.log"
+    submit, jid = start_gated(creds_file, broker, tmp_path, "--param", "units=1",
+                              "--keep", "0.001")
+    try:
+        seen = broker.client.hgetall(broker.keys.job(jid))
+        (_, entry), = broker.client.xrange(broker.keys.units, count=1)
+        gate.touch()
+        out, err = submit.communicate(timeout=60)
+    finally:
+        submit.kill()
+    assert submit.returncode == 0, err
+    expires = int(broker.client.hget(broker.keys.job(jid), "expires") or seen[b"expires"])
+    wait_for(lambda: broker.server_time_ms() > expires, 30, "the signature to expire")
+    broker.client.hset(broker.keys.job(jid), mapping=seen)
+    last = broker.client.xadd(broker.keys.units, entry)
+    wait_for(lambda: handled(broker, last), 30, "a worker to take the replayed entry")
+    told = agent.stop()
+    assert "queued after the job's signature expired: dropped" in told, told
+    assert log.read_text().split() == ["0"]  # the unit ran once, in the real run

@@ -21,6 +21,7 @@ from test_cron import cron
 from test_workdir import expected_total, make_project
 from waiting import wait_for
 
+from cluster.credentials import Credentials
 from cluster.workdir import pack
 
 pytestmark = pytest.mark.slow
@@ -237,6 +238,27 @@ def test_a_cron_run_on_the_hosts(site: Site, tmp_path: Path):
     record = json.loads(summary.read_text())
     assert record["state"] == "finished" and summary.name == f"summary-{record['job']}.json"
     assert sum(record["hosts"].values()) == 12
+
+
+def test_rotate_key_gives_every_host_a_new_key(site: Site, tmp_path: Path):
+    creds = site.state / "credentials.json"
+    old = Credentials.load(creds)
+    r = run_cli("rotate-key", str(site.ini), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(rows(r.stdout)) == 4 and all("restarted with the new key" in row
+                                            for row in rows(r.stdout).values()), r.stdout
+    new = Credentials.load(creds)
+    assert new.key != old.key and (new.password, new.redis_url) == (old.password, old.redis_url)
+    assert creds.stat().st_mode & 0o777 == 0o600
+    ok = run_cli("submit", str(JOBS / "monte_carlo_pi.py"), "--hosts", str(site.ini),
+                 "--param", "units=8", "--progress", "none", timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    stale = tmp_path / "old.json"
+    old.dump(stale)  # a coordinator still holding the old key is refused at once
+    refused = run_cli("submit", str(JOBS / "monte_carlo_pi.py"), "--credentials", str(stale),
+                      "--progress", "none", timeout=120)
+    assert refused.returncode == 3 and "has a different cluster key" in refused.stderr, \
+        refused.stderr
 
 
 def test_an_unreachable_host_is_reported_while_the_others_come_up(site: Site):

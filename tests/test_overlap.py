@@ -8,17 +8,24 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from conftest import SAMPLES, AgentProcess
 from waiting import wait_for
 
 from cluster.broker import Broker
-from cluster.errors import ExitCode
+from cluster.coordinator import Coordinator, RunOptions
+from cluster.credentials import Credentials
+from cluster.errors import ExitCode, Fenced
+from cluster.jobfile import load_job
+from cluster.resume import Limits, open_job
+from cluster.signing import Keyring
 
 GATED = str(SAMPLES / "gated.py")
 STARTED: list[subprocess.Popen[str]] = []
@@ -214,3 +221,34 @@ def test_fresh_removes_a_dead_runs_job_and_still_refuses_a_live_one(creds_file: 
     assert rc == 0, err
     assert json.loads(second.out.read_text()) == 6
     assert not broker.job_exists(old) and not broker.client.smembers(broker.keys.jobs)
+
+
+def test_a_retried_takeover_resumes_the_job_it_took(broker: Broker, creds: Credentials,
+                                                    monkeypatch: pytest.MonkeyPatch):
+    """A resuming coordinator takes the job over, and the reply to its first heartbeat on it
+    is lost (Redis ran it): its retry must resume that job again, not refuse it as a live run
+    nor register a new job over it (what stalled the soak: the old results were then read
+    as naming units never scattered, and dropped)."""
+    job = load_job(str(SAMPLES / "gated.py"))
+    first = open_job(broker, job, {}, 0, jid="aaaaaaaaaaaa", owner="owner-dead",
+                     keyring=Keyring(creds.key), limits=Limits(), resume=None, auto=True)
+    broker.describe_job(first.jid, {"host": socket.gethostname(), "pid": 2 ** 22 + 1,
+                                    "beat": 0})  # its coordinator is gone
+    coordinator = Coordinator(broker, job, {}, creds.key, RunOptions(auto_resume=True))
+    real_beat, lost = broker.beat, []
+
+    def beat_losing_its_first_reply(jid: str, owner: str) -> str:
+        answer = real_beat(jid, owner)
+        if not lost:
+            lost.append(jid)
+            raise redis.ConnectionError("reply lost")
+        return answer
+
+    monkeypatch.setattr(broker, "beat", beat_losing_its_first_reply)
+    coordinator.guarded(coordinator.open)
+    assert lost == [first.jid]
+    assert coordinator.jid == first.jid and coordinator.snapshot is not None  # resumed
+    assert broker.job_fields(first.jid)["owner"] == coordinator.owner
+    assert sorted(j.decode() for j in broker.client.smembers(broker.keys.jobs)) == [first.jid]
+    with pytest.raises(Fenced):  # and no job is ever registered over another owner's
+        broker.create_job(first.jid, {"owner": "someone-else"})

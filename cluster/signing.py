@@ -1,0 +1,140 @@
+"""Who may write what through Redis: everything a worker or a coordinator acts on is signed
+with keys derived from the cluster key, so the Redis password alone lets no one forge a result,
+a unit or a job.
+
+Two keys come from the cluster key (``Keyring``), and the cluster key itself never leaves the
+coordinator and the agents:
+
+- the **code key**, an Ed25519 key pair: a coordinator signs its job's description (job id,
+  code, seed, params, limits, the job directory's digest, an expiry in Redis server time) with
+  the private half; workers hold only the public half, so code running in a worker can verify
+  jobs but not make one.
+- the **message key**, HMAC-SHA256: units (job id and unit index), results (job id, unit index,
+  worker), failures and the digests of duplicate results carry a tag under it. Workers hold it
+  (they sign results), so job code can read it too: see the README's security model.
+
+A sealed message is ``payload || tag`` (a trailer, so a payload keeps its first byte: the
+codec's format, or ``R`` for a reference to a large result); the tag covers the context (what
+the message claims to be, as a JSON list) and the payload. ``open`` returns the payload or
+raises ``Forged``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from .errors import ClusterError
+
+TAG = 32
+
+
+class Forged(ClusterError):
+    """A message whose tag or signature does not verify: forged, tampered with, replayed into
+    another job or unit, or signed with another cluster's key."""
+
+
+def _context(parts: tuple[Any, ...]) -> bytes:
+    text = json.dumps([str(p) for p in parts], separators=(",", ":")).encode()
+    return struct.pack(">I", len(text)) + text
+
+
+@dataclass(frozen=True)
+class Sealer:
+    """Tags messages with the message key, and checks their tags."""
+
+    key: bytes
+
+    def tag(self, payload: bytes, context: tuple[Any, ...]) -> bytes:
+        mac = hmac.new(self.key, _context(context), hashlib.sha256)
+        mac.update(payload)
+        return mac.digest()
+
+    def seal(self, payload: bytes, *context: Any) -> bytes:
+        return payload + self.tag(payload, context)
+
+    def open(self, sealed: bytes, *context: Any) -> bytes:
+        """The payload of a message sealed with this context; ``Forged`` if it was not."""
+        payload = sealed[:-TAG]
+        if len(sealed) < TAG or not hmac.compare_digest(sealed[-TAG:], self.tag(payload, context)):
+            raise Forged(f"{context[0] if context else 'message'} not signed by this cluster's "
+                         "key")
+        return payload
+
+
+SIGNED = ("name", "path", "code", "seed", "params", "max_attempts", "max_result",
+          "redis_grace", "max_log", "workdir_sha", "workdir_job", "expires")
+"""The job hash's fields that its signature covers (with the job id): all that workers act on,
+and an expiry (Redis server ms; the coordinator signs anew as it keeps the job)."""
+
+
+def description_bytes(fields: dict[str, Any]) -> bytes:
+    """The canonical form of a job's description, as signed."""
+    return json.dumps({k: str(v) for k, v in fields.items()}, sort_keys=True,
+                      separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class WorkerKeys:
+    """What a worker holds: the message key and the public half of the code key."""
+
+    message: bytes
+    code_public: bytes
+
+    @property
+    def sealer(self) -> Sealer:
+        return Sealer(self.message)
+
+    def verify_job(self, fields: dict[str, Any], signature: bytes | str) -> bool:
+        try:
+            sig = bytes.fromhex(signature.decode() if isinstance(signature, bytes) else signature)
+            Ed25519PublicKey.from_public_bytes(self.code_public).verify(
+                sig, description_bytes(fields))
+        except (ValueError, UnicodeDecodeError, InvalidSignature):
+            return False
+        return True
+
+    def job(self, jid: str, info: dict[str, bytes]) -> dict[str, str] | None:
+        """A job hash's signed fields, or None when its signature does not cover them
+        (forged, tampered with, copied from another job, or another cluster's key)."""
+        fields = {k: info.get(k, b"").decode("utf-8", "replace") for k in SIGNED}
+        return fields if self.verify_job({"jid": jid, **fields}, info.get("sig", b"")) else None
+
+    def to_json(self) -> dict[str, str]:
+        return {"message": self.message.hex(), "code_public": self.code_public.hex()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, str]) -> WorkerKeys:
+        return cls(bytes.fromhex(data["message"]), bytes.fromhex(data["code_public"]))
+
+
+@dataclass(frozen=True)
+class Keyring:
+    """The keys derived from one cluster key."""
+
+    key: bytes
+
+    def derive(self, purpose: str) -> bytes:
+        return hmac.new(self.key, f"cluster {purpose} v1".encode(), hashlib.sha256).digest()
+
+    @property
+    def sealer(self) -> Sealer:
+        return Sealer(self.derive("message key"))
+
+    def _code_key(self) -> Ed25519PrivateKey:
+        return Ed25519PrivateKey.from_private_bytes(self.derive("code signing key"))
+
+    def sign_job(self, fields: dict[str, Any]) -> str:
+        return self._code_key().sign(description_bytes(fields)).hex()
+
+    def for_workers(self) -> WorkerKeys:
+        public = self._code_key().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        return WorkerKeys(self.derive("message key"), public)
