@@ -25,7 +25,7 @@ ROLES = ("admin", "coordinator", "agent")
 
 # every command the protocol sends, and those its Lua scripts call
 COMMON = (
-    "ping", "hello", "auth", "client|setname", "client|setinfo", "time", "select",
+    "ping", "hello", "auth", "client|setname", "time", "select",
     "evalsha", "eval", "script|load", "script|exists",
     "multi", "exec", "discard", "watch", "unwatch",
     "exists", "get", "set", "del", "expire", "pexpire", "pttl",
@@ -61,10 +61,16 @@ class Users:
     def password(self, role: str) -> str:
         return str(getattr(self, role))
 
+    def as_dict(self) -> dict[str, str]:
+        return {role: self.password(role) for role in ROLES}
+
     def conf_lines(self, prefix: str) -> list[str]:
         """redis.conf lines: the default user off, and the three users."""
         pattern = _glob_escape(prefix) + "*"
-        lines = ["user default off resetpass nocommands resetkeys resetchannels",
+        # off: no connection is ever the default user. Its permissions stay whole because
+        # Redis 7.0 replays the AOF's transactions as the default user: with none, every
+        # MULTI/EXEC in the AOF is refused on a restart and its writes are lost
+        lines = ["user default off resetpass ~* &* +@all",
                  f"user admin on #{password_hash(self.admin)} ~* &* +@all"]
         for role, commands in COMMANDS.items():
             allowed = " ".join(f"+{c}" for c in commands)

@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .acl import Users
 from .broker import redact
 from .config import ClusterConfig, load
 from .errors import UsageError
 
 DEFAULT_KEY_FILE = Path("~/.config/cluster/key")
+DEFAULT_PREFIX = "cluster:"
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,10 @@ def resolve(redis_url: str | None, credentials_file: str | None,
                          "(CLUSTER_REDIS_PASSWORD or a credentials file)")
     key = base.key if base else load_key(env)
     prefix = env.get("CLUSTER_PREFIX") or (base.prefix if base else "cluster:")
-    return Credentials(redis_url=url, password=password, key=key, prefix=prefix)
+    username = env.get("CLUSTER_REDIS_USER") or (base.username if base else None)
+    username = username or urlsplit(url).username or None
+    return Credentials(redis_url=url, password=password, key=key, prefix=prefix,
+                       username=username, users=base.users if base else None)
 
 
 
@@ -155,16 +160,18 @@ def for_cluster(config: ClusterConfig, create: bool,
     env = os.environ if env is None else env
     path, url = config.credentials_file, config.redis_address()
     if path.exists():
-        creds = Credentials.load(path)
-        return Credentials(url, creds.password, creds.key, config.prefix)
+        return dataclasses.replace(Credentials.load(path), redis_url=url, prefix=config.prefix)
     if not create:
         raise UsageError(f"{path} does not exist: run cluster up {config.path} first")
-    password = env.get("CLUSTER_REDIS_PASSWORD") or urlsplit(url).password
-    if config.redis_host is not None:
-        password = password or secrets.token_urlsafe(24)
-    elif not password and not is_loopback(url):
-        raise UsageError(f"Redis at {redact(url)} is not on loopback: a password is required "
-                         "(CLUSTER_REDIS_PASSWORD)")
-    creds = Credentials(url, password, secrets.token_bytes(32), config.prefix)
+    if config.redis_host is not None:  # a Redis of ours: its users (acl.py), each a password
+        users = Users.new()
+        creds = Credentials(url, users.coordinator, secrets.token_bytes(32), config.prefix,
+                            username="coordinator", users=users.as_dict())
+    else:
+        password = env.get("CLUSTER_REDIS_PASSWORD") or urlsplit(url).password
+        if not password and not is_loopback(url):
+            raise UsageError(f"Redis at {redact(url)} is not on loopback: a password is "
+                             "required (CLUSTER_REDIS_PASSWORD)")
+        creds = Credentials(url, password, secrets.token_bytes(32), config.prefix)
     creds.dump(path)
     return creds

@@ -7,7 +7,8 @@ On each host everything lives in its install directory (mode 0700)::
     venv/              the virtualenv the agent runs in
     BUILD              the build id installed in venv
     REQUIREMENTS       the id of hosts.ini's requirements installed in venv
-    credentials.json   Redis URL, password and cluster key (0600; ``rotate-key`` replaces it)
+    credentials.json   Redis URL, the agents' Redis user and password, the cluster key (0600;
+                       ``rotate-key`` replaces it)
     agent.pid agent.log agent.build
     redis/             redis.conf (0600), AOF, pid and log, on the host that runs Redis
 
@@ -28,11 +29,12 @@ import shlex
 import time
 
 from . import __version__, codec, redisconf
+from .acl import Users
 from .broker import Broker
 from .config import ClusterConfig, HostConfig
 from .credentials import Credentials
 from .errors import ClusterError, UsageError
-from .redisconf import Limits
+from .redisconf import Limits, quoted
 from .remote import HostReport, Remote, check_disk, check_python, fan_out
 from .requirements import Installed, parse, unmet
 from .ssh import HostError, connect
@@ -53,7 +55,7 @@ class Launcher:
         return Remote(connect(self.config, host, self.accept_new), host)
 
     def broker(self) -> Broker:
-        return Broker.of(self.creds)
+        return Broker.of(self.creds.as_role("admin"))
 
     # -- up ---------------------------------------------------------------------------------
 
@@ -88,12 +90,11 @@ class Launcher:
             maxclients = redisconf.maxclients_for(self.planned_workers(remote),
                                                   len(self.config.hosts))
             conf = "\n".join([
-                f"bind {host.address}", f"port {self.config.redis_port}",
-                f"requirepass {self.creds.password}", "appendonly yes",
-                "appendfsync everysec", "protected-mode yes",
-                f"dir {remote.path('redis')}", "daemonize yes",
-                f"pidfile {remote.path('redis/redis.pid')}",
-                f"logfile {remote.path('redis/redis.log')}",
+                f"bind {quoted(host.address)}", f"port {self.config.redis_port}",
+                *self.auth_lines(), "appendonly yes", "appendfsync everysec",
+                "protected-mode yes", f"dir {quoted(remote.path('redis'))}", "daemonize yes",
+                f"pidfile {quoted(remote.path('redis/redis.pid'))}",
+                f"logfile {quoted(remote.path('redis/redis.log'))}",
                 *redisconf.limit_lines(maxclients, self.redis_maxmemory(remote)), ""])
             remote.write_private("redis/redis.conf", conf)
             binary = remote.sh("command -v redis-server || " + shlex.quote(
@@ -103,6 +104,13 @@ class Launcher:
                       f"{shlex.quote(binary)} {remote.q('redis/redis.conf')}")
         self.wait_for_redis()
         return HostReport(host.name, state="redis started")
+
+    def auth_lines(self) -> list[str]:
+        """Our users (``acl.py``); a cluster whose credentials predate them keeps its
+        password on the default user."""
+        if self.creds.users:
+            return Users(**self.creds.users).conf_lines(self.creds.prefix)
+        return [f"requirepass {quoted(self.creds.password or '')}"]
 
     def planned_workers(self, remote: Remote) -> int:
         """Workers the hosts will run. A host that uses all its CPUs is guessed to have as many
@@ -160,7 +168,7 @@ class Launcher:
         remote.sh(f"mkdir -p -m 700 {shlex.quote(remote.dir)} {remote.q('wheels')}")
         if changed:
             self.ship(remote, wheelhouse, new_build)
-        remote.write_private("credentials.json", self.creds.to_json())
+        remote.write_private("credentials.json", self.creds.as_role("agent").to_json())
 
     @staticmethod
     def ship_wheels(remote: Remote, wheelhouse: Wheelhouse) -> list[str]:
@@ -274,7 +282,7 @@ class Launcher:
     def rekey_host(self, host: HostConfig, broker: Broker) -> HostReport:
         remote = self.remote(host)
         with remote.conn:
-            remote.write_private("credentials.json", self.creds.to_json())
+            remote.write_private("credentials.json", self.creds.as_role("agent").to_json())
             previous = remote.read("agent.pid")
             remote.stop_pid("agent.pid")
             self.start_agent(remote, remote.read("agent.build"))

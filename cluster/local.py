@@ -25,12 +25,14 @@ import psutil
 import redis
 
 from . import redisconf
+from .acl import Users
 from .agent import available_cpus, choose_cpus
 from .broker import Broker
-from .credentials import Credentials, write_private
+from .credentials import DEFAULT_PREFIX, Credentials, write_private
 from .errors import InfraError
 from .neighbours import share_cpus
 from .proc import die_with_parent
+from .redisconf import quoted
 from .settings import Memory
 
 log = logging.getLogger("cluster.local")
@@ -111,23 +113,25 @@ class LocalCluster:
 
     def start_redis(self) -> Credentials:
         binary = find_redis_server()
-        password = secrets.token_urlsafe(24)
+        users = Users.new()
         maxclients = redisconf.maxclients_for(self.workers, 1)
         limits = redisconf.limit_lines(maxclients, Memory().of(psutil.virtual_memory().total))
         for _ in range(5):
             port = free_port()
             conf = self.dir / "redis.conf"
             write_private(conf, "\n".join([
-                "bind 127.0.0.1", f"port {port}", f"requirepass {password}", 'save ""',
-                "appendonly no", f"dir {self.dir}", "protected-mode yes", "daemonize no",
-                f"logfile {self.dir / 'redis.log'}", *limits, ""]))
+                "bind 127.0.0.1", f"port {port}", 'save ""', "appendonly no",
+                f"dir {quoted(str(self.dir))}", "protected-mode yes", "daemonize no",
+                f"logfile {quoted(str(self.dir / 'redis.log'))}", *limits,
+                *users.conf_lines(DEFAULT_PREFIX), ""]))
             self.redis = subprocess.Popen([binary, str(conf)], stdin=subprocess.DEVNULL,
                                           preexec_fn=lambda: _redis_preexec(maxclients),
                                           start_new_session=True)
-            if self.wait_for_redis(port, password):
-                creds = Credentials(f"redis://127.0.0.1:{port}/0", password,
-                                    secrets.token_bytes(32))
-                self.check_limits(creds)
+            if self.wait_for_redis(port, users.admin):
+                creds = Credentials(f"redis://127.0.0.1:{port}/0", users.coordinator,
+                                    secrets.token_bytes(32), DEFAULT_PREFIX,
+                                    username="coordinator", users=users.as_dict())
+                self.check_limits(creds.as_role("admin"))
                 return creds
             self.stop_process(self.redis, 1.0)
         raise InfraError(f"could not start {binary}: see {self.dir / 'redis.log'}")
@@ -143,7 +147,7 @@ class LocalCluster:
             log.warning("local cluster: %s", problem)
 
     def wait_for_redis(self, port: int, password: str) -> bool:
-        client = redis.Redis(host="127.0.0.1", port=port, password=password,
+        client = redis.Redis(host="127.0.0.1", port=port, username="admin", password=password,
                              socket_connect_timeout=0.5)
         deadline = time.monotonic() + 10
         try:
@@ -160,7 +164,7 @@ class LocalCluster:
 
     def start_agent(self, creds: Credentials) -> None:
         path = self.dir / "credentials.json"
-        creds.dump(path)
+        creds.as_role("agent").dump(path)
         args = [sys.executable, "-m", "cluster", "agent", "--credentials", str(path),
                 "--log-level", self.log_level, *self.agent_args]
         others = [p for p in Path(tempfile.gettempdir()).glob(f"{PREFIX}*") if p != self.dir]

@@ -18,6 +18,7 @@ import resource
 from dataclasses import dataclass
 
 from .broker import Broker
+from .errors import UsageError
 from .settings import human_bytes
 
 DEFAULT_MAXCLIENTS = 10_000  # Redis's own default
@@ -46,6 +47,14 @@ def limit_lines(maxclients: int, maxmemory: int | None) -> list[str]:
     if maxmemory:
         lines.append(f"maxmemory {maxmemory}")
     return lines
+
+
+def quoted(value: str) -> str:
+    """``value`` as one redis.conf argument: in double quotes, escaped; a control character
+    (a newline would start a directive of its own) is refused."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise UsageError(f"{value!r} cannot go into redis.conf: it holds a control character")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def raise_file_limit(wanted: int) -> None:

@@ -37,6 +37,7 @@ from conftest import ROOT, SAMPLES, need_root_network, run_cli
 from netns import NsHost, NsNetwork, NsSite, hosts_ini
 from waiting import wait_for
 
+from cluster.credentials import Credentials
 from cluster.errors import ExitCode
 
 pytestmark = pytest.mark.slow
@@ -107,9 +108,10 @@ class Site(NsSite):
         return json.loads((self.state / "credentials.json").read_text())
 
     def redis(self) -> redis.Redis:
-        creds = self.credentials()
-        return redis.Redis.from_url(creds["redis_url"], password=creds["password"],
-                                    socket_timeout=10)
+        """A client as Redis's admin user (the test flushes Redis, restarts it...)."""
+        admin = Credentials.load(self.state / "credentials.json").as_role("admin")
+        return redis.Redis.from_url(admin.redis_url, username=admin.username,
+                                    password=admin.password, socket_timeout=10)
 
     @property
     def prefix(self) -> str:

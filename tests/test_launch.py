@@ -39,7 +39,7 @@ class Site(NsSite):
 
     def broker(self) -> Broker:
         creds = credentials.for_cluster(config.load(self.ini), create=False)
-        return Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+        return Broker.of(creds.as_role("admin"))  # it reads Redis's config
 
     def agents(self) -> list[dict[str, object]]:
         r = run_cli("status", str(self.ini), "--json", timeout=60)

@@ -125,7 +125,7 @@ def test_a_local_cluster_sizes_its_redis():
     import psutil
 
     with LocalCluster(cores=1) as creds:
-        broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+        broker = Broker.of(creds.as_role("admin"))  # it reads Redis's config
         try:
             limits = Limits.of(broker)
         finally:

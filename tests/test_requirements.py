@@ -242,7 +242,7 @@ def test_a_local_cluster_is_not_started_for_a_job_this_environment_cannot_run(tm
 def test_a_running_cluster_is_checked_through_its_agents_reports(local_cluster: Path,
                                                                  tmp_path: Path):
     creds = Credentials.load(local_cluster)
-    broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+    broker = Broker.of(creds)
     try:  # submit checks the agents there are: this one may still be starting
         wait_for(broker.live_agent_ids, 30, "the local cluster's agent to register")
     finally:
