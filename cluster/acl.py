@@ -36,9 +36,9 @@ COMMON = (
     "xadd", "xack", "xdel", "xrange", "xrevrange", "xread", "xreadgroup", "xpending", "xtrim",
     "xgroup|create", "xgroup|delconsumer", "xinfo|consumers", "xinfo|groups",
 )
-COMMANDS = {
-    "coordinator": (*COMMON, "info"),  # INFO memory: how full Redis is
-    "agent": COMMON,
+COMMANDS = {  # and INFO (memory): is there room for a large result? how full is Redis?
+    "coordinator": (*COMMON, "info"),
+    "agent": (*COMMON, "info"),
 }
 
 

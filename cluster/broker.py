@@ -12,6 +12,7 @@ Redis errors are translated here, at the edge (``translate_errors``): callers se
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import random
@@ -610,6 +611,8 @@ class Broker:
         (up to ``log_bound`` bytes for the job). Safe to call again with the same arguments
         after a lost reply (log records may then be written twice: readers drop the copy)."""
         k = self.keys
+        self.check_room(sum(len(o.payload) for o in outcomes
+                            if o.kind == "ok" and len(o.payload) >= BLOB_THRESHOLD))
         pipe = self.client.pipeline(transaction=True)
         logs = [o.log for o in outcomes if o.log]
         if logs:
@@ -617,20 +620,44 @@ class Broker:
                       args=[log_bound, *logs], client=pipe)
         attempt = secrets.token_hex(4)  # no commit can touch another commit's large results
         args: list[Any] = [GROUP, work.msgid, wid, f"{seconds:.6f}", work.jid, work.attempt]
+        fields = []
         for o in outcomes:
             payload = o.payload
             if o.kind == "ok" and len(payload) >= BLOB_THRESHOLD:
-                field = f"{work.msgid}:{o.index}:{attempt}"
-                pipe.hset(k.blobs(work.jid), field, payload)
-                payload = b"R" + field.encode()
+                fields.append(f"{work.msgid}:{o.index}:{attempt}")
+                pipe.hset(k.blobs(work.jid), fields[-1], payload)
+                payload = b"R" + fields[-1].encode()
             args += (o.index, o.kind, payload, o.unit, o.digest)
         self._record(keys=[k.units, k.job(work.jid), k.recorded(work.jid), k.results(work.jid),
                            k.stats(work.jid), k.blobs(work.jid), k.worker(wid)],
                      args=args, client=pipe)
-        reply = pipe.execute()[-1]
+        try:
+            reply = pipe.execute()[-1]
+        except redis.ResponseError as exc:
+            # Redis filled up between queueing and EXEC: our large results may be in (a
+            # transaction is no rollback) while the script was refused. Nothing else will
+            # ever delete them, and they would keep Redis full: out with them
+            if fields and (isinstance(exc, redis.exceptions.OutOfMemoryError)
+                           or "maxmemory" in str(exc)):
+                with contextlib.suppress(redis.RedisError):
+                    self.client.hdel(k.blobs(work.jid), *fields)
+            raise
         return Commit(_status(reply), int(reply[1]), int(reply[2]))
 
     # -- agent -----------------------------------------------------------------------------------
+
+    def check_room(self, size: int) -> None:
+        """``RedisFull`` when ``size`` bytes of large results would take Redis past its
+        maxmemory: they are not sent. Sent, they would fill Redis for as long as it reads them
+        (its query buffer counts), and it would refuse everyone's writes meanwhile (agents'
+        lease renewals too)."""
+        if size < 1 << 20:
+            return
+        used, limit = self.memory()
+        if limit and used + size > limit:
+            raise RedisFull(f"Redis at {self.where} is out of memory: {size / 1e6:.1f} MB of "
+                            f"results would not fit ({used >> 20} MB used of maxmemory "
+                            f"{limit >> 20} MB)")
 
     @edge
     def register_agent(self, aid: str, info: dict[str, Any]) -> None:
