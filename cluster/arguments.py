@@ -8,7 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 from . import __version__, control, output, settings, workdir
+from .config import ClusterConfig
 from .console import STDERR
+from .credentials import Credentials, named
 from .errors import ExitCode
 
 
@@ -209,3 +211,17 @@ def _connection_flags(parser: argparse.ArgumentParser) -> None:
                         "(or CLUSTER_REDIS_URL); password from CLUSTER_REDIS_PASSWORD")
     parser.add_argument("--credentials", metavar="FILE",
                         help="JSON credentials file (mode 0600), as written by cluster up")
+    parser.add_argument("--tls-ca", metavar="FILE", help="for a rediss:// URL: the CA that "
+                        "signed Redis's certificate (or CLUSTER_TLS_CA)")
+    parser.add_argument("--tls-cert", metavar="FILE", help="a client certificate, for a Redis "
+                        "that asks for one (or CLUSTER_TLS_CERT)")
+    parser.add_argument("--tls-key", metavar="FILE", help="its key (or CLUSTER_TLS_KEY)")
+
+
+def named_cluster(args: argparse.Namespace) -> tuple[ClusterConfig | None, Credentials | None]:
+    """The cluster that a command's --hosts, --redis or --credentials (and --tls-*) name."""
+    return named(args.hosts, args.redis, args.credentials, tls=tls_flags(args))
+
+
+def tls_flags(args: argparse.Namespace) -> tuple[str | None, str | None, str | None]:
+    return args.tls_ca, args.tls_cert, args.tls_key

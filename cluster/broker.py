@@ -150,13 +150,15 @@ class Broker:
         """``connect`` with these credentials (URL, password, user, prefix)."""
         return cls.connect(creds.redis_url, creds.password, prefix=creds.prefix,
                            timeout=timeout, socket_timeout=socket_timeout, retry_s=retry_s,
-                           username=creds.username)
+                           username=creds.username,
+                           tls=(creds.tls_ca, creds.tls_cert, creds.tls_key))
 
     @classmethod
     def connect(
         cls, url: str, password: str | None = None, *, prefix: str = "cluster:",
         timeout: float = 5.0, socket_timeout: float = 60.0, retry_s: float = 0.0,
         username: str | None = None,
+        tls: tuple[str | None, str | None, str | None] = (None, None, None),
     ) -> Broker:
         """Connect and check that Redis answers and accepts our credentials; an unreachable
         Redis (not a refused password) is tried again for up to ``retry_s`` seconds."""
@@ -164,7 +166,8 @@ class Broker:
         delay = 0.05
         while True:
             try:
-                return cls._connect(url, password, username, prefix, timeout, socket_timeout)
+                return cls._connect(url, password, username, prefix, timeout, socket_timeout,
+                                    tls)
             except RedisRefused:
                 raise
             except RedisUnavailable as exc:
@@ -177,8 +180,14 @@ class Broker:
 
     @classmethod
     def _connect(cls, url: str, password: str | None, username: str | None, prefix: str,
-                 timeout: float, socket_timeout: float) -> Broker:
+                 timeout: float, socket_timeout: float,
+                 tls: tuple[str | None, str | None, str | None]) -> Broker:
         where = redact(url)
+        secure: dict[str, Any] = {}
+        if url.startswith("rediss://"):  # the server's certificate and name are checked
+            ca, cert, key = tls
+            secure = {"ssl_cert_reqs": "required", "ssl_check_hostname": True,
+                      "ssl_ca_certs": ca, "ssl_certfile": cert, "ssl_keyfile": key}
         # No retries inside redis-py: a request whose reply was lost would be sent again
         # behind our back (an XREADGROUP would deliver a second entry while the first stays
         # pending, an ADD would queue a batch twice). Every retry is ours, and knows the step.
@@ -186,13 +195,19 @@ class Broker:
             url, password=password or None, username=username or None,
             socket_connect_timeout=timeout,
             socket_timeout=socket_timeout, socket_keepalive=True, health_check_interval=30,
-            retry=Retry(NoBackoff(), 0),
+            retry=Retry(NoBackoff(), 0), **secure,
         )
         try:
             with translate_errors(where):
                 client.ping()
             broker = cls(client, Keys(prefix), where)
             broker.ensure_group()
+        except RedisUnavailable as exc:
+            client.close()
+            if not secure and any(s in str(exc) for s in ("closed by server", "reset by peer")):
+                raise RedisUnavailable(f"{exc} (a TLS-only Redis? give a rediss:// URL and "
+                                       "its CA: --tls-ca)") from None
+            raise
         except BaseException:
             client.close()
             raise

@@ -21,10 +21,10 @@ import redis
 
 from . import config, control, credentials, history, joblogs, jobs, settings, status, wheelhouse
 from .agent import Agent, AgentSettings, choose_cpus
-from .arguments import build_parser
+from .arguments import build_parser, named_cluster, tls_flags
 from .broker import Broker
 from .console import say
-from .credentials import Credentials, named, resolve
+from .credentials import Credentials, resolve
 from .doctor import Doctor
 from .entries import LogRecord
 from .errors import ClusterError, ExitCode, UsageError
@@ -128,7 +128,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    cfg, creds = named(args.hosts, args.redis, args.credentials)
+    cfg, creds = named_cluster(args)
     if creds is None:
         raise UsageError("cluster status needs HOSTS_INI, --redis URL or --credentials FILE")
     broker = Broker.of(creds)
@@ -164,7 +164,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 @contextmanager
 def _history_broker(args: argparse.Namespace) -> Iterator[Broker | None]:
     """The cluster that ``--hosts``, ``--redis`` or ``--credentials`` name, or None."""
-    cfg, creds = named(args.hosts, args.redis, args.credentials)
+    cfg, creds = named_cluster(args)
     if creds is None:
         yield None
         return
@@ -176,7 +176,7 @@ def _history_broker(args: argparse.Namespace) -> Iterator[Broker | None]:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    cfg, creds = named(args.hosts, args.redis, args.credentials)
+    cfg, creds = named_cluster(args)
 
     def show(record: LogRecord) -> None:
         for _ in joblogs.select([record], args.unit, args.host, args.failed):
@@ -204,7 +204,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    cfg, creds = named(args.hosts, args.redis, args.credentials)
+    cfg, creds = named_cluster(args)
     if creds is None:
         raise UsageError("cluster cancel needs --hosts HOSTS_INI, --redis URL or --credentials "
                          "FILE (a private local cluster is stopped with its submit: Ctrl-C)")
@@ -235,7 +235,7 @@ def report_table(reports: list[HostReport], with_agent: bool = False) -> str:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    creds = resolve(args.redis, args.credentials)
+    creds = resolve(args.redis, args.credentials, tls=tls_flags(args))
     if creds is None:
         raise UsageError("cluster agent needs --redis URL, CLUSTER_REDIS_URL or --credentials")
     settings = AgentSettings(cpus=choose_cpus(args.cpus, args.cores),

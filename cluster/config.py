@@ -17,6 +17,9 @@
     lease = 5                       ; a worker not renewed this long is lost (submit --lease)
     redis_maxmemory = 50%           ; for a Redis that up starts: of the host's RAM, or 4gb
     history_days = 30               ; how long Redis keeps the records of runs (cluster jobs)
+    tls = yes                       ; a Redis that up starts speaks TLS only (its own CA)
+    tls_ca = ...                    ; for a rediss:// Redis run by someone else: its CA, and
+    tls_cert = ... / tls_key = ...  ;   a client certificate if it asks for one (paths here)
     requirements =                  ; what up builds into the wheelhouse and installs on hosts:
         scipy>=1.11                 ;   one per line: a requirement (from an index, on this
         ./tools/mylib               ;   machine), or a local project directory or wheel
@@ -44,7 +47,8 @@ from .settings import Memory, Range, parse_cpus
 
 CLUSTER_KEYS = {"name", "redis", "redis_port", "user", "port", "identity_file", "known_hosts",
                 "install_dir", "python", "state_dir", "connect_timeout", "redis_grace",
-                "heartbeat", "lease", "redis_maxmemory", "requirements", "history_days"}
+                "heartbeat", "lease", "redis_maxmemory", "requirements", "history_days",
+                "tls", "tls_ca", "tls_cert", "tls_key"}
 HOST_KEYS = {"address", "cores", "cpus", "user", "port", "python", "install_dir",
              "identity_file"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -102,6 +106,8 @@ class ClusterConfig:
     requirements: tuple[str, ...] = ()  # for pip, from an index or from the wheelhouse
     packages: tuple[Path, ...] = ()  # local project directories and wheels, built by up
     history_days: float = settings.DEFAULT_HISTORY_DAYS  # run records kept in Redis this long
+    tls: bool = True  # a Redis that up starts: TLS only, certificates from the cluster's CA
+    tls_files: tuple[Path | None, Path | None, Path | None] = (None, None, None)  # CA, cert, key
 
     @property
     def prefix(self) -> str:
@@ -123,7 +129,13 @@ class ClusterConfig:
         if self.redis_url:
             return self.redis_url
         assert self.redis_host is not None
-        return f"redis://{self.host(self.redis_host).address}:{self.redis_port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{self.host(self.redis_host).address}:{self.redis_port}/0"
+
+    @property
+    def tls_dir(self) -> Path:
+        """The cluster's CA and the Redis host's certificate (``tls.py``), on this machine."""
+        return self.state_dir / "tls"
 
 
 class _Lines:
@@ -218,7 +230,8 @@ class _Parsed:
             heartbeat=heartbeat, lease=self.lease(heartbeat), redis_maxmemory=self.memory(),
             requirements=requirements, packages=packages,
             history_days=self.number("history_days", settings.HISTORY_DAYS,
-                                     settings.DEFAULT_HISTORY_DAYS))
+                                     settings.DEFAULT_HISTORY_DAYS),
+            tls=self.flag("tls", True), tls_files=self.tls_files())
 
     def host(self, section: str, defaults: dict[str, str | None]) -> HostConfig:
         self.check_keys(section, HOST_KEYS)
@@ -294,6 +307,29 @@ class _Parsed:
             raise self.error("cluster", "heartbeat", f"{heartbeat:g} is too long for the default "
                              f"lease of {lease:g} s, which {problem}")
         return lease
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.parser["cluster"].get(key)
+        if value is None:
+            return default
+        if value.strip().lower() in ("yes", "true", "on", "1"):
+            return True
+        if value.strip().lower() in ("no", "false", "off", "0"):
+            return False
+        raise self.error("cluster", key, f"{value!r} is neither yes nor no")
+
+    def tls_files(self) -> tuple[Path | None, Path | None, Path | None]:
+        """tls_ca, tls_cert, tls_key: files on this machine (relative to hosts.ini)."""
+        found: list[Path | None] = []
+        for key in ("tls_ca", "tls_cert", "tls_key"):
+            value = self.parser["cluster"].get(key)
+            path = (self.path.parent / Path(value).expanduser()) if value else None
+            if path is not None and not path.is_file():
+                raise self.error("cluster", key, f"{path} is not a file")
+            found.append(path)
+        if (found[1] is None) != (found[2] is None):
+            raise self.error("cluster", "tls_cert", "give tls_cert and tls_key together")
+        return found[0], found[1], found[2]
 
     def memory(self) -> Memory:
         value = self.parser["cluster"].get("redis_maxmemory")

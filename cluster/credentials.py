@@ -40,11 +40,16 @@ class Credentials:
     prefix: str = "cluster:"
     username: str | None = None  # a Redis ACL user (``acl.py``); None: the default user
     users: dict[str, str] | None = None  # of a Redis that `up` started: role -> password
+    tls_ca: str | None = None  # for rediss://: the CA that signed Redis's certificate
+    tls_cert: str | None = None  # and a client certificate, if Redis asks for one
+    tls_key: str | None = None
 
     def to_json(self) -> str:
         return json.dumps({"redis_url": self.redis_url, "password": self.password,
                            "key": self.key.hex(), "prefix": self.prefix,
-                           "username": self.username, "users": self.users})
+                           "username": self.username, "users": self.users,
+                           "tls_ca": self.tls_ca, "tls_cert": self.tls_cert,
+                           "tls_key": self.tls_key})
 
     def as_role(self, role: str) -> Credentials:
         """These credentials as Redis user ``role`` (``acl.ROLES``), with no other role's
@@ -61,7 +66,9 @@ class Credentials:
             return cls(redis_url=data["redis_url"], password=data.get("password"),
                        key=bytes.fromhex(data["key"]), prefix=data.get("prefix", "cluster:"),
                        username=data.get("username"),
-                       users=dict(users) if isinstance(users, dict) else None)
+                       users=dict(users) if isinstance(users, dict) else None,
+                       tls_ca=data.get("tls_ca"), tls_cert=data.get("tls_cert"),
+                       tls_key=data.get("tls_key"))
         except (ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"{where}: not a valid credentials file ({exc})") from None
 
@@ -118,7 +125,9 @@ def is_loopback(url: str) -> bool:
 
 
 def resolve(redis_url: str | None, credentials_file: str | None,
-            env: Mapping[str, str] | None = None) -> Credentials | None:
+            env: Mapping[str, str] | None = None,
+            tls: tuple[str | None, str | None, str | None] = (None, None, None)
+            ) -> Credentials | None:
     """Credentials from file, environment and flag; None when no Redis was named at all."""
     env = os.environ if env is None else env
     base = Credentials.load(Path(credentials_file)) if credentials_file else None
@@ -137,19 +146,25 @@ def resolve(redis_url: str | None, credentials_file: str | None,
     prefix = env.get("CLUSTER_PREFIX") or (base.prefix if base else "cluster:")
     username = env.get("CLUSTER_REDIS_USER") or (base.username if base else None)
     username = username or urlsplit(url).username or None
+    files = [flag or env.get(f"CLUSTER_TLS_{name.upper()}") or
+             (getattr(base, f"tls_{name}") if base else None)
+             for flag, name in zip(tls, ("ca", "cert", "key"), strict=True)]
     return Credentials(redis_url=url, password=password, key=key, prefix=prefix,
-                       username=username, users=base.users if base else None)
+                       username=username, users=base.users if base else None,
+                       tls_ca=files[0], tls_cert=files[1], tls_key=files[2])
 
 
 
-def named(hosts: str | None, redis_url: str | None, credentials_file: str | None
+def named(hosts: str | None, redis_url: str | None, credentials_file: str | None,
+          tls: tuple[str | None, str | None, str | None] = (None, None, None)
           ) -> tuple[ClusterConfig | None, Credentials | None]:
     """The cluster a command names: ``--hosts`` (hosts.ini), else ``--redis`` or
-    ``--credentials``; no credentials when it names none."""
+    ``--credentials`` (with ``--tls-ca``, ``--tls-cert``, ``--tls-key``); no credentials when
+    it names none."""
     if hosts:
         cfg = load(hosts)
         return cfg, for_cluster(cfg, create=False)
-    return None, resolve(redis_url, credentials_file)
+    return None, resolve(redis_url, credentials_file, tls=tls)
 
 
 def for_cluster(config: ClusterConfig, create: bool,
@@ -160,7 +175,8 @@ def for_cluster(config: ClusterConfig, create: bool,
     env = os.environ if env is None else env
     path, url = config.credentials_file, config.redis_address()
     if path.exists():
-        return dataclasses.replace(Credentials.load(path), redis_url=url, prefix=config.prefix)
+        return _with_tls(dataclasses.replace(Credentials.load(path), redis_url=url,
+                                             prefix=config.prefix), config)
     if not create:
         raise UsageError(f"{path} does not exist: run cluster up {config.path} first")
     if config.redis_host is not None:  # a Redis of ours: its users (acl.py), each a password
@@ -173,5 +189,16 @@ def for_cluster(config: ClusterConfig, create: bool,
             raise UsageError(f"Redis at {redact(url)} is not on loopback: a password is "
                              "required (CLUSTER_REDIS_PASSWORD)")
         creds = Credentials(url, password, secrets.token_bytes(32), config.prefix)
+    creds = _with_tls(creds, config)
     creds.dump(path)
     return creds
+
+
+def _with_tls(creds: Credentials, config: ClusterConfig) -> Credentials:
+    """The TLS files hosts.ini says: the cluster's own CA for a Redis that up starts with TLS,
+    or tls_ca, tls_cert and tls_key for a Redis run by someone else."""
+    if config.redis_host is not None:
+        ca = str(config.tls_dir / "ca.pem") if config.tls else None
+        return dataclasses.replace(creds, tls_ca=ca, tls_cert=None, tls_key=None)
+    ca, cert, key = (str(p) if p else None for p in config.tls_files)
+    return dataclasses.replace(creds, tls_ca=ca, tls_cert=cert, tls_key=key)

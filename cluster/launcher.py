@@ -25,10 +25,12 @@ says which versions of the requirements its agent reports.
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import time
+from pathlib import Path
 
-from . import __version__, codec, redisconf
+from . import __version__, codec, redisconf, tls
 from .acl import Users
 from .broker import Broker
 from .config import ClusterConfig, HostConfig
@@ -61,6 +63,9 @@ class Launcher:
 
     def up(self) -> list[HostReport]:
         redis_report = None
+        if self.config.redis_host and self.config.tls:  # the CA, before any host gets it
+            tls.ensure(self.config.tls_dir, self.config.name,
+                       self.config.host(self.config.redis_host).address)
         if self.config.redis_host:
             host = self.config.host(self.config.redis_host)
             redis_report = fan_out((host,), self.up_redis)[0]
@@ -90,7 +95,7 @@ class Launcher:
             maxclients = redisconf.maxclients_for(self.planned_workers(remote),
                                                   len(self.config.hosts))
             conf = "\n".join([
-                f"bind {quoted(host.address)}", f"port {self.config.redis_port}",
+                f"bind {quoted(host.address)}", *self.listen_lines(remote, host),
                 *self.auth_lines(), "appendonly yes", "appendfsync everysec",
                 "protected-mode yes", f"dir {quoted(remote.path('redis'))}", "daemonize yes",
                 f"pidfile {quoted(remote.path('redis/redis.pid'))}",
@@ -104,6 +109,35 @@ class Launcher:
                       f"{shlex.quote(binary)} {remote.q('redis/redis.conf')}")
         self.wait_for_redis()
         return HostReport(host.name, state="redis started")
+
+    def listen_lines(self, remote: Remote, host: HostConfig) -> list[str]:
+        """TLS only, with a certificate for the host's address from the cluster's CA (made
+        here once, ``tls.py``); or plain, with ``tls = no``."""
+        port = self.config.redis_port
+        if not self.config.tls:
+            return [f"port {port}"]
+        server = tls.ensure(self.config.tls_dir, self.config.name, host.address)
+        remote.sh(f"mkdir -p -m 700 {remote.q('redis/tls')}")
+        for name, text in (("ca.pem", server.ca), ("redis.pem", server.cert),
+                           ("redis.key", server.key)):
+            remote.write_private(f"redis/tls/{name}", text)
+        return ["port 0", f"tls-port {port}", "tls-auth-clients no",
+                f"tls-cert-file {quoted(remote.path('redis/tls/redis.pem'))}",
+                f"tls-key-file {quoted(remote.path('redis/tls/redis.key'))}",
+                f"tls-ca-cert-file {quoted(remote.path('redis/tls/ca.pem'))}"]
+
+    def for_host(self, remote: Remote) -> Credentials:
+        """The agent's credentials on ``remote``: the agents' Redis user, and the TLS files
+        shipped there (``tls/``)."""
+        creds = self.creds.as_role("agent")
+        files = [creds.tls_ca, creds.tls_cert, creds.tls_key]
+        if any(files):
+            remote.sh(f"mkdir -p -m 700 {remote.q('tls')}")
+        for i, (local, name) in enumerate(zip(files, ("ca", "cert", "key"), strict=True)):
+            if local:
+                remote.write_private(f"tls/{name}.pem", Path(local).read_text())
+                files[i] = remote.path(f"tls/{name}.pem")
+        return dataclasses.replace(creds, tls_ca=files[0], tls_cert=files[1], tls_key=files[2])
 
     def auth_lines(self) -> list[str]:
         """Our users (``acl.py``); a cluster whose credentials predate them keeps its
@@ -168,7 +202,7 @@ class Launcher:
         remote.sh(f"mkdir -p -m 700 {shlex.quote(remote.dir)} {remote.q('wheels')}")
         if changed:
             self.ship(remote, wheelhouse, new_build)
-        remote.write_private("credentials.json", self.creds.as_role("agent").to_json())
+        remote.write_private("credentials.json", self.for_host(remote).to_json())
 
     @staticmethod
     def ship_wheels(remote: Remote, wheelhouse: Wheelhouse) -> list[str]:
@@ -282,7 +316,7 @@ class Launcher:
     def rekey_host(self, host: HostConfig, broker: Broker) -> HostReport:
         remote = self.remote(host)
         with remote.conn:
-            remote.write_private("credentials.json", self.creds.as_role("agent").to_json())
+            remote.write_private("credentials.json", self.for_host(remote).to_json())
             previous = remote.read("agent.pid")
             remote.stop_pid("agent.pid")
             self.start_agent(remote, remote.read("agent.build"))

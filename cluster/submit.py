@@ -13,11 +13,12 @@ from typing import Any
 
 from . import output, progress, settings, workdir
 from .agent import choose_cpus
+from .arguments import named_cluster
 from .broker import Broker
 from .config import ClusterConfig
 from .console import say
 from .coordinator import Coordinator, RunOptions, Write
-from .credentials import Credentials, named
+from .credentials import Credentials
 from .destination import Destination
 from .errors import ExitCode, JobCancelled, ResultNotPrinted, UsageError
 from .jobfile import Job, load_job, parse_params
@@ -67,7 +68,7 @@ def submit_job(args: argparse.Namespace, run: Recorder,
     if destination:
         destination.check()
     write = destination.write if destination else None
-    cfg, creds = named(args.hosts, args.redis, args.credentials)
+    cfg, creds = named_cluster(args)
     check_local_flags(args, local=creds is None)
     run.submitting(job, creds, cfg.history_days if cfg else settings.DEFAULT_HISTORY_DAYS)
     options = RunOptions(seed=args.seed, max_attempts=args.max_attempts,

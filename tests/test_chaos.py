@@ -111,7 +111,8 @@ class Site(NsSite):
         """A client as Redis's admin user (the test flushes Redis, restarts it...)."""
         admin = Credentials.load(self.state / "credentials.json").as_role("admin")
         return redis.Redis.from_url(admin.redis_url, username=admin.username,
-                                    password=admin.password, socket_timeout=10)
+                                    password=admin.password, socket_timeout=10,
+                                    ssl_ca_certs=admin.tls_ca, ssl_cert_reqs="required")
 
     @property
     def prefix(self) -> str:

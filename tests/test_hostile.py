@@ -5,6 +5,7 @@ logged) or dropped; they change no result, run no code and crash nothing."""
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -210,3 +211,65 @@ def test_a_job_replayed_after_its_signature_expired_runs_nothing(creds_file: Pat
     told = agent.stop()
     assert "queued after the job's signature expired: dropped" in told, told
     assert log.read_text().split() == ["0"]  # the unit ran once, in the real run
+
+
+def test_thousands_of_random_and_mutated_entries_change_nothing(creds_file: Path,
+                                                                broker: Broker,
+                                                                agent: AgentProcess,
+                                                                tmp_path: Path):
+    """A fuzz of the running cluster: 2,000 entries (random fields and values, and real
+    entries of the job with bytes flipped, cut or moved to another unit) thrown into the units
+    and results streams while a job runs. The job still ends exact, and no worker, agent or
+    coordinator dies. (Every real entry copied is broken: a whole copy would be computed, by
+    the worker that must stay free to read the rest.)"""
+    gate = tmp_path / "gate"
+    submit, jid = start_gated(creds_file, broker, tmp_path, "--param", "units=1")
+    rng = random.Random(12)
+    real = [fields for _, fields in broker.client.xrange(broker.keys.units)]
+    sealed = Keyring(b"k" * 32).sealer  # not the cluster's key
+    names = [b"j", b"a", b"r", b"w", b"t", b"f", b"e", b"d", b"0", b"1", b"5", b"-1",
+             b"99999999999", b"x"]
+
+    def noise() -> bytes:
+        kind = rng.randrange(4)
+        if kind == 0:
+            return rng.randbytes(rng.randrange(0, 64))
+        if kind == 1:
+            return codec.encode({"i": rng.randrange(100), "log": str(tmp_path / "planted")})
+        if kind == 2:
+            return jid.encode()
+        return sealed.seal(codec.encode(rng.random()), "result", jid, rng.randrange(6), "w")
+
+    def mutated(fields: dict[bytes, bytes]) -> dict[bytes, bytes]:
+        out = dict(fields)  # not its attempt: a rewritten attempt count can fail a unit (a
+        key = rng.choice([k for k in out if k != b"a"])  # denial of service, README)
+        value = bytearray(out[key])
+        if value and rng.random() < 0.5:
+            value[rng.randrange(len(value))] ^= 1 << rng.randrange(8)
+        else:
+            value = value[:rng.randrange(len(value))]
+        out[key] = bytes(value)
+        return out
+
+    last = b"0-0"
+    try:
+        for n in range(2000):
+            if real and n % 3 == 0:
+                fields = mutated(rng.choice(real))
+            else:
+                fields = {rng.choice(names): noise() for _ in range(rng.randrange(1, 6))}
+            stream = broker.keys.units if n % 2 else broker.keys.results(jid)
+            entry = broker.client.xadd(stream, fields)
+            if stream == broker.keys.units:
+                last = entry
+        wait_for(lambda: delivered(broker, last), 120, "the workers to read every entry")
+        gate.touch()
+        out, err = submit.communicate(timeout=120)
+    finally:
+        submit.kill()
+    assert submit.returncode == 0, err
+    assert json.loads(out) == 0  # one unit, held by one worker while the other reads
+    assert not (tmp_path / "planted").exists()
+    assert agent.proc.poll() is None
+    told = agent.stop()
+    assert "exit code" not in told and "Traceback" not in told, told[-3000:]

@@ -101,6 +101,31 @@ def test_up_on_three_hosts(site: Site):
     assert all(h.public_host_key() in known for h in site.net.hosts)
 
 
+def test_redis_speaks_tls_only_and_is_verified(site: Site):
+    """The Redis that up started: TLS only, its certificate from the cluster's own CA; the
+    hosts hold the agents' Redis user only, and the CA."""
+    creds = Credentials.load(site.state / "credentials.json")
+    assert creds.redis_url.startswith("rediss://") and creds.tls_ca
+    conf = (site.net.hosts[0].install_dir / "redis" / "redis.conf").read_text()
+    assert "\nport 0\n" in conf and "tls-port 6379" in conf and "requirepass" not in conf
+    on_host = Credentials.load(site.net.hosts[1].install_dir / "credentials.json")
+    assert (on_host.username, on_host.users, on_host.redis_url) == ("agent", None,
+                                                                     creds.redis_url)
+    assert on_host.tls_ca and Path(on_host.tls_ca).read_text() == Path(creds.tls_ca).read_text()
+    as_coordinator = {"CLUSTER_REDIS_PASSWORD": creds.password or "",
+                      "CLUSTER_REDIS_USER": creds.username or "", "CLUSTER_PREFIX": creds.prefix}
+    plain = run_cli("status", "--redis", creds.redis_url.replace("rediss://", "redis://"),
+                    env=as_coordinator)
+    assert plain.returncode == 3 and "a TLS-only Redis?" in plain.stderr, plain.stderr
+    untrusted = run_cli("status", "--redis", creds.redis_url, env=as_coordinator)
+    assert untrusted.returncode == 3 and "certificate verify failed" in untrusted.stderr, \
+        untrusted.stderr
+    trusted = run_cli("status", "--redis", creds.redis_url, "--tls-ca", creds.tls_ca,
+                      env=as_coordinator)
+    assert trusted.returncode == 0, trusted.stderr
+    assert {"node1", "node2", "node3"} <= set(rows(trusted.stdout))
+
+
 def test_secrets_are_not_on_command_lines(site: Site):
     password = json.loads((site.state / "credentials.json").read_text())["password"]
     for h in site.net.hosts:
