@@ -8,8 +8,10 @@ key                            type    meaning
 =============================  ======  =====================================================
 {p}units                       STREAM  work messages, consumer group ``workers``; one entry is
                                        a batch: ``j`` job id, ``a`` attempt, then one field per
-                                       unit: ``<index>`` -> encoded unit. An entry stays
-                                       pending (XPENDING) until its results are recorded.
+                                       unit: ``<index>`` -> encoded unit (signed). An entry stays
+                                       pending (XPENDING) until its results are recorded. A unit
+                                       past its last attempt also has ``r``, why its last worker
+                                       died: the worker that reads it records the failure
 {p}workers                     ZSET    worker id -> last lease renewal (ms), written by agents
 {p}worker:{wid}                HASH    host, agent, pid, cpu of one worker; ``job``, ``unit``,
                                        ``entry`` while it computes an entry (a death is charged

@@ -8,6 +8,7 @@ import json
 import random
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from conftest import SAMPLES, AgentProcess
@@ -66,24 +67,15 @@ def test_malformed_and_out_of_range_entries_are_rejected(creds_file: Path, broke
 
 def test_a_malformed_work_entry_crashes_no_worker_or_agent(creds_file: Path, broker: Broker,
                                                            agent: AgentProcess, tmp_path: Path):
-    gate = tmp_path / "gate"
-    submit, jid = start_gated(creds_file, broker, tmp_path, "--param", "units=1")
-    try:
+    def add(jid: str, real: tuple[bytes, bytes], own: bytes) -> bytes:
         for fields in ({"j": jid, "a": "soon", "0": codec.encode({"i": 0})},
                        {"j": jid},
                        {"j": jid, "a": "1", "zero": b"N\x00"},
                        {"j": jid, "a": "1", "1": b"garbage"}):
             last = broker.client.xadd(broker.keys.units, fields)
+        return last
 
-        wait_for(lambda: delivered(broker, last), 30, "the workers to read the malformed entries")
-        gate.touch()
-        out, err = submit.communicate(timeout=60)
-    finally:
-        submit.kill()
-    assert submit.returncode == 0, err
-    assert json.loads(out) == 0  # one unit, held by one worker while the other reads these
-    assert agent.proc.poll() is None, agent.stop()  # the agent is still there
-    told = agent.stop()
+    told = added_while_held(creds_file, broker, agent, tmp_path, add)
     assert "exit code" not in told and "script" not in told, told  # no worker died, no error
     assert told.count("is malformed") >= 3, told
 
@@ -124,26 +116,15 @@ def test_a_copied_job_or_replayed_unit_runs_nothing(creds_file: Path, broker: Br
     """The issue's reproduction: a running job's code and signature copied into a new job id,
     with a unit of one's own choosing (it would append to a file the attacker names), and a
     real unit of the running job replayed into that job. Workers refuse both."""
-    gate, planted = tmp_path / "gate", tmp_path / "planted"
-    submit, jid = start_gated(creds_file, broker, tmp_path, "--param", "units=1")
-    try:
-        copy = "c0ffee000000"
+    copy = "c0ffee000000"
+
+    def add(jid: str, real: tuple[bytes, bytes], own: bytes) -> bytes:
         broker.client.hset(broker.keys.job(copy), mapping=broker.client.hgetall(
             broker.keys.job(jid)))
-        (_, real), = broker.client.xrange(broker.keys.units, count=1)
-        index, unit = next((k, v) for k, v in real.items() if k not in (b"j", b"a"))
-        own = codec.encode({"i": 99, "gate": "", "log": str(planted)})
-        last = broker.client.xadd(broker.keys.units, {"j": copy, "a": "1", "0": own,
-                                                     index: unit})
-        wait_for(lambda: handled(broker, last), 30, "a worker to take the entry")
-        gate.touch()
-        out, err = submit.communicate(timeout=60)
-    finally:
-        submit.kill()
-    assert submit.returncode == 0, err
-    assert json.loads(out) == 0  # one unit, held by one worker while the other reads
-    assert not planted.exists()
-    told = agent.stop()
+        return broker.client.xadd(broker.keys.units, {"j": copy, "a": "1", "0": own,
+                                                     real[0]: real[1]})
+
+    told = added_while_held(creds_file, broker, agent, tmp_path, add)
     assert f"job={copy}: not signed by this cluster's key" in told, told
     assert "Traceback" not in told
 
@@ -153,25 +134,40 @@ def test_a_unit_not_signed_for_its_job_and_index_is_dropped(creds_file: Path, br
                                                             tmp_path: Path):
     """Units added to a running, genuine job: one of the attacker's own, one tagged with
     another key, and a real unit of the job under another index. None is computed."""
+
+    def add(jid: str, real: tuple[bytes, bytes], own: bytes) -> bytes:
+        other = Keyring(b"x" * 32).sealer.seal(own, "unit", jid, 4)
+        return broker.client.xadd(broker.keys.units, {"j": jid, "a": "1", "5": own, "4": other,
+                                                     str(int(real[0]) + 6): real[1]})
+
+    told = added_while_held(creds_file, broker, agent, tmp_path, add)
+    assert told.count("is not signed by this cluster's key: dropped") == 3, told
+
+
+def added_while_held(creds_file: Path, broker: Broker, agent: AgentProcess, tmp_path: Path,
+                     add: Callable[[str, tuple[bytes, bytes], bytes], bytes]) -> str:
+    """Run the gated job's one unit, held by one worker; once it is queued, ``add(job id, a
+    real unit (index, bytes), a unit of the attacker's)`` writes into Redis and returns the
+    last units entry it added, which the other worker takes. The job must end exact, no agent
+    or worker die, and the attacker's unit (it would plant a file) never run. Returns the
+    agent's log."""
     gate, planted = tmp_path / "gate", tmp_path / "planted"
     submit, jid = start_gated(creds_file, broker, tmp_path, "--param", "units=1")
     try:
-        (_, real), = broker.client.xrange(broker.keys.units, count=1)
-        index, unit = next((k, v) for k, v in real.items() if k not in (b"j", b"a"))
+        (_, fields), = broker.client.xrange(broker.keys.units, count=1)
+        real = next((k, v) for k, v in fields.items() if k not in (b"j", b"a"))
         own = codec.encode({"i": 99, "gate": "", "log": str(planted)})
-        other = Keyring(b"x" * 32).sealer.seal(own, "unit", jid, 4)
-        last = broker.client.xadd(broker.keys.units, {"j": jid, "a": "1", "5": own, "4": other,
-                                                     str(int(index) + 6): unit})
-        wait_for(lambda: handled(broker, last), 30, "a worker to take the entry")
+        last = add(jid, real, own)
+        wait_for(lambda: handled(broker, last), 120, "a worker to take the entry")
         gate.touch()
-        out, err = submit.communicate(timeout=60)
+        out, err = submit.communicate(timeout=120)
     finally:
         submit.kill()
     assert submit.returncode == 0, err
     assert json.loads(out) == 0  # one unit, held by one worker while the other reads
     assert not planted.exists()
-    told = agent.stop()
-    assert told.count("is not signed by this cluster's key: dropped") == 3, told
+    assert agent.proc.poll() is None
+    return agent.stop()
 
 
 def handled(broker: Broker, entry: bytes) -> bool:
@@ -218,58 +214,42 @@ def test_thousands_of_random_and_mutated_entries_change_nothing(creds_file: Path
                                                                 agent: AgentProcess,
                                                                 tmp_path: Path):
     """A fuzz of the running cluster: 2,000 entries (random fields and values, and real
-    entries of the job with bytes flipped, cut or moved to another unit) thrown into the units
-    and results streams while a job runs. The job still ends exact, and no worker, agent or
-    coordinator dies. (Every real entry copied is broken: a whole copy would be computed, by
-    the worker that must stay free to read the rest.)"""
-    gate = tmp_path / "gate"
-    submit, jid = start_gated(creds_file, broker, tmp_path, "--param", "units=1")
+    entries of the job with bytes flipped or cut) thrown into the units and results streams
+    while a job runs. The job still ends exact, and no worker, agent or coordinator dies.
+    (Every real entry copied is broken: a whole copy would be computed, by the worker that must
+    stay free to read the rest; and its attempt count is left alone: rewriting it can fail a
+    unit, a denial of service the README lists.)"""
     rng = random.Random(12)
-    real = [fields for _, fields in broker.client.xrange(broker.keys.units)]
-    sealed = Keyring(b"k" * 32).sealer  # not the cluster's key
     names = [b"j", b"a", b"r", b"w", b"t", b"f", b"e", b"d", b"0", b"1", b"5", b"-1",
              b"99999999999", b"x"]
 
-    def noise() -> bytes:
-        kind = rng.randrange(4)
-        if kind == 0:
-            return rng.randbytes(rng.randrange(0, 64))
-        if kind == 1:
-            return codec.encode({"i": rng.randrange(100), "log": str(tmp_path / "planted")})
-        if kind == 2:
-            return jid.encode()
-        return sealed.seal(codec.encode(rng.random()), "result", jid, rng.randrange(6), "w")
+    def noise(jid: str, own: bytes) -> bytes:
+        return rng.choice([
+            lambda: rng.randbytes(rng.randrange(0, 64)), lambda: own, lambda: jid.encode(),
+            lambda: Keyring(b"k" * 32).sealer.seal(codec.encode(rng.random()), "result", jid,
+                                                   rng.randrange(6), "w")])()
 
     def mutated(fields: dict[bytes, bytes]) -> dict[bytes, bytes]:
-        out = dict(fields)  # not its attempt: a rewritten attempt count can fail a unit (a
-        key = rng.choice([k for k in out if k != b"a"])  # denial of service, README)
+        out = dict(fields)
+        key = rng.choice([k for k in out if k != b"a"])
         value = bytearray(out[key])
-        if value and rng.random() < 0.5:
+        if rng.random() < 0.5:
             value[rng.randrange(len(value))] ^= 1 << rng.randrange(8)
         else:
             value = value[:rng.randrange(len(value))]
         out[key] = bytes(value)
         return out
 
-    last = b"0-0"
-    try:
+    def add(jid: str, real: tuple[bytes, bytes], own: bytes) -> bytes:
+        entry = {b"j": jid.encode(), b"a": b"1", real[0]: real[1]}
+        last = b"0-0"
         for n in range(2000):
-            if real and n % 3 == 0:
-                fields = mutated(rng.choice(real))
-            else:
-                fields = {rng.choice(names): noise() for _ in range(rng.randrange(1, 6))}
+            fields = mutated(entry) if n % 3 == 0 else {
+                rng.choice(names): noise(jid, own) for _ in range(rng.randrange(1, 6))}
             stream = broker.keys.units if n % 2 else broker.keys.results(jid)
-            entry = broker.client.xadd(stream, fields)
-            if stream == broker.keys.units:
-                last = entry
-        wait_for(lambda: delivered(broker, last), 120, "the workers to read every entry")
-        gate.touch()
-        out, err = submit.communicate(timeout=120)
-    finally:
-        submit.kill()
-    assert submit.returncode == 0, err
-    assert json.loads(out) == 0  # one unit, held by one worker while the other reads
-    assert not (tmp_path / "planted").exists()
-    assert agent.proc.poll() is None
-    told = agent.stop()
+            added = broker.client.xadd(stream, fields)
+            last = added if n % 2 else last
+        return last
+
+    told = added_while_held(creds_file, broker, agent, tmp_path, add)
     assert "exit code" not in told and "Traceback" not in told, told[-3000:]
