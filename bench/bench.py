@@ -188,7 +188,7 @@ def busy_cpu() -> float:
 
 def run_cluster(creds: Credentials, job: Job, params: dict[str, Any]) -> tuple[Any, float]:
     """One job through the local cluster: (gathered value, wall seconds)."""
-    broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+    broker = Broker.of(creds)
     try:
         started = time.perf_counter()
         result = Coordinator(broker, job, params, creds.key, RunOptions()).run()
@@ -215,7 +215,7 @@ def run_serial(module: types.ModuleType, params: dict[str, Any]) -> float:
 
 def wait_for_workers(creds: Credentials, n: int, timeout: float = 30.0) -> None:
     """Until all n workers of the local cluster hold a lease, so no run starts short-handed."""
-    broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+    broker = Broker.of(creds)
     try:
         deadline = time.monotonic() + timeout
         while len(broker.live_workers(5000)) < n:

@@ -42,7 +42,7 @@ class Sampler(threading.Thread):
 def measure(local: Any, job_path: Path, params: list[str]) -> dict[str, float]:
     creds = local
     client = redis.Redis.from_url(creds.redis_url, password=creds.password)
-    broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+    broker = Broker.of(creds)
     job = load_job(str(job_path))
     idle = int(client.info("memory")["used_memory"])
     sampler = Sampler(client)

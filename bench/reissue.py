@@ -215,7 +215,7 @@ class Bench:
 
     def connect(self) -> Broker:
         creds = credentials.for_cluster(cluster_config.load(self.ini), create=False)
-        return Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+        return Broker.of(creds)
 
     def open(self) -> None:
         self.net.open()
@@ -285,7 +285,7 @@ class Bench:
         params = {**job.defaults, "units": units, "seconds": self.args.unit_seconds,
                   "log": str(log), "hosts": inodes}
         creds = credentials.for_cluster(cluster_config.load(self.ini), create=False)
-        broker = Broker.connect(creds.redis_url, creds.password, prefix=creds.prefix)
+        broker = Broker.of(creds)
         return JobRun(Coordinator(broker, job, params, creds.key, OPTIONS), broker, log, units)
 
     def held_entry(self, wid: str) -> str:

@@ -10,9 +10,8 @@ coordinator and the agents:
   the private half; workers hold only the public half, so code running in a worker can verify
   jobs but not make one.
 - the **message key**: units (job id and unit index), results (job id, unit index, worker),
-  failures and the digests of duplicate results carry a tag under it: HMAC-SHA256, or for a
-  payload of 64 KB or more, Poly1305 under a one-time key (HMAC-SHA256 of the context and a
-  random nonce, sent with the tag), which reads large arrays about 8 times as fast. Workers hold it
+  failures and the digests of duplicate results carry a tag under it (keyed BLAKE2b, or for
+  a payload of 64 KB or more Poly1305 under a one-time key: ``Sealer``). Workers hold it
   (they sign results), so job code can read it too: see the README's security model.
 
 A sealed message is ``payload || tag`` (a trailer, so a payload keeps its first byte: the
@@ -27,7 +26,6 @@ import hashlib
 import hmac
 import json
 import os
-import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +37,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from .errors import ClusterError
 
 TAG = 32
-LARGE = 1 << 16  # from this payload size on: Poly1305 (about 8 times as fast as HMAC-SHA256)
+LARGE = 1 << 16  # from this payload size on: Poly1305 (``Sealer``)
 NONCE = 16
 
 
@@ -49,26 +47,43 @@ class Forged(ClusterError):
 
 
 def _context(parts: tuple[Any, ...]) -> bytes:
-    text = json.dumps([str(p) for p in parts], separators=(",", ":")).encode()
-    return struct.pack(">I", len(text)) + text
+    """What a message claims to be, as the bytes its tag covers before the payload: its length,
+    then the parts joined by NUL (each kind has a fixed number of parts, and those of a genuine
+    message hold no NUL: job ids are hex, indices numbers, worker ids made by agents)."""
+    text = "\x00".join(map(str, parts)).encode()
+    return len(text).to_bytes(4, "big") + text
 
 
-@dataclass(frozen=True)
 class Sealer:
-    """Tags messages with the message key, and checks their tags."""
+    """Tags messages with the message key, and checks their tags. Below ``LARGE`` bytes the
+    tag is keyed BLAKE2b (a MAC by design; three times as fast as HMAC-SHA256 on small
+    messages); from ``LARGE`` on, Poly1305 under a one-time key (HMAC-SHA256 of the context
+    and a random nonce, which goes with the tag), about 8 times as fast as HMAC-SHA256 on
+    large arrays. Each mode has a key of its own, derived from the message key."""
 
-    key: bytes
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self._small = hmac.digest(key, b"blake2b tags", "sha256")
+        self._large = hmac.digest(key, b"poly1305 one-time keys", "sha256")
 
-    def tag(self, payload: bytes, context: tuple[Any, ...]) -> bytes:
+    def __repr__(self) -> str:
+        return "Sealer(...)"
+
+    def tag(self, payload: bytes | memoryview, context: tuple[Any, ...]) -> bytes:
         ctx = _context(context)
         if len(payload) < LARGE:
-            return hmac.digest(self.key, ctx + payload, "sha256")
+            return self._small_tag(ctx, payload)
         nonce = os.urandom(NONCE)
         return nonce + Poly1305.generate_tag(self._one_time(ctx, nonce), payload)
 
+    def _small_tag(self, ctx: bytes, payload: bytes | memoryview) -> bytes:
+        mac = hashlib.blake2b(ctx, key=self._small, digest_size=TAG)
+        mac.update(payload)
+        return mac.digest()
+
     def _one_time(self, ctx: bytes, nonce: bytes) -> bytes:
         """A Poly1305 key for one message: never used twice (a fresh nonce), never seen."""
-        return hmac.digest(self.key, b"poly1305" + ctx + nonce, "sha256")
+        return hmac.digest(self._large, ctx + nonce, "sha256")
 
     def seal(self, payload: bytes, *context: Any) -> bytes:
         return payload + self.tag(payload, context)
@@ -83,7 +98,7 @@ class Sealer:
     def _verifies(self, sealed: bytes, ctx: bytes) -> bool:
         payload, trailer = memoryview(sealed)[:-TAG], sealed[-TAG:]
         if len(payload) < LARGE:
-            return hmac.compare_digest(trailer, hmac.digest(self.key, ctx + payload, "sha256"))
+            return hmac.compare_digest(trailer, self._small_tag(ctx, payload))
         try:
             Poly1305.verify_tag(self._one_time(ctx, trailer[:NONCE]), payload, trailer[NONCE:])
         except InvalidSignature:
