@@ -20,8 +20,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
-from urllib.parse import urlsplit
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -29,22 +28,12 @@ from redis.retry import Retry
 from redis.typing import EncodableT, FieldT
 
 from . import scripts
+from .credentials import Credentials, redact
 from .entries import Commit, Outcome, Renewal, Snapshot, Work
 from .errors import Fenced, InfraError, JobGone, RedisFull, RedisRefused, RedisUnavailable
 from .keys import GROUP, JOB_ID, Keys
 
-if TYPE_CHECKING:
-    from .credentials import Credentials
-
 BLOB_THRESHOLD = 32 * 1024  # results at least this large travel beside the RECORD script
-
-
-def redact(url: str) -> str:
-    """``host:port`` of a Redis URL, without user or password."""
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        return parts.path
-    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
 
 
 REFUSING = ("MISCONF", "LOADING", "READONLY", "MASTERDOWN", "BUSY ", "NOREPLICAS")

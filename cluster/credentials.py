@@ -24,12 +24,20 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .acl import Users
-from .broker import redact
 from .config import ClusterConfig, load
 from .errors import UsageError
 
 DEFAULT_KEY_FILE = Path("~/.config/cluster/key")
 DEFAULT_PREFIX = "cluster:"
+
+
+def redact(url: str) -> str:
+    """``host:port`` of a Redis URL, without user or password."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return parts.path
+    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
+
 
 
 @dataclass(frozen=True)

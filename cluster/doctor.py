@@ -13,8 +13,8 @@ import time
 from urllib.parse import urlsplit
 
 from . import redisconf
-from .broker import redact
 from .config import HostConfig
+from .credentials import redact
 from .errors import ClusterError
 from .launcher import Launcher
 from .redisconf import Limits
