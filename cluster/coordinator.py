@@ -103,6 +103,7 @@ class Coordinator:
         self.params = params
         self.key = key
         self.keyring = Keyring(key)
+        self.sealer = self.keyring.sealer
         self.description: dict[str, Any] = {}  # the job's signed fields (``resume.describe``)
         self.options = options
         self.reporter = reporter or NoReporter()
@@ -124,7 +125,7 @@ class Coordinator:
         self.kept = False  # ended, but the job stays in Redis to be resumed
         self.gatherer = Gatherer(broker, self.results, self.tally, self.batcher,
                                  options.max_failed, lambda exc: self.user_error("reduce()", exc),
-                                 clock, self.keyring.sealer,
+                                 clock, self.sealer,
                                  units=lambda: max(self.tally.scattered, self.sent, self.skip))
         self.opened = False
         self.lost = False  # Redis lost the job: rebuild it before anything else
@@ -381,7 +382,7 @@ class Coordinator:
             raise JobFailed(f"unit {index} from scatter() is {len(blob) / 1e6:.1f} MB encoded, "
                             f"more than the limit of {self.options.max_result_bytes / 1e6:g} MB "
                             "(--max-result-size)")
-        return index, self.gatherer.sealer.seal(blob, "unit", self.jid, index)
+        return index, self.sealer.seal(blob, "unit", self.jid, index)
 
     def maintain(self) -> None:
         """Reissue what dead workers held; notice lost data, a takeover, no workers left."""

@@ -63,7 +63,6 @@ class Gatherer:
         self.failed: list[int] = []
         self.errors: dict[int, dict[str, Any]] = {}  # of the first failed units, for the record
         self.mismatched: list[int] = []
-        self.forged: set[int] = set()  # units a rejected entry claimed (their bit cleared)
         self.digests = bytearray()  # 8 bytes per unit: the first result's digest seen
         self.last_progress = clock()
 
@@ -114,7 +113,6 @@ class Gatherer:
         log.warning("job=%s: results entry %s rejected: %s", self.jid, mid, why)
         if unit is not None and not self.results.is_taken(unit):
             self.broker.reclaim(self.jid, self.owner, redis_bitmap([unit]))
-            self.forged.add(unit)
 
     def take(self, mid: str, fields: dict[bytes, bytes]) -> list[bytes]:
         """Take one results entry (first result wins here too); returns the references of
