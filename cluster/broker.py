@@ -1,11 +1,12 @@
-"""The only Redis client code: the rest of ``cluster`` sees Redis through ``Broker``.
+"""The Redis protocol of jobs: the rest of ``cluster`` sees Redis through ``Broker``, which
+adds to it the cluster's bookkeeping (``fleet.py``) on a shared connection (``redisio.py``).
 
 The protocol's atomic steps are Lua scripts, in ``scripts.py``. A large result does not pass
 through a script: the worker stores it in the job's ``blobs`` hash in the same transaction
 (MULTI/EXEC: both happen or neither), under a field unique to that commit attempt, and the
 script records a reference to it (or deletes it when the result is a duplicate or stale).
 
-Redis errors are translated here, at the edge (``translate_errors``): callers see
+Redis errors are translated at the edge (``redisio.translate_errors``): callers see
 ``RedisUnavailable`` (unreachable, refusing writes, or ``RedisFull``), ``JobGone`` and
 ``Fenced``, never redis-py's exceptions or error text.
 """
@@ -13,74 +14,27 @@ Redis errors are translated here, at the edge (``translate_errors``): callers se
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from collections.abc import Sequence
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from redis.typing import EncodableT, FieldT
 
 from . import scripts
 from .credentials import Credentials, redact
 from .entries import Commit, Outcome, Renewal, Snapshot, Work
-from .errors import Fenced, InfraError, JobGone, RedisFull, RedisRefused, RedisUnavailable
+from .errors import Fenced, JobGone, RedisFull, RedisRefused, RedisUnavailable
+from .fleet import Fleet
 from .keys import GROUP, JOB_ID, Keys
-
-BLOB_THRESHOLD = 32 * 1024  # results at least this large travel beside the RECORD script
-
-
-REFUSING = ("MISCONF", "LOADING", "READONLY", "MASTERDOWN", "BUSY ", "NOREPLICAS")
-
-
-@contextmanager
-def translate_errors(where: str) -> Iterator[None]:
-    """Turn redis-py's connection and authentication errors, and Redis refusing writes, into
-    ``RedisUnavailable`` (``RedisFull`` when it is out of memory)."""
-    try:
-        yield
-    except redis.AuthenticationError as exc:
-        raise RedisRefused(f"Redis at {where} refused the password: {exc}") from None
-    except redis.exceptions.OutOfMemoryError as exc:
-        raise RedisFull(f"Redis at {where} is out of memory: {exc}") from None
-    except redis.ResponseError as exc:
-        text = str(exc)
-        if text.startswith(("NOAUTH", "WRONGPASS", "invalid password", "invalid username")):
-            raise RedisRefused(f"Redis at {where} refused us: {text}") from None
-        if text.startswith("OOM"):
-            raise RedisFull(f"Redis at {where} is out of memory: {text}") from None
-        if text.startswith(REFUSING):
-            raise RedisUnavailable(f"Redis at {where} refuses writes: {text}") from None
-        raise
-    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        raise RedisUnavailable(f"Redis at {where} is unreachable: {exc}") from None
-
+from .redisio import _fields, _status, edge, translate_errors
 
 log = logging.getLogger("cluster.broker")
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def edge(method: Callable[Concatenate[Broker, P], R]) -> Callable[Concatenate[Broker, P], R]:
-    """A Broker method whose Redis errors are translated (see ``translate_errors``)."""
-
-    @functools.wraps(method)
-    def wrapper(self: Broker, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        with translate_errors(self.where):
-            return method(self, *args, **kwargs)
-
-    return wrapper
-
-
-def _fields(values: Mapping[str, Any]) -> Mapping[FieldT, EncodableT]:
-    """``values`` as the ``mapping`` of redis-py's ``hset`` (typed invariant in its keys)."""
-    return cast("Mapping[FieldT, EncodableT]", values)
+BLOB_THRESHOLD = 32 * 1024  # results at least this large travel beside the RECORD script
 
 
 def _work(msgid: str, fields: dict[bytes, bytes]) -> Work | None:
@@ -102,17 +56,12 @@ def _work(msgid: str, fields: dict[bytes, bytes]) -> Work | None:
         return None
 
 
-def _status(reply: Any) -> str:
-    return str(reply[0].decode() if isinstance(reply[0], bytes) else reply[0])
-
-
-class Broker:
-    """Redis, as the rest of ``cluster`` sees it."""
+class Broker(Fleet):
+    """Redis, as the rest of ``cluster`` sees it: the protocol's steps here, the cluster's
+    bookkeeping (agents, run history, Redis's own settings) in ``Fleet``."""
 
     def __init__(self, client: redis.Redis, keys: Keys, where: str = "redis") -> None:
-        self.client = client
-        self.keys = keys
-        self.where = where
+        super().__init__(client, keys, where)
         reg = client.register_script
         self._add = reg(scripts.ADD)
         self._record = reg(scripts.RECORD)
@@ -212,11 +161,6 @@ class Broker:
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-
-    @edge
-    def server_time_ms(self) -> int:
-        seconds, micros = self.client.time()
-        return int(seconds) * 1000 + int(micros) // 1000
 
     # -- coordinator -------------------------------------------------------------------------
 
@@ -428,12 +372,6 @@ class Broker:
         return [w.decode() for w in self._expired(keys=[self.keys.units, self.keys.workers],
                                                   args=[GROUP, lease_ms])]
 
-    def live_workers(self, lease_ms: int) -> list[str]:
-        return self._alive(self.keys.workers, lease_ms)
-
-    def live_agents(self, lease_ms: int) -> list[str]:
-        return self._alive(self.keys.agents, lease_ms)
-
     @edge
     def agent_fingerprints(self, lease_ms: int) -> dict[str, str | None]:
         """Live agent -> fingerprint of the cluster key it holds."""
@@ -459,65 +397,6 @@ class Broker:
         """(used, maxmemory) in bytes; maxmemory 0 means no limit."""
         info = self.client.info("memory")
         return int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
-
-    # -- history -----------------------------------------------------------------------------
-
-    RUNNING_FIELDS = ("name", "path", "started", "host", "pid", "scattered", "total")
-
-    @edge
-    def running_jobs(self) -> list[tuple[str, dict[str, str], int]]:
-        """The jobs being run: (id, ``RUNNING_FIELDS`` of its hash, units recorded)."""
-        reply: Any = self.client.smembers(self.keys.jobs)
-        return self.job_summaries(sorted(j.decode() for j in reply))
-
-    @edge
-    def job_summaries(self, jids: Sequence[str]) -> list[tuple[str, dict[str, str], int]]:
-        """(id, ``RUNNING_FIELDS`` of its hash, units recorded) of those jobs still there."""
-        pipe = self.client.pipeline(transaction=False)
-        for jid in jids:
-            pipe.hmget(self.keys.job(jid), self.RUNNING_FIELDS)
-            pipe.bitcount(self.keys.recorded(jid))
-        replies = pipe.execute() if jids else []
-        jobs = []
-        for jid, values, recorded in zip(jids, replies[::2], replies[1::2], strict=True):
-            found = {k: v.decode(errors="replace")
-                     for k, v in zip(self.RUNNING_FIELDS, values, strict=True) if v is not None}
-            if found:  # not expired or purged between the two reads
-                jobs.append((jid, found, int(recorded)))
-        return jobs
-
-    @edge
-    def save_run(self, jid: str, run: str, record: str, keep_ms: int, most_jobs: int) -> int:
-        """Add the record of a run of ``jid`` to the cluster's history, which keeps the jobs
-        whose last run ended within ``keep_ms``, at most ``most_jobs`` of them; returns how
-        many jobs left it."""
-        k = self.keys
-        reply = self._save_run(keys=[k.history, k.runs(jid)],
-                               args=[jid, run, record, max(1, keep_ms), most_jobs,
-                                     k.runs(JOB_ID)])
-        return int(reply[1])
-
-    @edge
-    def recent_runs(self, jobs: int) -> list[bytes]:
-        """The records of every run of the ``jobs`` jobs that last ended, in no order."""
-        reply: Any = self.client.zrevrange(self.keys.history, 0, max(0, jobs - 1))
-        pipe = self.client.pipeline(transaction=False)
-        for jid in reply:
-            pipe.hvals(self.keys.runs(jid.decode()))
-        return [r for runs in (pipe.execute() if reply else []) for r in runs]
-
-    @edge
-    def job_runs(self, jid: str) -> list[bytes]:
-        """The records of the runs of ``jid`` in the cluster's history, in no order."""
-        reply: Any = self.client.hvals(self.keys.runs(jid))
-        return list(reply)
-
-    @edge
-    def _alive(self, zset: str, lease_ms: int) -> list[str]:
-        now = self.server_time_ms()
-        reply: Any = self.client.zrangebyscore(zset, now - lease_ms, "+inf")
-        members: list[bytes] = reply
-        return [m.decode() for m in members]
 
     # -- worker --------------------------------------------------------------------------------
 
@@ -668,13 +547,6 @@ class Broker:
         self.client.hset(self.keys.agent(aid), mapping=_fields(info))
 
     @edge
-    def unregister_agent(self, aid: str) -> None:
-        pipe = self.client.pipeline()
-        pipe.zrem(self.keys.agents, aid)
-        pipe.delete(self.keys.agent(aid))
-        pipe.execute()
-
-    @edge
     def describe_worker(self, wid: str, info: dict[str, Any]) -> None:
         """Add to what `cluster status` shows of a worker (pid, current job and unit)."""
         self.client.hset(self.keys.worker(wid), mapping=_fields(info))
@@ -723,119 +595,3 @@ class Broker:
             pipe.hset(self.keys.worker(wid), mapping=_fields(values))
         pipe.execute()
 
-    # -- launcher / status ------------------------------------------------------------------
-    # Every call here translates Redis errors (``_translated``): `up`, `down`, `status` and
-    # `doctor` report a failing Redis in one line naming it, never with a traceback.
-
-    AGENT_LEASE_MS = 5000  # an agent silent this long is lost; a new one on its host replaces it
-
-    def agents_seen(self) -> list[tuple[str, float, dict[str, str]]]:
-        """Every registered agent: (id, seconds since its last heartbeat, what it registered)."""
-        with self._translated():
-            now = self.server_time_ms()
-            reply: Any = self.client.zrange(self.keys.agents, 0, -1, withscores=True)
-            members = [(m.decode(), float(score)) for m, score in reply]
-            infos = self._hashes([self.keys.agent(aid) for aid, _ in members])
-        return [(aid, (now - score) / 1000, info)
-                for (aid, score), info in zip(members, infos, strict=True)]
-
-    def workers_seen(self) -> list[tuple[str, dict[str, str]]]:
-        """Every registered worker, and what its agent published of it."""
-        with self._translated():
-            reply: Any = self.client.zrange(self.keys.workers, 0, -1)
-            wids = [m.decode() for m in reply]
-            return list(zip(wids, self._hashes([self.keys.worker(w) for w in wids]), strict=True))
-
-    def live_agent(self, aid: str, lease_ms: int = AGENT_LEASE_MS) -> dict[str, str] | None:
-        """What agent ``aid`` registered, if its heartbeat is younger than ``lease_ms``."""
-        with self._translated():
-            if aid not in self.live_agents(lease_ms):
-                return None
-            return self._hashes([self.keys.agent(aid)])[0]
-
-    def forget_agent(self, aid: str) -> None:
-        """Unregister an agent known to be gone (`up` replaced it)."""
-        with self._translated():
-            self.unregister_agent(aid)
-
-    def live_agent_ids(self, lease_ms: int = AGENT_LEASE_MS) -> list[str]:
-        with self._translated():
-            return self.live_agents(lease_ms)
-
-    def retire_replaced_agents(self, aid: str, host: str, lease_ms: int = AGENT_LEASE_MS
-                               ) -> list[str]:
-        """Unregister the other agents of ``host`` whose heartbeat is older than ``lease_ms``:
-        agent ``aid`` replaces them (their host lost power, or they were SIGKILLed). An agent
-        that was only paused registers again at its next heartbeat."""
-        retired = [other for other, age, info in self.agents_seen()
-                   if other != aid and age * 1000 > lease_ms
-                   and info.get("host", other.split("/")[0]) == host]
-        with self._translated():
-            for other in retired:
-                self.unregister_agent(other)
-        return retired
-
-    def request_shutdown(self) -> None:
-        """Ask every agent to stop (``cluster down``)."""
-        with self._translated():
-            self.client.set(self.keys.shutdown, 1)
-
-    def cancel_shutdown(self) -> None:
-        with self._translated():
-            self.client.delete(self.keys.shutdown)
-
-    def forget_agents(self) -> None:
-        """Drop every agent's heartbeat and worker's lease (after ``cluster down``)."""
-        with self._translated():
-            self.client.delete(self.keys.agents, self.keys.workers)
-
-    def shutdown_server(self) -> None:
-        """Stop Redis itself, saving first (its AOF is flushed)."""
-        try:
-            self.client.shutdown(nosave=False)
-        except redis.ConnectionError:
-            pass  # the connection closes as the server exits: that is success
-        except redis.RedisError as exc:
-            raise InfraError(f"Redis at {self.where} refused to shut down: {exc}") from None
-
-    def server_config(self, *names: str) -> dict[str, str]:
-        """``CONFIG GET`` of these parameters (maxclients, maxmemory...), as Redis runs now."""
-        found: dict[str, str] = {}
-        with self._translated():
-            for name in names:
-                reply: Any = self.client.config_get(name)
-                found.update({self._str(k): self._str(v) for k, v in reply.items()})
-        return found
-
-    def raise_maxclients(self, wanted: int) -> int:
-        """Raise ``maxclients`` to ``wanted`` if it is lower (Redis lowers what its file limit
-        cannot hold); the value Redis runs with afterwards."""
-        current = int(self.server_config("maxclients").get("maxclients", 0))
-        if current < wanted:
-            with self._translated():
-                try:
-                    self.client.config_set("maxclients", wanted)
-                except redis.ResponseError:
-                    pass  # beyond its file limit: it keeps what it has, said by the caller
-            current = int(self.server_config("maxclients").get("maxclients", 0))
-        return current
-
-    @contextmanager
-    def _translated(self) -> Iterator[None]:
-        """``translate_errors``, and any other Redis error as an ``InfraError`` naming Redis."""
-        try:
-            with translate_errors(self.where):
-                yield
-        except redis.RedisError as exc:
-            raise InfraError(f"Redis at {self.where} failed: {exc}") from None
-
-    @staticmethod
-    def _str(value: bytes | str) -> str:
-        return value.decode() if isinstance(value, bytes) else str(value)
-
-    def _hashes(self, keys: list[str]) -> list[dict[str, str]]:
-        pipe = self.client.pipeline(transaction=False)
-        for key in keys:
-            pipe.hgetall(key)
-        return [{k.decode(): v.decode(errors="replace") for k, v in raw.items()}
-                for raw in pipe.execute()] if keys else []
