@@ -243,6 +243,8 @@ class Coordinator:
         self.final = opened.final
         self.gatherer.restart(self.jid, self.owner)
         self.opened = True
+        note("resumed" if opened.resumed else "started", self.jid, self.identity,
+             self.job.path, self.broker.where)
         log.info("job=%s %s (%s, seed %d)", self.jid,
                  "resumed" if opened.resumed else "submitted", self.job.name, self.seed)
 

@@ -127,7 +127,6 @@ def open_job(broker: Broker, job: Job, params: dict[str, Any], seed: int, *, jid
                 expires = broker.server_time_ms() + keep_s * 1000
                 broker.resign(wanted, owner, signed(keyring, wanted, description, expires))
                 total = fields.get("total")
-                note("resumed", wanted, name, job.path, broker.where)
                 return Opened(wanted, name, True, int(fields.get("scattered", 0)),
                               int(total) if total else None, snapshot, broker.final(wanted),
                               description)
@@ -138,7 +137,6 @@ def open_job(broker: Broker, job: Job, params: dict[str, Any], seed: int, *, jid
         "host": socket.gethostname(), "pid": os.getpid(),
     }, workdir=job.archive.data if job.archive else None)
     held = auto and broker.claim(name, jid, overlap.keep_s) is None  # not ours with allow
-    note("started", jid, name, job.path, broker.where)
     return Opened(jid, name if held else "", False, description=description)
 
 

@@ -224,7 +224,8 @@ def test_fresh_removes_a_dead_runs_job_and_still_refuses_a_live_one(creds_file: 
 
 
 def test_a_retried_takeover_resumes_the_job_it_took(broker: Broker, creds: Credentials,
-                                                    monkeypatch: pytest.MonkeyPatch):
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    tmp_path: Path):
     """A resuming coordinator takes the job over, and the reply to its first heartbeat on it
     is lost (Redis ran it): its retry must resume that job again, not refuse it as a live run
     nor register a new job over it (what stalled the soak: the old results were then read
@@ -245,7 +246,11 @@ def test_a_retried_takeover_resumes_the_job_it_took(broker: Broker, creds: Crede
         return answer
 
     monkeypatch.setattr(broker, "beat", beat_losing_its_first_reply)
+    journal = tmp_path / "journal.jsonl"
+    monkeypatch.setenv("CLUSTER_JOURNAL", str(journal))
     coordinator.guarded(coordinator.open)
+    events = [json.loads(line)["event"] for line in journal.read_text().splitlines()]
+    assert events == ["resumed"]  # noted once, when the open went through
     assert lost == [first.jid]
     assert coordinator.jid == first.jid and coordinator.snapshot is not None  # resumed
     assert broker.job_fields(first.jid)["owner"] == coordinator.owner
