@@ -20,6 +20,8 @@ import functools
 import json
 import logging
 import os
+import pwd
+import re
 import signal
 import socket
 import subprocess
@@ -60,6 +62,36 @@ class AgentSettings:
     pidfile: str | None = None
     cache_dir: str | None = None  # unpacked job directories (default: ~/.cache/cluster)
     pin: bool = True  # False: workers share the CPUs (other local clusters pinned theirs)
+    worker_user: str | None = None  # an agent run as root starts its workers as this user
+
+
+@dataclass(frozen=True)
+class WorkerUser:
+    """The user that workers run as (``accounts``): they cannot read the agent's credentials
+    file or memory. The agent makes the job cache theirs."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str  # their HOME: the cache directory, the one place of theirs
+
+    @classmethod
+    def prepare(cls, name: str, cache_dir: str | None) -> WorkerUser:
+        if os.geteuid() != 0:
+            raise UsageError(f"--worker-user {name}: only an agent run as root starts workers "
+                             "as another user")
+        if not cache_dir:
+            raise UsageError(f"--worker-user {name} needs --cache-dir (a directory for them)")
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise UsageError(f"--worker-user {name}: no such user on this host") from None
+        cache = Path(cache_dir)
+        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if cache.stat().st_uid != entry.pw_uid:  # e.g. unpacked by workers that ran as root
+            for path in (cache, *cache.rglob("*")):
+                os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+        return cls(name, entry.pw_uid, entry.pw_gid, str(cache))
 
 
 @dataclass
@@ -78,6 +110,7 @@ class Slot:
     started_at: float = 0.0
 
 
+SECRET = re.compile(r"^CLUSTER_(REDIS_|KEY|TLS_)")  # where the agent may have found its secrets
 HEALTHY_S = 30.0  # a worker up this long resets its slot's restart backoff
 EXIT_POLL_S = 0.05  # between heartbeats, how often the agent looks for workers that exited
 
@@ -128,6 +161,8 @@ class Agent:
         self.creds = creds
         self.worker_keys = Keyring(creds.key).for_workers()
         self.settings = settings
+        self.user = WorkerUser.prepare(settings.worker_user, settings.cache_dir) \
+            if settings.worker_user else None
         self.clock = clock
         self.aid = f"{settings.host}/{os.getpid()}"
         self.slots = [Slot(cpu) for cpu in settings.cpus]
@@ -265,10 +300,12 @@ class Agent:
         slot.wid = f"{self.aid}/cpu{slot.cpu}.{slot.gen}"
         self.broker.register_worker(slot.wid, {"host": self.settings.host, "agent": self.aid,
                                                "cpu": slot.cpu})
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if not SECRET.search(k)}
         env.update({name: str(self.settings.threads) for name in THREAD_VARIABLES})
-        proc = spawn_worker(env, slot.cpu) if self.settings.pin else \
-            _popen([sys.executable, "-m", "cluster.worker"], env, _die_with_agent)
+        if self.user is not None:
+            env.update(HOME=self.user.home, USER=self.user.name, LOGNAME=self.user.name)
+        proc = spawn_worker(env, slot.cpu, self.user) if self.settings.pin else \
+            _popen([sys.executable, "-m", "cluster.worker"], env, _die_with_agent, self.user)
         config = {"wid": slot.wid, "agent_pid": os.getpid(), "log_level": self.settings.log_level,
                   # never the cluster key: a worker's own keys (``signing``), on stdin
                   "credentials": json.loads(dataclasses.replace(self.creds, key=b"").to_json()),
@@ -353,7 +390,8 @@ class Agent:
                 slot.proc.kill()
 
 
-def spawn_worker(env: dict[str, str], cpu: int) -> subprocess.Popen[bytes]:
+def spawn_worker(env: dict[str, str], cpu: int, user: WorkerUser | None = None
+                 ) -> subprocess.Popen[bytes]:
     """Start a worker process pinned to ``cpu``, where the OS has affinity (Linux): the child
     pins itself between fork and exec, so the worker program never runs unpinned. Elsewhere
     (macOS) it is pinned after the start where psutil can, else it warns.
@@ -363,22 +401,28 @@ def spawn_worker(env: dict[str, str], cpu: int) -> subprocess.Popen[bytes]:
     agent`` always runs it in a process of its own."""
     args = [sys.executable, "-m", "cluster.worker"]
     if not hasattr(os, "sched_setaffinity"):
-        proc = _popen(args, env, _die_with_agent)
+        proc = _popen(args, env, _die_with_agent, user)
         pin(proc.pid, cpu)
         return proc
     try:
-        return _popen(args, env, functools.partial(_pinned_to, cpu))
+        return _popen(args, env, functools.partial(_pinned_to, cpu), user)
     except subprocess.SubprocessError:  # the child could not pin itself: it did not run
         cpus = sorted(os.sched_getaffinity(0))
         log.warning("cannot pin a worker to CPU %d (this agent may use CPUs %s): it runs "
                     "unpinned", cpu, ",".join(map(str, cpus)))
-        return _popen(args, env, _die_with_agent)
+        return _popen(args, env, _die_with_agent, user)
 
 
-def _popen(args: list[str], env: dict[str, str],
-           preexec: Callable[[], None]) -> subprocess.Popen[bytes]:
+def _popen(args: list[str], env: dict[str, str], preexec: Callable[[], None],
+           user: WorkerUser | None = None) -> subprocess.Popen[bytes]:
+    """The child changes user (and drops every other group) before ``preexec`` runs, so the
+    parent-death signal it sets is not cleared by that change."""
+    if user is None:
+        return subprocess.Popen(args, stdin=subprocess.PIPE, env=env, close_fds=True,
+                                preexec_fn=preexec)
     return subprocess.Popen(args, stdin=subprocess.PIPE, env=env, close_fds=True,
-                            preexec_fn=preexec)
+                            preexec_fn=preexec, user=user.uid, group=user.gid, extra_groups=[],
+                            cwd=user.home)
 
 
 def _pinned_to(cpu: int) -> None:

@@ -192,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not pin workers to CPUs (they share the CPUs chosen)")
     agent.add_argument("--cache-dir", metavar="DIR", help="where job directories are unpacked "
                        "(default: $XDG_CACHE_HOME/cluster, else ~/.cache/cluster)")
+    agent.add_argument("--worker-user", metavar="USER", help="as root: run the workers (job "
+                       "code) as this user, which cannot read the credentials (needs --cache-dir)")
     agent.add_argument("--log-level", default=None,
                        help="DEBUG, INFO (default), WARNING or ERROR (or CLUSTER_LOG_LEVEL)")
     agent.set_defaults(default_level="INFO")

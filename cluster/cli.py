@@ -242,7 +242,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
                              host=args.name or socket.gethostname(),
                              threads=args.threads, heartbeat_s=args.heartbeat,
                              redis_grace_s=args.redis_grace, log_level=args.log_level.upper(),
-                             pidfile=args.pidfile, cache_dir=args.cache_dir, pin=args.pin)
+                             pidfile=args.pidfile, cache_dir=args.cache_dir, pin=args.pin,
+                             worker_user=args.worker_user)
     # a short socket timeout: a silently cut network must not stall heartbeats past the grace
     broker = Broker.of(creds, socket_timeout=max(1.0, 4 * args.heartbeat),
                        retry_s=min(args.redis_grace, 10.0))

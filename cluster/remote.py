@@ -50,12 +50,15 @@ def fan_out(hosts: tuple[HostConfig, ...], step: Callable[[HostConfig], HostRepo
 class Remote:
     """One host's install directory, over an open connection."""
 
-    def __init__(self, conn: fabric.Connection, host: HostConfig) -> None:
+    def __init__(self, conn: fabric.Connection, host: HostConfig, cluster: str) -> None:
         self.conn = conn
         self.host = host
-        home = run(conn, host, 'printf %s "$HOME"').strip()
-        self.dir = host.install_dir.replace("~", home, 1) if host.install_dir.startswith("~") \
-            else host.install_dir
+        home, _, uid = run(conn, host, 'printf "%s\\n%s" "$HOME" "$(id -u)"').rpartition("\n")
+        self.root = uid.strip() == "0"
+        # as root, not under /root: the workers' and Redis's own users must reach it
+        where = host.install_dir or (f"/var/lib/cluster/{cluster}" if self.root
+                                     else f"~/.cluster/{cluster}")
+        self.dir = where.replace("~", home.strip(), 1) if where.startswith("~") else where
 
     def sh(self, command: str, timeout: float = 300) -> str:
         return run(self.conn, self.host, command, timeout)

@@ -27,6 +27,9 @@ from .errors import UsageError
 from .requirements import parse
 
 CACHE = Path("~/.cache/cluster/wheelhouse")
+# what our dependencies need on an older patch release of this Python, which a host may have
+# (the wheelhouse is resolved here): redis-py wants async-timeout below 3.11.3 (Debian 12: 3.11.2)
+FOR_OLDER_PATCHES = ("async-timeout>=4.0.3",)
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def _project(given: Path | None, cache: Path) -> Wheelhouse:
     target = cache.expanduser() / build
     if not (target / ".complete").exists():
         staging = _staging(cache)
-        problem = _pip("wheel", "--wheel-dir", str(staging), str(root))
+        problem = _pip("wheel", "--wheel-dir", str(staging), str(root), *FOR_OLDER_PATCHES)
         if problem:
             shutil.rmtree(staging, ignore_errors=True)
             raise UsageError(f"building the wheelhouse failed: {problem}")

@@ -2,8 +2,10 @@
 own sshd with a generated host key and an authorized test key.
 
 They share this machine's filesystem and process table but not its network: each namespace has
-its own address on a private test subnet, reached only over the bridge. Everything made here is
-removed by ``close()``, also when a test failed.
+its own address on a private test subnet, reached only over the bridge. Their homes (each holds
+its install directory) are in a directory of /tmp that every user can reach, as a real host's
+/var/lib is: `up` runs Redis and the workers there as users of their own (``accounts``).
+Everything made here is removed by ``close()``, also when a test failed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +24,19 @@ from pathlib import Path
 from waiting import wait_for
 
 
+def host_python() -> str:
+    """The hosts' Python: the system's of this version, as a real host has (the workers' user
+    reaches it; this one may be under /root), else this one."""
+    system = Path("/usr/bin/python{}.{}".format(*sys.version_info[:2]))
+    return str(system) if system.exists() else sys.executable
+
+
 def hosts_ini(client_key: Path, hosts: list[NsHost], *, name: str, state: Path,
               cluster: dict[str, object] | None = None) -> str:
-    """A hosts.ini for test hosts: Redis on node1, one core each, this Python on every host;
-    ``cluster`` adds or overrides [cluster] keys."""
+    """A hosts.ini for test hosts: Redis on node1, one core each, this Python's version on
+    every host; ``cluster`` adds or overrides [cluster] keys."""
     keys: dict[str, object] = {"name": name, "redis": "node1", "identity_file": client_key,
-                               "python": sys.executable, "state_dir": state,
+                               "python": host_python(), "state_dir": state,
                                "connect_timeout": 3, **(cluster or {})}
     lines = ["[cluster]", *(f"{k} = {v}" for k, v in keys.items())]
     for h in hosts:
@@ -88,6 +98,7 @@ class NsNetwork:
     subnet: str = field(default_factory=free_subnet)
     hosts: list[NsHost] = field(default_factory=list)
     client_key: Path = Path()
+    homes: Path = Path()  # the hosts' homes, reachable by every user (pytest's tmp is private)
 
     @property
     def bridge(self) -> str:
@@ -102,6 +113,8 @@ class NsNetwork:
         self.client_key = self.workdir / "id_ed25519"
         run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.client_key))
         os.chmod(self.workdir, 0o755)
+        self.homes = Path(tempfile.mkdtemp(prefix="cluster-hosts-"))
+        os.chmod(self.homes, 0o755)
         run("ip", "link", "add", self.bridge, "type", "bridge")
         run("ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         run("ip", "link", "set", self.bridge, "up")
@@ -111,8 +124,8 @@ class NsNetwork:
     def add_host(self, start_sshd: bool = True, sftp: bool = True) -> NsHost:
         i = len(self.hosts) + 1
         host = NsHost(name=f"node{i}", netns=f"cl{self.tag}h{i}",
-                        address=f"{self.subnet}.{10 + i}", home=self.workdir / f"node{i}",
-                        host_key=self.workdir / f"node{i}" / "ssh_host_ed25519_key")
+                        address=f"{self.subnet}.{10 + i}", home=self.homes / f"node{i}",
+                        host_key=self.homes / f"node{i}" / "ssh_host_ed25519_key")
         self.hosts.append(host)
         host.home.mkdir()
         veth = f"clv{self.tag}{i}"
@@ -174,6 +187,8 @@ class NsNetwork:
                 host.sshd.wait(5)
             run("ip", "netns", "del", host.netns, check=False)
         run("ip", "link", "del", self.bridge, check=False)
+        if self.homes != Path():
+            shutil.rmtree(self.homes, ignore_errors=True)
 
 
 @dataclass

@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ from conftest import ROOT, SAMPLES, need_root_network, run_cli
 from netns import NsHost, NsNetwork, NsSite, hosts_ini
 from waiting import wait_for
 
+from cluster.accounts import BECOME
 from cluster.credentials import Credentials
 from cluster.errors import ExitCode
 
@@ -45,6 +47,16 @@ pytestmark = pytest.mark.slow
 JOB = SAMPLES / "chaos_units.py"
 LEASE = 2  # seconds: small, so that lost units come back quickly
 REDIS_GRACE = 30  # agents ride out a network cut much shorter than this
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """A test's directory, shared with the chaos job's workers: they write their logs there,
+    and they run as a user of their own (``accounts``), which pytest's private one shuts out."""
+    path = Path(tempfile.mkdtemp(prefix="cluster-chaos-"))
+    os.chmod(path, 0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 # -- processes in a host's namespace ------------------------------------------------------------
@@ -654,7 +666,8 @@ def test_redis_restarted_mid_job_with_aof(site: Site, tmp_path: Path):
         time.sleep(1.0)
         binary = shutil.which("redis-server")
         assert binary is not None
-        node1.exec(binary, str(conf))  # exactly as `up` starts it; it daemonizes
+        # exactly as `up` starts it, as its own user (``accounts``); it daemonizes
+        node1.exec(sys.executable, "-c", BECOME, "cluster-redis", binary, str(conf))
         wait_for(lambda: redis_answers(site), 30, "node1's Redis to answer again")
     finally:
         release.touch()

@@ -40,7 +40,7 @@ def test_a_good_file_and_its_precedence(tmp_path):
     assert (config.name, config.prefix, config.redis_host) == ("lab", "lab:", "node1")
     assert config.redis_address() == "rediss://10.0.0.11:6379/0"  # TLS by default
     assert (node1.user, node1.port, node1.python, node1.cores) == ("alice", 22, "python3", 4)
-    assert node1.install_dir == "~/.cluster/lab" and node1.agent_cpu_args() == ["--cores", "4"]
+    assert node1.install_dir == "" and node1.agent_cpu_args() == ["--cores", "4"]
     assert (node2.user, node2.port, node2.install_dir) == ("bob", 2222, "/srv/cluster")
     assert node2.agent_cpu_args() == ["--cpus", "0-3,8-11"]
     assert config.state_dir == Path("~/.config/cluster/lab").expanduser()

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from conftest import JOBS, SAMPLES, need_root_network, run_cli
 from netns import NsHost, NsNetwork, NsSite, hosts_ini
@@ -201,6 +202,60 @@ def test_a_job_runs_on_every_host(site: Site):
     counts = {item.split()[0]: int(item.split()[1]) for item in per_host}
     assert set(counts) == {"node1", "node2", "node3", "node4"}
     assert all(n > 0 for n in counts.values()) and sum(counts.values()) == 48
+
+
+PROBE = """\
+import os, pwd, sys
+from pathlib import Path
+
+def scatter(params):
+    for i in range(int(params.get("units", 8))):
+        yield {"i": i}
+
+def compute(unit):
+    install = Path(sys.executable).parent.parent.parent  # install_dir/venv/bin/python
+    refused = []
+    for path in (install / "credentials.json", install / "redis" / "redis.conf",
+                 Path(f"/proc/{os.getppid()}/environ"), Path(f"/proc/{os.getppid()}/mem")):
+        try:
+            path.read_bytes()[:1]
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            refused.append(path.name)
+    return {"user": pwd.getpwuid(os.geteuid()).pw_name, "groups": os.getgroups(),
+            "refused": sorted(set(refused))}
+
+def gather(results, params):
+    return results
+"""
+
+
+def test_job_code_runs_as_a_user_that_cannot_read_the_secrets(site: Site, tmp_path: Path):
+    """up connected as root: workers run as worker_user and Redis as redis_user, so job code
+    cannot read the agent's credentials file or memory, nor Redis's config (every user's
+    password); the agent stays root."""
+    job = tmp_path / "probe.py"
+    job.write_text(PROBE)
+    r = run_cli("submit", str(job), "--hosts", str(site.ini), "--progress", "none",
+                timeout=120)
+    assert r.returncode == 0, r.stderr
+    results = json.loads(r.stdout)
+    assert len(results) == 8
+    for result in results:
+        assert (result["user"], result["groups"]) == ("cluster-worker", []), result
+        assert {"credentials.json", "environ", "mem"} <= set(result["refused"]), result
+    users = {kind: {psutil.Process(pid).username() for pid in h.pids()
+                    if kind in " ".join(psutil.Process(pid).cmdline())}
+             for h in site.net.hosts[:1] for kind in ("redis-server", "cluster agent",
+                                                       "cluster.worker")}
+    assert users == {"redis-server": {"cluster-redis"}, "cluster agent": {"root"},
+                     "cluster.worker": {"cluster-worker"}}, users
+    home = site.net.hosts[0].install_dir
+    assert (home / "redis").stat().st_mode & 0o777 == 0o700
+    assert (home / "redis" / "redis.conf").stat().st_uid == psutil.Process(
+        next(p for p in site.net.hosts[0].pids()
+             if "redis-server" in " ".join(psutil.Process(p).cmdline()))).uids().real
 
 
 def test_a_job_directory_runs_on_every_host_and_is_unpacked_once_per_host(site: Site,
