@@ -34,14 +34,14 @@ from pathlib import Path
 import psutil
 import redis
 
-from . import __version__, codec
+from . import __version__
 from .broker import Broker
 from .credentials import Credentials
 from .errors import ExitCode, RedisUnavailable, UsageError
 from .proc import die_with_parent
 from .requirements import Installed
 from .settings import parse_cpus
-from .signing import Keyring
+from .signing import Keyring, WorkerKeys
 from .worker import RECYCLE
 
 log = logging.getLogger("cluster.agent")
@@ -122,6 +122,16 @@ def available_cpus() -> tuple[int, ...]:
         return tuple(range(os.cpu_count() or 1))
 
 
+def worker_keys(creds: Credentials) -> WorkerKeys:
+    """The workers' keys: as `up` ships them to hosts (no cluster key there), or derived from
+    the cluster key (a local cluster, an agent given the key by hand)."""
+    if creds.worker_keys:
+        return WorkerKeys.from_json(creds.worker_keys)
+    if not creds.key:
+        raise UsageError("the credentials hold neither the cluster key nor workers' keys")
+    return Keyring(creds.key).for_workers()
+
+
 def choose_cpus(cpus: str | None, cores: int | None) -> tuple[int, ...]:
     if cpus:
         return parse_cpus(cpus)
@@ -159,7 +169,7 @@ class Agent:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.broker = broker
         self.creds = creds
-        self.worker_keys = Keyring(creds.key).for_workers()
+        self.worker_keys = worker_keys(creds)
         self.settings = settings
         self.user = WorkerUser.prepare(settings.worker_user, settings.cache_dir) \
             if settings.worker_user else None
@@ -215,7 +225,7 @@ class Agent:
         self.broker.register_agent(self.aid, {
             "host": self.settings.host, "pid": os.getpid(), "version": __version__,
             "cpus": ",".join(map(str, self.settings.cpus)),
-            "key": codec.fingerprint(self.creds.key), "started": self.broker.server_time_ms(),
+            "key": self.worker_keys.fingerprint(), "started": self.broker.server_time_ms(),
             **Installed.here(self.settings.host).fields(),  # checked by cluster submit
         })
         for old in self.broker.retire_replaced_agents(self.aid, self.settings.host):

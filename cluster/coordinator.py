@@ -273,14 +273,14 @@ class Coordinator:
 
     def check_keys(self) -> None:
         """Fail fast when agents cannot verify our job (their workers would drop its units)."""
-        mine = codec.fingerprint(self.key)
+        mine = self.keyring.for_workers().fingerprint()
         prints = self.broker.agent_fingerprints(self.lease_ms)
         others = sorted(a for a, p in prints.items() if p is not None and p != mine)
         if others:
             raise InfraError(f"{'every agent' if len(others) == len(prints) else 'agent'} "
                              f"({', '.join(others)}) has a different cluster key than this "
-                             "coordinator: its workers cannot verify this job; copy the key "
-                             "file to its host, or run cluster up again")
+                             "coordinator: its workers cannot verify this job; run cluster up "
+                             "again with this coordinator's credentials")
 
     def scatter(self) -> Iterator[Any]:
         """The job's units from the start (``next_unit`` skips those queued already)."""

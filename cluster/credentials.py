@@ -51,13 +51,16 @@ class Credentials:
     tls_ca: str | None = None  # for rediss://: the CA that signed Redis's certificate
     tls_cert: str | None = None  # and a client certificate, if Redis asks for one
     tls_key: str | None = None
+    # on hosts, instead of the key: the workers' keys (``signing.WorkerKeys``), which verify
+    # jobs and seal messages but cannot sign code
+    worker_keys: dict[str, str] | None = None
 
     def to_json(self) -> str:
         return json.dumps({"redis_url": self.redis_url, "password": self.password,
                            "key": self.key.hex(), "prefix": self.prefix,
                            "username": self.username, "users": self.users,
                            "tls_ca": self.tls_ca, "tls_cert": self.tls_cert,
-                           "tls_key": self.tls_key})
+                           "tls_key": self.tls_key, "worker_keys": self.worker_keys})
 
     def as_role(self, role: str) -> Credentials:
         """These credentials as Redis user ``role`` (``acl.ROLES``), with no other role's
@@ -76,7 +79,8 @@ class Credentials:
                        username=data.get("username"),
                        users=dict(users) if isinstance(users, dict) else None,
                        tls_ca=data.get("tls_ca"), tls_cert=data.get("tls_cert"),
-                       tls_key=data.get("tls_key"))
+                       tls_key=data.get("tls_key"),
+                       worker_keys=_strings(data.get("worker_keys")))
         except (ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"{where}: not a valid credentials file ({exc})") from None
 
@@ -87,6 +91,14 @@ class Credentials:
     @classmethod
     def load(cls, path: Path) -> Credentials:
         return cls.from_json(read_private(path), str(path))
+
+
+def _strings(value: object) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise TypeError("worker_keys is not an object of strings")
+    return {str(k): v for k, v in value.items()}
 
 
 def write_private(path: Path, text: str) -> None:
@@ -159,7 +171,8 @@ def resolve(redis_url: str | None, credentials_file: str | None,
              for flag, name in zip(tls, ("ca", "cert", "key"), strict=True)]
     return Credentials(redis_url=url, password=password, key=key, prefix=prefix,
                        username=username, users=base.users if base else None,
-                       tls_ca=files[0], tls_cert=files[1], tls_key=files[2])
+                       tls_ca=files[0], tls_cert=files[1], tls_key=files[2],
+                       worker_keys=base.worker_keys if base else None)
 
 
 

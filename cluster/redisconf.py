@@ -14,16 +14,37 @@ results) keeps Redis from taking the host's memory from the workers beside it.
 
 from __future__ import annotations
 
+import re
 import resource
 from dataclasses import dataclass
 
 from .broker import Broker
-from .errors import UsageError
+from .errors import InfraError, UsageError
 from .settings import human_bytes
 
 DEFAULT_MAXCLIENTS = 10_000  # Redis's own default
 SPARE_CLIENTS = 100  # coordinators, `status`, `up`, `doctor`
 RESERVED_FILES = 32  # descriptors Redis keeps for itself beyond its clients
+
+
+# what a password holder could use to take the host, off explicitly (7.0's defaults too):
+# CONFIG SET of dir, dbfilename and the like, MODULE LOAD, DEBUG
+LOCKED = ("enable-protected-configs no", "enable-module-command no", "enable-debug-command no")
+MIN_VERSION = (7, 0)
+
+
+def check_version(host: str, binary: str, version_text: str) -> None:
+    """The Redis that `up` starts is 7.0 or newer: older ones cannot refuse protected configs
+    (on 6.2, CONFIG SET dir + SAVE writes a file anywhere its user may)."""
+    match = re.search(r"v=(\d+)\.(\d+)(?:\.(\d+))?", version_text)
+    if match is None:
+        raise InfraError(f"{host}: cannot tell the version of {binary} "
+                         f"({version_text.strip()[:80]!r})")
+    found = tuple(int(part or 0) for part in match.groups())
+    if found[:2] < MIN_VERSION:
+        raise InfraError(f"{host}: {binary} is Redis {'.'.join(map(str, found))}; cluster needs "
+                         "7.0 or newer (apt-get install redis-server on Debian 12 or Ubuntu "
+                         "24.04, or redis.io's packages)")
 
 
 def clients_needed(workers: int, agents: int) -> int:

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from . import codec
 from .errors import ClusterError
 
 TAG = 32
@@ -146,6 +147,10 @@ class WorkerKeys:
 
     def to_json(self) -> dict[str, str]:
         return {"message": self.message.hex(), "code_public": self.code_public.hex()}
+
+    def fingerprint(self) -> str:
+        """What an agent reports: coordinators compare it with their own keys' (no secret)."""
+        return codec.fingerprint(self.message + self.code_public)
 
     @classmethod
     def from_json(cls, data: dict[str, str]) -> WorkerKeys:

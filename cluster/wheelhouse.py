@@ -143,7 +143,7 @@ def _build_requirements(project: Wheelhouse, staging: Path, requirements: tuple[
         local = [p if p.suffix == ".whl" else _build_local(p, Path(tmp) / str(i))
                  for i, p in enumerate(packages)]
         args = ["--wheel-dir", str(staging), "--find-links", str(project.path), str(ours),
-                *map(str, local), *requirements]
+                *map(str, local), *requirements, *FOR_OLDER_PATCHES]
         # from the wheels at hand if they are enough, else from an index too
         problem = _pip("wheel", "--no-index", *args) and _pip("wheel", *args)
         if problem:

@@ -13,9 +13,9 @@ import pytest
 import redis
 
 from cluster.credentials import Credentials
-from cluster.errors import UsageError
+from cluster.errors import InfraError, UsageError
 from cluster.local import LocalCluster
-from cluster.redisconf import quoted
+from cluster.redisconf import check_version, quoted
 
 FORBIDDEN = [
     ("CONFIG", "GET", "maxmemory"), ("CONFIG", "SET", "dir", "/root/.ssh"), ("FLUSHALL",),
@@ -81,3 +81,13 @@ def test_a_value_for_redis_conf_is_quoted_or_refused(tmp_path: Path,
     monkeypatch.setattr(tempfile, "tempdir", str(odd))
     with LocalCluster(cores=1, claim_cpus=False) as creds:
         assert client(creds, "coordinator").ping()
+
+
+def test_up_refuses_a_redis_older_than_7():
+    """On 6.x, CONFIG SET dir and SAVE write files wherever Redis's user may; 7.0 can refuse."""
+    check_version("node1", "/usr/bin/redis-server", "Redis server v=7.0.15 sha=00000000:0")
+    with pytest.raises(InfraError, match=r"^node1: /usr/bin/redis-server is Redis 6\.2\.7; "
+                                         r"cluster needs 7\.0 or newer"):
+        check_version("node1", "/usr/bin/redis-server", "Redis server v=6.2.7 sha=00000000:0")
+    with pytest.raises(InfraError, match="cannot tell the version"):
+        check_version("node1", "/opt/redis", "not redis at all")

@@ -6,6 +6,7 @@ import signal
 
 import psutil
 import pytest
+from conftest import plain, run_cli
 from waiting import wait_for
 
 from cluster.errors import UsageError
@@ -96,3 +97,16 @@ def test_cpu_lists():
     for bad in ("", "a", "3-1,1", "1,1"):
         with pytest.raises(UsageError):
             parse_cpus(bad)
+
+
+def test_worker_user_is_checked_before_anything_starts(creds_file, tmp_path):
+    """--worker-user names a user of this host and needs a cache directory for it
+    (``accounts``); each mistake is one line and exit 2, before any worker runs."""
+    base = ("agent", "--credentials", str(creds_file), "--cores", "1")
+    unknown = run_cli(*base, "--worker-user", "no-such-user-here", "--cache-dir",
+                      str(tmp_path / "cache"), timeout=30)
+    assert unknown.returncode == 2, unknown.stderr
+    assert plain(unknown.stderr).strip() == (
+        "cluster: error: --worker-user no-such-user-here: no such user on this host")
+    no_cache = run_cli(*base, "--worker-user", "nobody", timeout=30)
+    assert no_cache.returncode == 2 and "needs --cache-dir" in no_cache.stderr, no_cache.stderr

@@ -362,6 +362,7 @@ def submit(site: Site, where: Path, units: int, sleep: float, *args: str,
     """`cluster submit` of chaos_units.py on the site, in the background; with
     ``journal``, its local journal (CLUSTER_JOURNAL) goes there."""
     where.mkdir(parents=True, exist_ok=True)
+    where.chmod(0o777)  # the workers' own user writes the log (``tmp_path`` above)
     log, out = where / "units.log", where / "out.json"
     given = {"units": units, "sleep": sleep, "log": str(log), "hosts": site.hosts_param(),
              **params}

@@ -23,6 +23,8 @@ from test_workdir import expected_total, make_project
 from waiting import wait_for
 
 from cluster.credentials import Credentials
+from cluster.redisconf import LOCKED
+from cluster.signing import Keyring
 from cluster.workdir import pack
 
 pytestmark = pytest.mark.slow
@@ -109,10 +111,13 @@ def test_redis_speaks_tls_only_and_is_verified(site: Site):
     assert creds.redis_url.startswith("rediss://") and creds.tls_ca
     conf = (site.net.hosts[0].install_dir / "redis" / "redis.conf").read_text()
     assert "\nport 0\n" in conf and "tls-port 6379" in conf and "requirepass" not in conf
+    assert all(f"\n{line}\n" in conf for line in LOCKED)  # no CONFIG SET dir, MODULE, DEBUG
     on_host = Credentials.load(site.net.hosts[1].install_dir / "credentials.json")
     assert (on_host.username, on_host.users, on_host.redis_url) == ("agent", None,
                                                                      creds.redis_url)
     assert on_host.tls_ca and Path(on_host.tls_ca).read_text() == Path(creds.tls_ca).read_text()
+    # no cluster key on hosts: the workers' keys verify jobs and seal messages, sign no code
+    assert on_host.key == b"" and on_host.worker_keys == Keyring(creds.key).for_workers().to_json()
     as_coordinator = {"CLUSTER_REDIS_PASSWORD": creds.password or "",
                       "CLUSTER_REDIS_USER": creds.username or "", "CLUSTER_PREFIX": creds.prefix}
     plain = run_cli("status", "--redis", creds.redis_url.replace("rediss://", "redis://"),
@@ -330,6 +335,9 @@ def test_rotate_key_gives_every_host_a_new_key(site: Site, tmp_path: Path):
     new = Credentials.load(creds)
     assert new.key != old.key and (new.password, new.redis_url) == (old.password, old.redis_url)
     assert creds.stat().st_mode & 0o777 == 0o600
+    for h in site.net.hosts:
+        on_host = Credentials.load(h.install_dir / "credentials.json")
+        assert on_host.worker_keys == Keyring(new.key).for_workers().to_json(), h.name
     ok = run_cli("submit", str(JOBS / "monte_carlo_pi.py"), "--hosts", str(site.ini),
                  "--param", "units=8", "--progress", "none", timeout=120)
     assert ok.returncode == 0, ok.stderr
