@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from packaging.utils import parse_wheel_filename
+from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from .errors import UsageError
 from .requirements import parse
@@ -143,11 +143,15 @@ def _build_requirements(project: Wheelhouse, staging: Path, requirements: tuple[
         local = [p if p.suffix == ".whl" else _build_local(p, Path(tmp) / str(i))
                  for i, p in enumerate(packages)]
         args = ["--wheel-dir", str(staging), "--find-links", str(project.path), str(ours),
-                *map(str, local), *requirements, *FOR_OLDER_PATCHES]
+                *map(str, local), *requirements]
         # from the wheels at hand if they are enough, else from an index too
         problem = _pip("wheel", "--no-index", *args) and _pip("wheel", *args)
         if problem:
             raise UsageError(f"building the requirements of hosts.ini failed: {problem}")
+    for wheel in project.path.glob("*.whl"):  # what pip left out here: hosts may need it
+        name = parse_wheel_filename(wheel.name)[0]
+        if any(canonicalize_name(parse(extra).name) == name for extra in FOR_OLDER_PATCHES):
+            shutil.copy2(wheel, staging / wheel.name)
     names = [parse_wheel_filename(wheel.name)[:2] for wheel in local]
     manifest = {"installs": [*map(_for_hosts, requirements),
                              *(f"{name}=={version}" for name, version in names)],
