@@ -56,6 +56,9 @@ from cluster.local import LocalCluster
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import peers  # noqa: E402
+import startup  # noqa: E402
+
 from jobs import big, cpu, tiny  # noqa: E402
 
 UNIT_TARGET_S = 0.020
@@ -75,8 +78,8 @@ class Workload:
     figure: Callable[[float, float], float]  # (wall seconds, serial seconds) -> figure
     serial: bool = False  # measure compute() run serially each round
     target: float = 0.0
-    walls: dict[str, list[float]] = field(default_factory=lambda: {"cluster": [], "pool": []})
-    other: dict[str, list[float]] = field(default_factory=lambda: {"cluster": [], "pool": []})
+    walls: dict[str, list[float]] = field(default_factory=dict)  # runner -> seconds per run
+    other: dict[str, list[float]] = field(default_factory=dict)
     serials: list[float] = field(default_factory=list)  # seconds, one per round
 
     def figures(self, runner: str) -> list[float]:
@@ -231,14 +234,17 @@ def check(w: Workload, runner: str, value: Any) -> None:
         raise SystemExit(f"bench: {w.label} via {runner} gathered {value!r}, expected {w.expect!r}")
 
 
-def measure(w: Workload, creds: Credentials, pool: Pool, runs: int, warmup: int, n: int) -> None:
-    """Warm-up, then `runs` rounds of cluster, Pool (and serial): timings into w."""
+def measure(w: Workload, creds: Credentials, pool: Pool, runs: int, warmup: int, n: int,
+            others: dict[str, Any]) -> None:
+    """Warm-up, then `runs` rounds of cluster, Pool, the peers (and serial): timings into w."""
     job = load_job(w.path)  # shipped with its directory, as cluster submit does
     job = dataclasses.replace(job, archive=workdir.pack(Path(w.path)))
     params = {**job.defaults, **w.params}
     runners: dict[str, Callable[[], tuple[Any, float]]] = {
         "cluster": lambda: run_cluster(creds, job, params),
         "pool": lambda: run_pool(pool, w.module, params),
+        **{name: (lambda peer=peer: peer.run(w.module, params))  # type: ignore[misc]
+           for name, peer in others.items()},
     }
     for _ in range(warmup):
         for name, runner in runners.items():
@@ -248,18 +254,15 @@ def measure(w: Workload, creds: Credentials, pool: Pool, runs: int, warmup: int,
         for name, runner in runners.items():
             meter.start()
             value, wall = runner()
-            w.walls[name].append(wall)
-            w.other[name].append(meter.share())
+            w.walls.setdefault(name, []).append(wall)
+            w.other.setdefault(name, []).append(meter.share())
             check(w, name, value)
         if w.serial:
             w.serials.append(run_serial(w.module, params))
         extra = f", serial {w.serials[-1]:.2f} s" if w.serial else ""
-        print(
-            f"  {w.label} run {i + 1}/{runs}: cluster {w.walls['cluster'][-1]:.3f} s "
-            f"(other load {w.other['cluster'][-1]:.0%}), Pool {w.walls['pool'][-1]:.3f} s "
-            f"(other load {w.other['pool'][-1]:.0%}){extra}",
-            flush=True,
-        )
+        each = ", ".join(f"{name} {w.walls[name][-1]:.3f} s (other load {w.other[name][-1]:.0%})"
+                         for name in runners)
+        print(f"  {w.label} run {i + 1}/{runs}: {each}{extra}", flush=True)
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -284,10 +287,10 @@ def report(ws: list[Workload], n: int, command: str) -> None:
                 f"{label:<44} {w.metric:<10} {runner:<8} {fmt(w.metric, medians[runner]):>9}"
                 f" {other:>6.0%}  [{runs}]"
             )
-        print(
-            f"{'':<44} {'':<10} {'ratio':<8} {medians['cluster'] / medians['pool']:>9.2f}"
-            "         cluster/Pool"
-        )
+        for runner in runs_of:
+            if runner != "cluster":
+                print(f"{'':<44} {'':<10} {'ratio':<8} "
+                      f"{medians['cluster'] / medians[runner]:>9.2f}         cluster/{runner}")
         if w.serials:
             serials = ", ".join(f"{x:.2f}" for x in w.serials)
             median = statistics.median(w.serials)
@@ -309,6 +312,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="timed runs per workload (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per workload first")
+    parser.add_argument("--peers", default="dask,ray",
+                        help="peers to run beside cluster and Pool: dask, ray (comma-separated; "
+                             "'none': neither); one not installed is skipped with a message")
+    parser.add_argument("--startup-runs", type=int, default=5,
+                        help="start-ups and cold 1-unit submits timed per runner (0: none)")
     parser.add_argument(
         "--only",
         choices=["a", "b", "c"],
@@ -324,11 +332,29 @@ def main() -> int:
         f"{n} cores; cpu unit calibrated to {iters} iters (~{UNIT_TARGET_S * 1e3:.0f} ms)",
         flush=True,
     )
-    with LocalCluster() as creds, multiprocessing.Pool(n) as pool:
-        wait_for_workers(creds, n)
-        for w in chosen:
-            measure(w, creds, pool, args.runs, args.warmup, n)
+    names = [p for p in args.peers.split(",") if p and p != "none"]
+    for name in names:
+        if name not in peers.PEERS:
+            raise SystemExit(f"bench: --peers {name}: dask or ray")
+        if not peers.available(name):
+            print(f"bench: {name} is not installed (pip install -e '.[bench]'): skipped")
+    names = [p for p in names if peers.available(p)]
+    peers.importable(HERE)
+    ups = startup.measure(n, args.startup_runs, names) if args.startup_runs else None
+    others: dict[str, Any] = {}
+    try:
+        with LocalCluster() as creds, multiprocessing.Pool(n) as pool:
+            wait_for_workers(creds, n)
+            for name in names:
+                others[name] = peers.PEERS[name](n)
+            for w in chosen:
+                measure(w, creds, pool, args.runs, args.warmup, n, others)
+    finally:
+        for peer in others.values():
+            peer.close()
     report(chosen, n, command)
+    if ups is not None:
+        startup.report(ups)
     return 0
 
 

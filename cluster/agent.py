@@ -38,11 +38,11 @@ from . import __version__
 from .broker import Broker
 from .credentials import Credentials
 from .errors import ExitCode, RedisUnavailable, UsageError
-from .proc import die_with_parent
+from .proc import RECYCLE, die_with_parent
 from .requirements import Installed
 from .settings import parse_cpus
 from .signing import Keyring, WorkerKeys
-from .worker import RECYCLE
+from .spool import DataPath, machine_id
 
 log = logging.getLogger("cluster.agent")
 
@@ -63,6 +63,8 @@ class AgentSettings:
     cache_dir: str | None = None  # unpacked job directories (default: ~/.cache/cluster)
     pin: bool = True  # False: workers share the CPUs (other local clusters pinned theirs)
     worker_user: str | None = None  # an agent run as root starts its workers as this user
+    data_address: str | None = None  # where coordinators reach this host: serve large results
+    spool_dir: str | None = None  # where its workers put them (default: in /dev/shm)
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,8 @@ class Agent:
         self.immediate = False
         self.redis_down_since: float | None = None
         self.registered = False
+        self.data = DataPath.start(settings, self.worker_keys.message, self.user) \
+            if settings.data_address else None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -189,6 +193,8 @@ class Agent:
         try:
             return self.serve()
         finally:
+            if self.data is not None:
+                self.data.stop()
             if self.settings.pidfile:
                 Path(self.settings.pidfile).unlink(missing_ok=True)
 
@@ -204,6 +210,8 @@ class Agent:
             beats += 1
             if beats % max(1, int(2 / self.settings.heartbeat_s)) == 0:
                 self.publish_usage()
+            if self.data is not None and beats % max(1, int(10 / self.settings.heartbeat_s)) == 0:
+                self.data.sweep(self.broker)
             self.wait_for_next_beat()
         self.stop_workers()
         return int(code)
@@ -225,7 +233,10 @@ class Agent:
         self.broker.register_agent(self.aid, {
             "host": self.settings.host, "pid": os.getpid(), "version": __version__,
             "cpus": ",".join(map(str, self.settings.cpus)),
-            "key": self.worker_keys.fingerprint(), "started": self.broker.server_time_ms(),
+            "key": self.worker_keys.fingerprint(),
+            **({"data": self.data.spool.where, "spool": str(self.data.spool.dir),
+                "machine": machine_id()} if self.data is not None else {}),
+            "started": self.broker.server_time_ms(),
             **Installed.here(self.settings.host).fields(),  # checked by cluster submit
         })
         for old in self.broker.retire_replaced_agents(self.aid, self.settings.host):
@@ -320,7 +331,8 @@ class Agent:
                   # never the cluster key: a worker's own keys (``signing``), on stdin
                   "credentials": json.loads(dataclasses.replace(self.creds, key=b"").to_json()),
                   "keys": self.worker_keys.to_json(),
-                  "cache_dir": self.settings.cache_dir}
+                  "cache_dir": self.settings.cache_dir,
+                  "spool": self.data.spool.to_json() if self.data is not None else None}
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(config).encode())
         proc.stdin.close()

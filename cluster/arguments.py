@@ -192,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not pin workers to CPUs (they share the CPUs chosen)")
     agent.add_argument("--cache-dir", metavar="DIR", help="where job directories are unpacked "
                        "(default: $XDG_CACHE_HOME/cluster, else ~/.cache/cluster)")
+    agent.add_argument("--data-address", metavar="ADDRESS",
+                       help="serve large results to coordinators on this address (the one "
+                            "they reach this host at): they then bypass Redis")
+    agent.add_argument("--spool", metavar="DIR", help="where workers put large results "
+                       "for --data-address (default: a directory of its own in /dev/shm)")
     agent.add_argument("--worker-user", metavar="USER", help="as root: run the workers (job "
                        "code) as this user, which cannot read the credentials (needs --cache-dir)")
     agent.add_argument("--log-level", default=None,

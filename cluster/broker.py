@@ -18,7 +18,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -34,24 +34,28 @@ from .keys import GROUP, JOB_ID, Keys
 from .redisio import _fields, _status, edge, translate_errors
 
 log = logging.getLogger("cluster.broker")
+QUIET_START_S = 1.0  # Redis may be starting beside us (a local cluster): no warning before
 BLOB_THRESHOLD = 32 * 1024  # results at least this large travel beside the RECORD script
 
 
 def _work(msgid: str, fields: dict[bytes, bytes]) -> Work | None:
-    """A work entry as ADD and REISSUE write it (``j`` job id, ``a`` attempt, maybe ``r``
-    the reason of its last worker's death, then unit index -> unit), or None."""
+    """A work entry as ADD, REISSUE and REQUEUE write it (``j`` job id, ``a`` attempt, maybe
+    ``r`` the reason of its last worker's death, maybe ``n``: no result of it to the host's
+    spool, then unit index -> unit), or None."""
     items = list(fields.items())
     try:
-        reason = ""
+        reason, spool = "", True
         if len(items) > 2 and items[2][0] == b"r":
             reason = items.pop(2)[1].decode("utf-8", "replace")[:200]
+        if len(items) > 2 and items[2][0] == b"n":
+            spool = not items.pop(2)[1]
         if len(items) < 3 or items[0][0] != b"j" or items[1][0] != b"a":
             return None
         units = [(int(k), v) for k, v in items[2:]]
         attempt = int(items[1][1])
         if attempt < 1 or any(i < 0 for i, _ in units):
             return None
-        return Work(msgid, items[0][1].decode(), attempt, units, reason)
+        return Work(msgid, items[0][1].decode(), attempt, units, reason, spool)
     except (ValueError, UnicodeDecodeError):
         return None
 
@@ -62,7 +66,12 @@ class Broker(Fleet):
 
     def __init__(self, client: redis.Redis, keys: Keys, where: str = "redis") -> None:
         super().__init__(client, keys, where)
-        reg = client.register_script
+        self.scripts: list[redis.commands.core.Script] = []
+
+        def reg(source: str) -> redis.commands.core.Script:
+            self.scripts.append(client.register_script(source))
+            return self.scripts[-1]
+
         self._add = reg(scripts.ADD)
         self._record = reg(scripts.RECORD)
         self._save_run = reg(scripts.SAVE_RUN)
@@ -75,6 +84,7 @@ class Broker(Fleet):
         self._copy = reg(scripts.COPY)
         self._consume = reg(scripts.CONSUME)
         self._reclaim = reg(scripts.RECLAIM)
+        self._requeue = reg(scripts.REQUEUE)
         self._log = reg(scripts.LOG)
         self._beat = reg(scripts.BEAT)
         self._resign = reg(scripts.RESIGN)
@@ -100,19 +110,20 @@ class Broker(Fleet):
     ) -> Broker:
         """Connect and check that Redis answers and accepts our credentials; an unreachable
         Redis (not a refused password) is tried again for up to ``retry_s`` seconds."""
-        deadline = time.monotonic() + retry_s
-        delay = 0.05
+        start = time.monotonic()
+        delay, warned = 0.01, False
         while True:
             try:
                 return cls._connect(url, password, username, prefix, timeout, socket_timeout,
                                     tls)
-            except RedisRefused:
+            except RedisRefused:  # a bad password or user: final
                 raise
             except RedisUnavailable as exc:
-                if time.monotonic() + delay > deadline:
+                if time.monotonic() + delay > start + retry_s:
                     raise
-                if delay == 0.05:
+                if not warned and time.monotonic() - start > QUIET_START_S:
                     log.warning("%s; retrying for up to %.0f s", exc, retry_s)
+                    warned = True
                 time.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(2 * delay, 2.0)
 
@@ -195,14 +206,34 @@ class Broker(Fleet):
                   ) -> None:
         """Queue batches of encoded units, in one round trip. ``JobGone`` or ``Fenced`` when
         the job is not ours to add to (then none of the batches was queued)."""
-        pipe = self.client.pipeline(transaction=False)
-        for batch in batches:
-            args: list[Any] = [owner, jid, 1]
-            for index, blob in batch:
-                args += (index, blob)
-            self._add(keys=[self.keys.units, self.keys.job(jid)], args=args, client=pipe)
-        for reply in pipe.execute():
+        def build(pipe: redis.client.Pipeline) -> None:
+            for batch in batches:
+                args: list[Any] = [owner, jid, 1]
+                for index, blob in batch:
+                    args += (index, blob)
+                by_sha(pipe, self._add, [self.keys.units, self.keys.job(jid)], args)
+
+        for reply in self.pipelined(build, transaction=False):
             self._owned(jid, _status(reply))
+
+    def pipelined(self, build: Callable[[redis.client.Pipeline], None], transaction: bool
+                  ) -> list[Any]:
+        """Run the pipeline ``build`` fills, whose scripts are called by their SHA alone: one
+        round trip, where redis-py asks ``SCRIPT EXISTS`` before every pipeline that runs a
+        script. A Redis that lost its scripts (restarted, flushed) answers NOSCRIPT: the
+        scripts are loaded and the pipeline sent again (its plain commands write the same
+        values again; no script ran)."""
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=transaction)
+            build(pipe)
+            try:
+                return list(pipe.execute())
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                for script in self.scripts:
+                    script.sha = str(self.client.script_load(script.script))
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _owned(jid: str, status: str) -> None:
@@ -232,17 +263,29 @@ class Broker(Fleet):
         return blobs
 
     @edge
-    def consume(self, jid: str, owner: str, upto: str, refs: Sequence[bytes]) -> None:
+    def consume(self, jid: str, owner: str, upto: str, fields: Sequence[bytes]) -> None:
         """Drop what the coordinator has gathered: results entries up to ``upto`` (an entry
-        id, inclusive; "" for none) and the large results named by ``refs``. Idempotent."""
+        id, inclusive; "" for none) and the job's blobs named ``fields`` (large results, and
+        the units kept for spooled results). Idempotent."""
         k = self.keys
         minid = ""
         if upto:
             ms, _, seq = upto.partition("-")
             minid = f"{ms}-{int(seq) + 1}"
         reply = self._consume(keys=[k.job(jid), k.results(jid), k.blobs(jid)],
-                              args=[owner, minid, *[r[1:] for r in refs]])
+                              args=[owner, minid, *fields])
         self._owned(jid, _status(reply))
+
+    @edge
+    def requeue(self, jid: str, owner: str, index: int, ref: bytes) -> bool:
+        """A result recorded as ``ref`` (in a host's spool) is lost with its host: clear its
+        unit's recorded bit and queue the unit again, once. Idempotent: True only for the call
+        that queued it."""
+        k = self.keys
+        reply = self._requeue(keys=[k.job(jid), k.recorded(jid), k.units, k.blobs(jid),
+                                    k.stats(jid)], args=[owner, jid, index, ref])
+        self._owned(jid, _status(reply))
+        return bool(int(reply[1]))
 
     @edge
     def reclaim(self, jid: str, owner: str, mask: bytes) -> None:
@@ -496,26 +539,30 @@ class Broker(Fleet):
         k = self.keys
         self.check_room(sum(len(o.payload) for o in outcomes
                             if o.kind == "ok" and len(o.payload) >= BLOB_THRESHOLD))
-        pipe = self.client.pipeline(transaction=True)
         logs = [o.log for o in outcomes if o.log]
-        if logs:
-            self._log(keys=[k.job(work.jid), k.stats(work.jid), k.logs(work.jid)],
-                      args=[log_bound, *logs], client=pipe)
         attempt = secrets.token_hex(4)  # no commit can touch another commit's large results
         args: list[Any] = [GROUP, work.msgid, wid, f"{seconds:.6f}", work.jid, work.attempt]
-        fields = []
+        blobs: list[tuple[str, bytes]] = []
         for o in outcomes:
             payload = o.payload
             if o.kind == "ok" and len(payload) >= BLOB_THRESHOLD:
-                fields.append(f"{work.msgid}:{o.index}:{attempt}")
-                pipe.hset(k.blobs(work.jid), fields[-1], payload)
-                payload = b"R" + fields[-1].encode()
+                blobs.append((f"{work.msgid}:{o.index}:{attempt}", payload))
+                payload = b"R" + blobs[-1][0].encode()
             args += (o.index, o.kind, payload, o.unit, o.digest)
-        self._record(keys=[k.units, k.job(work.jid), k.recorded(work.jid), k.results(work.jid),
-                           k.stats(work.jid), k.blobs(work.jid), k.worker(wid)],
-                     args=args, client=pipe)
+        fields = [f for f, _ in blobs]
+
+        def build(pipe: redis.client.Pipeline) -> None:
+            if logs:
+                by_sha(pipe, self._log, [k.job(work.jid), k.stats(work.jid), k.logs(work.jid)],
+                       [log_bound, *logs])
+            for field, payload in blobs:
+                pipe.hset(k.blobs(work.jid), field, payload)
+            by_sha(pipe, self._record, [
+                k.units, k.job(work.jid), k.recorded(work.jid), k.results(work.jid),
+                k.stats(work.jid), k.blobs(work.jid), k.worker(wid)], args)
+
         try:
-            reply = pipe.execute()[-1]
+            reply = self.pipelined(build, transaction=True)[-1]
         except redis.ResponseError as exc:
             # Redis filled up between queueing and EXEC: our large results may be in (a
             # transaction is no rollback) while the script was refused. Nothing else will
@@ -525,7 +572,7 @@ class Broker(Fleet):
                 with contextlib.suppress(redis.RedisError):
                     self.client.hdel(k.blobs(work.jid), *fields)
             raise
-        return Commit(_status(reply), int(reply[1]), int(reply[2]))
+        return Commit(_status(reply), int(reply[1]), int(reply[2]), tuple(reply[3:]))
 
     # -- agent -----------------------------------------------------------------------------------
 
@@ -595,3 +642,7 @@ class Broker(Fleet):
             pipe.hset(self.keys.worker(wid), mapping=_fields(values))
         pipe.execute()
 
+
+def by_sha(pipe: redis.client.Pipeline, script: Any, keys: list[str], args: list[Any]) -> None:
+    """Queue a call of ``script`` by its SHA alone (``Broker.pipelined``)."""
+    pipe.evalsha(script.sha, len(keys), *keys, *args)

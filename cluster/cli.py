@@ -4,32 +4,26 @@ maps errors to exit codes (``errors.ExitCode``)."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
-import secrets
 import signal
 import socket
 import sys
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import redis
 
-from . import config, control, credentials, history, joblogs, jobs, settings, status, wheelhouse
+from . import control, history, joblogs, jobs, settings, status
 from .agent import Agent, AgentSettings, choose_cpus
 from .arguments import build_parser, named_cluster, tls_flags
 from .broker import Broker
 from .console import say
-from .credentials import Credentials, resolve
-from .doctor import Doctor
+from .credentials import resolve
 from .entries import LogRecord
 from .errors import ClusterError, ExitCode, UsageError
-from .launcher import Launcher
-from .remote import HostReport
 from .submit import cmd_submit
 
 EXIT_INTERNAL = 70
@@ -71,60 +65,6 @@ def _fail(message: str, detail: str, code: int) -> int:
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
-
-
-def cmd_up(args: argparse.Namespace) -> int:
-    cfg = config.load(args.hosts)
-    house = wheelhouse.prepare(Path(args.wheelhouse) if args.wheelhouse else None,
-                               requirements=cfg.requirements, packages=cfg.packages)
-    creds = credentials.for_cluster(cfg, create=True)
-    reports = Launcher(cfg, creds, args.accept_new_host_keys, house).up()
-    print(report_table(reports, with_agent=True))
-    failed = [r for r in reports if not r.ok]
-    if failed and not args.allow_partial:
-        return _fail(f"{len(failed)} of {len(reports)} hosts failed: "
-                     f"{', '.join(r.host for r in failed)}", "", ExitCode.INFRA)
-    return ExitCode.OK
-
-
-def cmd_rotate_key(args: argparse.Namespace) -> int:
-    cfg = config.load(args.hosts)
-    old = credentials.for_cluster(cfg, create=False)
-    new = dataclasses.replace(old, key=secrets.token_bytes(32))
-    reports = Launcher(cfg, old).rotate_key(new)
-    print(report_table(reports, with_agent=True))
-    failed = [r for r in reports if not r.ok]
-    if len(failed) == len(reports):
-        return _fail("no host took the new key; the old one stays", "", ExitCode.INFRA)
-    new.dump(cfg.credentials_file)
-    say(f"new cluster key in {cfg.credentials_file}; copy it wherever coordinators use a copy "
-        "of the old one")
-    if failed:
-        return _fail(f"{len(failed)} of {len(reports)} hosts kept the old key: "
-                     f"{', '.join(r.host for r in failed)} (cluster up {args.hosts} gives them "
-                     "the new one)", "", ExitCode.INFRA)
-    return ExitCode.OK
-
-
-def cmd_down(args: argparse.Namespace) -> int:
-    cfg = config.load(args.hosts)
-    creds = credentials.for_cluster(cfg, create=False)
-    reports = Launcher(cfg, creds).down(keep_redis=args.keep_redis)
-    print(report_table(reports))
-    failed = [r for r in reports if not r.ok]
-    return _fail(f"{len(failed)} hosts failed", "", ExitCode.INFRA) if failed else ExitCode.OK
-
-
-def cmd_doctor(args: argparse.Namespace) -> int:
-    cfg = config.load(args.hosts)
-    creds = credentials.for_cluster(cfg, create=False) if cfg.credentials_file.exists() \
-        else Credentials(cfg.redis_address(), None, b"", cfg.prefix)
-    reports = Doctor(Launcher(cfg, creds)).run()
-    print(report_table(reports))
-    bad = [r.host for r in reports if not r.ok]
-    if bad:
-        return _fail(f"problems on {', '.join(bad)}", "", ExitCode.INFRA)
-    return ExitCode.OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -218,22 +158,6 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def report_table(reports: list[HostReport], with_agent: bool = False) -> str:
-    """One row per host: its outcome, or the error that stopped it."""
-    rows = [["HOST", "CPUS", "PID", "VERSION", "STATE"] if with_agent else ["HOST", "STATE"]]
-    for r in reports:
-        state = r.state if r.ok else f"FAILED: {'; '.join(r.problems)}"
-        if r.ok and r.problems:
-            state += ": " + "; ".join(r.problems)
-        if not r.ok and r.state not in ("failed", ""):
-            state = f"{r.state.upper()}: {'; '.join(r.problems)}"
-        rows.append([r.host, r.cpus, str(r.pid or ""), r.version, state] if with_agent
-                    else [r.host, state])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) +
-                     "  " + row[-1] for row in rows)
-
-
 def cmd_agent(args: argparse.Namespace) -> int:
     creds = resolve(args.redis, args.credentials, tls=tls_flags(args))
     if creds is None:
@@ -243,7 +167,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
                              threads=args.threads, heartbeat_s=args.heartbeat,
                              redis_grace_s=args.redis_grace, log_level=args.log_level.upper(),
                              pidfile=args.pidfile, cache_dir=args.cache_dir, pin=args.pin,
-                             worker_user=args.worker_user)
+                             worker_user=args.worker_user, data_address=args.data_address,
+                             spool_dir=args.spool)
     # a short socket timeout: a silently cut network must not stall heartbeats past the grace
     broker = Broker.of(creds, socket_timeout=max(1.0, 4 * args.heartbeat),
                        retry_s=min(args.redis_grace, 10.0))
@@ -253,8 +178,19 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return agent.run()
 
 
+def over_ssh(name: str) -> Callable[[argparse.Namespace], int]:
+    """A command of ``sshcommands``, imported when it runs: no other command imports Fabric."""
+
+    def run(args: argparse.Namespace) -> int:
+        from . import sshcommands
+
+        return int(getattr(sshcommands, name)(args))
+
+    return run
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "submit": cmd_submit, "logs": cmd_logs, "cancel": cmd_cancel, "up": cmd_up, "down": cmd_down,
-    "rotate-key": cmd_rotate_key,
-    "status": cmd_status, "jobs": cmd_jobs, "show": cmd_show, "doctor": cmd_doctor,
+    "submit": cmd_submit, "logs": cmd_logs, "cancel": cmd_cancel, "up": over_ssh("cmd_up"),
+    "down": over_ssh("cmd_down"), "rotate-key": over_ssh("cmd_rotate_key"),
+    "status": cmd_status, "jobs": cmd_jobs, "show": cmd_show, "doctor": over_ssh("cmd_doctor"),
     "agent": cmd_agent}

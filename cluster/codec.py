@@ -63,11 +63,16 @@ def encode(value: Any) -> bytes:
     return b"".join(parts)
 
 
-def decode(blob: bytes) -> Any:
-    """Decode what ``encode`` produced. Arrays come back writable, in their own memory. Total:
-    whatever the input (read from Redis, so maybe corrupt or hostile), the only exception is
-    ``CodecError``, and no array is allocated beyond what the input holds."""
+def decode(blob: bytes | bytearray | memoryview, owned: bool = False) -> Any:
+    """Decode what ``encode`` produced. Arrays come back writable, in their own memory; with
+    ``owned`` (a writable buffer that nothing else uses: a result just received), arrays are
+    views of ``blob`` instead of copies. Total: whatever the input (read from Redis, so maybe
+    corrupt or hostile), the only exception is ``CodecError``, and no array is allocated
+    beyond what the input holds."""
     try:
+        view = memoryview(blob)
+        if owned and not view.readonly:
+            return _decode(view.cast("B"), copy=False)
         return _decode(bytes(blob))
     except CodecError:
         raise
@@ -77,15 +82,15 @@ def decode(blob: bytes) -> Any:
                          f"{str(exc)[:200]}") from None
 
 
-def _decode(blob: bytes) -> Any:
-    tag = blob[:1]
+def _decode(blob: bytes | memoryview, copy: bool = True) -> Any:
+    tag = bytes(blob[:1])
     if tag == _JSON:
-        return json.loads(blob[1:])
+        return json.loads(bytes(blob[1:]))
     if tag != _NUMPY:
-        raise CodecError(f"not an encoded value (starts with {blob[:8]!r})")
+        raise CodecError(f"not an encoded value (starts with {bytes(blob[:8])!r})")
     if len(blob) < 5:
         raise CodecError("a truncated encoded value")
-    length = int.from_bytes(blob[1:5], "little")
+    length = int.from_bytes(bytes(blob[1:5]), "little")
     base = 5 + length
     if base > len(blob):
         raise CodecError(f"a truncated encoded value ({len(blob)} bytes, header of {length})")
@@ -93,12 +98,12 @@ def _decode(blob: bytes) -> Any:
     def hook(obj: dict[str, Any]) -> Any:
         if len(obj) != 1 or _ND not in obj:
             return obj
-        return _array(blob, base, obj[_ND])
+        return _array(blob, base, obj[_ND], copy)
 
-    return json.loads(blob[5:base], object_hook=hook)
+    return json.loads(bytes(blob[5:base]), object_hook=hook)
 
 
-def _array(blob: bytes, base: int, spec: Any) -> Any:
+def _array(blob: bytes | memoryview, base: int, spec: Any, copy: bool = True) -> Any:
     """One array of an encoded value, from its header entry ``[offset, dtype, shape,
     scalar]``, checked before anything is read or allocated."""
     if not isinstance(spec, list) or len(spec) != 4:
@@ -123,7 +128,7 @@ def _array(blob: bytes, base: int, spec: Any) -> Any:
         array = np.zeros(shape, dtype)
     else:
         flat = np.frombuffer(blob, dtype=dtype, count=count, offset=base + offset)
-        array = flat.reshape(shape).copy()
+        array = flat.reshape(shape).copy() if copy else flat.reshape(shape)
     return array[()] if scalar is True else array
 
 
@@ -180,8 +185,24 @@ def fingerprint(key: bytes) -> str:
     return sign(key, b"cluster key fingerprint")[:16]
 
 
-def digest(payload: bytes) -> bytes:
-    """8 bytes that tell two encoded results apart: CRC-32 and length. Not a security hash; it
-    only has to notice that nondeterministic compute gave a unit two different results, and
-    it must cost little next to sending the result (about 7 GB/s)."""
-    return struct.pack("<II", zlib.crc32(payload), len(payload) & 0xFFFFFFFF)
+BLOCK_WORDS = 512  # a large payload's digest sums it in blocks of 4 KB
+LARGE_DIGEST = 64 * 1024
+
+
+def digest(payload: bytes | memoryview) -> bytes:
+    """8 bytes that tell two encoded results apart: a CRC-32 and the length. Not a security
+    hash; it only has to notice that nondeterministic compute gave a unit two different
+    results, and cost little next to moving the result. A large payload's CRC is taken over
+    the sums of its 4 KB blocks (64-bit words, wrapping), which any change of one value
+    changes: about 0.5 ms for 8 MB here, where zlib's CRC over it all takes 3.5 ms."""
+    size = len(payload)
+    if size < LARGE_DIGEST:
+        crc = zlib.crc32(payload)
+    else:
+        words = size // 8
+        whole = words // BLOCK_WORDS * BLOCK_WORDS
+        view = np.frombuffer(payload, dtype="<u8", count=words)
+        sums = view[:whole].reshape(-1, BLOCK_WORDS).sum(axis=1, dtype=np.uint64)
+        crc = zlib.crc32(sums.tobytes())
+        crc = zlib.crc32(memoryview(payload)[whole * 8:], crc)
+    return struct.pack("<II", crc, size & 0xFFFFFFFF)

@@ -20,6 +20,9 @@
     worker_user = cluster-worker    ; as root on a host, up runs the workers (job code) and
     redis_user = cluster-redis      ;   Redis as these system users (made if missing); root: not
     tls = yes                       ; a Redis that up starts speaks TLS only (its own CA)
+    data_path = yes                 ; agents serve large results to coordinators on their
+                                    ;   address (no: every result through Redis, for hosts
+                                    ;   that coordinators cannot reach but on Redis's port)
     tls_ca = ...                    ; for a rediss:// Redis run by someone else: its CA, and
     tls_cert = ... / tls_key = ...  ;   a client certificate if it asks for one (paths here)
     requirements =                  ; what up builds into the wheelhouse and installs on hosts:
@@ -50,7 +53,8 @@ from .settings import Memory, Range, parse_cpus
 CLUSTER_KEYS = {"name", "redis", "redis_port", "user", "port", "identity_file", "known_hosts",
                 "install_dir", "python", "state_dir", "connect_timeout", "redis_grace",
                 "heartbeat", "lease", "redis_maxmemory", "requirements", "history_days",
-                "tls", "tls_ca", "tls_cert", "tls_key", "worker_user", "redis_user"}
+                "tls", "tls_ca", "tls_cert", "tls_key", "worker_user", "redis_user",
+                "data_path"}
 HOST_KEYS = {"address", "cores", "cpus", "user", "port", "python", "install_dir",
              "identity_file"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -113,6 +117,7 @@ class ClusterConfig:
     tls_files: tuple[Path | None, Path | None, Path | None] = (None, None, None)  # CA, cert, key
     worker_user: str = "cluster-worker"  # as root on a host: the workers' user ("root": none)
     redis_user: str = "cluster-redis"  # and the user of the Redis that up starts
+    data_path: bool = True  # agents serve large results on their address (``dataserver``)
 
     @property
     def prefix(self) -> str:
@@ -238,7 +243,8 @@ class _Parsed:
                                      settings.DEFAULT_HISTORY_DAYS),
             tls=self.flag("tls", True), tls_files=self.tls_files(),
             worker_user=self.user("worker_user", "cluster-worker"),
-            redis_user=self.user("redis_user", "cluster-redis"))
+            redis_user=self.user("redis_user", "cluster-redis"),
+            data_path=self.flag("data_path", True))
 
     def host(self, section: str, defaults: dict[str, str | None]) -> HostConfig:
         self.check_keys(section, HOST_KEYS)

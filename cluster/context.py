@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 _current: ContextVar[tuple[int, int]] = ContextVar("cluster_unit")
 
@@ -32,6 +34,8 @@ def unit_rng() -> np.random.Generator:
     A re-run with the same seed, or a reissued unit, draws the very same numbers
     (``SeedSequence(seed, spawn_key=(index,))``).
     """
+    import numpy as np  # here: an agent, which imports this package, needs no numpy
+
     try:
         seed, index = _current.get()
     except LookupError:

@@ -29,11 +29,12 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import redis
 
-from . import codec
+from . import codec, dataserver
 from .broker import Broker
 from .entries import Snapshot
 from .errors import (
@@ -58,6 +59,7 @@ from .progress import NoReporter, Reporter
 from .results import Results, RunResult
 from .resume import Limits, Overlap, note, open_job, signed
 from .signing import Keyring
+from .spool import machine_id
 
 log = logging.getLogger("cluster.coordinator")
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, RedisUnavailable)
@@ -104,6 +106,8 @@ class Coordinator:
         self.key = key
         self.keyring = Keyring(key)
         self.sealer = self.keyring.sealer
+        self.data = dataserver.Client(self.keyring.for_workers().message,
+                                      local=self.local_spools)
         self.description: dict[str, Any] = {}  # the job's signed fields (``resume.describe``)
         self.options = options
         self.reporter = reporter or NoReporter()
@@ -126,7 +130,8 @@ class Coordinator:
         self.gatherer = Gatherer(broker, self.results, self.tally, self.batcher,
                                  options.max_failed, lambda exc: self.user_error("reduce()", exc),
                                  clock, self.sealer,
-                                 units=lambda: max(self.tally.scattered, self.sent, self.skip))
+                                 units=lambda: max(self.tally.scattered, self.sent, self.skip),
+                                 data=self.data)
         self.opened = False
         self.lost = False  # Redis lost the job: rebuild it before anything else
         self.total_saved = False
@@ -181,6 +186,7 @@ class Coordinator:
         finally:
             self.heartbeat.stop()
             self.reporter.close()
+            self.data.close()
         self.close(purge=True)
         return RunResult(self.jid, value, self.tally, self.clock() - self.started, self.stats,
                          sorted(self.gatherer.failed), sorted(self.gatherer.mismatched),
@@ -267,6 +273,13 @@ class Coordinator:
                                 f"(Redis at {self.broker.where})")
             time.sleep(0.05)
 
+    def local_spools(self) -> dict[str, Path]:
+        """The live agents' spools on this machine (``dataserver.Client``): read directly."""
+        here = machine_id()
+        return {a["data"]: Path(a["spool"]) for a in self.broker.live_agents_info(self.lease_ms)
+                if here and a.get("machine") == here and a.get("data") and a.get("spool")
+                and Path(a["spool"]).is_dir()}
+
     def count_workers(self) -> None:
         self.workers = len(self.broker.live_workers(self.lease_ms))
         self.check_keys()
@@ -336,20 +349,24 @@ class Coordinator:
             self.sent += len(self.unsent.pop(0))
 
     def fill(self) -> None:
+        """Queue whole batches while the window has room for one: a batch finishing frees
+        room for a whole batch to follow it, not for a sliver of one (batches would shrink
+        to the room each result frees, and per-batch costs be paid that much more often)."""
         batch = self.batcher.size()
-        room = self.tally.room(self.workers, batch, batch * self.batcher.result_bytes)
+        batches = self.tally.whole_batches(self.workers, batch,
+                                           batch * self.batcher.result_bytes)
         building = not self.unsent  # batches left over from an outage go first
-        while building and room > 0 and not self.tally.exhausted and len(self.unsent) < 64:
+        while building and batches > 0 and not self.tally.exhausted and len(self.unsent) < 64:
+            batches -= 1
             current: Batch = []
             size = 0
-            while len(current) < min(batch, room) and size < self.batcher.max_bytes:
+            while len(current) < batch and size < self.batcher.max_bytes:
                 index, blob = self.next_unit()
                 if blob is None:
                     break
                 if blob:  # empty: gathered already, before Redis lost its data
                     current.append((index, blob))
                     size += len(blob)
-            room -= len(current)
             if current:
                 self.unsent.append(current)
         if self.unsent:

@@ -24,6 +24,7 @@ class Work:
     attempt: int
     units: list[tuple[int, bytes]]
     reason: str = ""  # why its last worker died, when it is queued past its last attempt
+    spool: bool = True  # False: its result was lost with a host once, it goes through Redis
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Commit:
     status: str
     done: int = 0
     dups: int = 0
+    dropped: tuple[bytes, ...] = ()  # results of the commit in the host's spool, not recorded
 
 
 @dataclass(frozen=True)

@@ -10,18 +10,22 @@ idempotent.
 from __future__ import annotations
 
 import logging
+import mmap
 from collections.abc import Callable
 from typing import Any
 
-from . import codec
+from . import codec, dataserver
 from .broker import Broker
 from .entries import Failed, Recorded, Snapshot, Unrecorded, output_block, parse_result
 from .errors import CodecError, InfraError, JobFailed, JobGone, UnitFailed
 from .plan import Batcher, Tally
 from .results import Results, redis_bitmap
 from .signing import Forged, Sealer
+from .spool import DIRECT
+from .spool import parse as parse_ref
 
 log = logging.getLogger("cluster.coordinator")
+Payload = bytes | bytearray | mmap.mmap  # a result as read: from Redis, a host, or mapped
 MAX_ERRORS_KEPT = 20  # failed units whose error and traceback the run's record holds
 
 
@@ -46,9 +50,12 @@ class Gatherer:
     def __init__(self, broker: Broker, results: Results, tally: Tally, batcher: Batcher,
                  max_failed: int, reduce_failed: Callable[[Exception], JobFailed],
                  clock: Callable[[], float], sealer: Sealer,
-                 units: Callable[[], int] = lambda: 1 << 62) -> None:
+                 units: Callable[[], int] = lambda: 1 << 62,
+                 data: dataserver.Client | None = None) -> None:
         self.broker = broker
         self.sealer = sealer
+        self.data = data  # fetches results from the hosts' spools (``dataserver``)
+        self.lost_from: dict[str, int] = {}  # results lost, by where they were held
         self.units = units  # how many units were scattered: a result for any other is refused
         self.results = results
         self.tally = tally
@@ -130,7 +137,7 @@ class Gatherer:
         units = self.opened(mid, entry)
         for index, payload in units:
             try:
-                value = codec.decode(payload)
+                value = codec.decode(payload, owned=not isinstance(payload, bytes))
             except CodecError as exc:  # a corrupt (or forged) recorded result: fails its unit
                 self.unit_failed(index, {"error": f"its recorded result does not decode: {exc}",
                                          "worker": entry.wid})
@@ -143,16 +150,22 @@ class Gatherer:
                 raise self.reduce_failed(exc) from None
         self.tally.recorded += len(units)
         self.tally.by_worker[entry.wid] += len(units)
-        self.batcher.observe(entry.batch, entry.seconds, sum(len(p) for _, p in units))
+        # what results hold of Redis's memory until gathered: nothing for spooled ones
+        spooled = {i for i, p in entry.units if p[:1] == DIRECT}
+        self.batcher.observe(entry.batch, entry.seconds,
+                             sum(len(p) for i, p in units if i not in spooled))
         if units:
             self.last_progress = self.clock()
-        return [p for _, p in entry.units if p[:1] == b"R"]
+        # what to drop from Redis: large results in it, and units kept for spooled ones
+        return [p[1:] for _, p in entry.units if p[:1] == b"R"] + [
+            b"U%d" % i for i, p in entry.units if p[:1] == DIRECT]
 
-    def opened(self, mid: str, entry: Recorded) -> list[tuple[int, bytes]]:
+    def opened(self, mid: str, entry: Recorded) -> list[tuple[int, bytes | memoryview]]:
         """The entry's results for units not taken yet, large ones fetched, each checked to be
         signed for this job, unit and worker (one that is not is rejected)."""
-        units = [(i, p) for i, p in entry.units if not self.results.is_taken(i)]
-        wanted = [p for _, p in units if p[:1] == b"R"]
+        units = self.fetched(mid, [(i, p) for i, p in entry.units
+                                   if not self.results.is_taken(i)])
+        wanted = [bytes(p) for _, p in units if p[:1] == b"R"]  # references: a few bytes
         if wanted:
             blobs = self.broker.fetch_blobs(self.jid, wanted)
             self.check_blobs(units, blobs)
@@ -167,6 +180,45 @@ class Gatherer:
                 self.rejected(mid, f"the result of unit {index} is not signed by this "
                               f"cluster's key (it claims worker {entry.wid})", index)
         return opened
+
+    def fetched(self, mid: str, units: list[tuple[int, bytes]]) -> list[tuple[int, Payload]]:
+        """The units with their spooled results fetched from the hosts (``dataserver``). A
+        result its host no longer serves (it died, was cut off, or restarted its agent) is
+        computed again: its unit is queued again (``Broker.requeue``) and left out here."""
+        out: list[tuple[int, Payload]] = []
+        for index, payload in units:
+            if payload[:1] != DIRECT:
+                out.append((index, payload))
+                continue
+            try:
+                where, name = parse_ref(payload)
+            except ValueError as exc:
+                self.rejected(mid, str(exc))
+                continue
+            data: bytearray | mmap.mmap | None = None
+            why = "its host no longer has it"
+            try:
+                if self.data is None:
+                    raise dataserver.Unreachable("this coordinator has no data client")
+                data = self.data.take(where, name)
+            except dataserver.Unreachable as exc:
+                why = str(exc)
+            if data is not None:
+                out.append((index, data))
+            elif self.broker.requeue(self.jid, self.owner, index, payload):
+                self.tally.lost_data += 1
+                self.report_lost(index, where, why)
+        return out
+
+    def report_lost(self, index: int, where: str, why: str) -> None:
+        """A warning for the first result lost with each host, then for every hundredth: a
+        dead host may have held many."""
+        seen = self.lost_from.get(where, 0)
+        self.lost_from[where] = seen + 1
+        if seen % 100 == 0:
+            log.warning("unit=%d job=%s: its recorded result is lost (%s): computing it again, "
+                        "through Redis%s", index, self.jid, why,
+                        f" ({seen + 1} from {where} so far)" if seen else "")
 
     def checked(self, fields: dict[bytes, bytes]) -> Recorded | Failed | Unrecorded:
         """The entry, if it is well formed and names only units that were scattered; else
@@ -204,7 +256,7 @@ class Gatherer:
             log.warning("unit=%d job=%s: a result from %s differs from another result of the same "
                         "unit: compute() is not deterministic", index, self.jid, wid)
 
-    def check_blobs(self, units: list[tuple[int, bytes]], blobs: list[bytes | None]) -> None:
+    def check_blobs(self, units: list[tuple[int, Payload]], blobs: list[bytes | None]) -> None:
         """A large result named by a results entry is missing: Redis lost the job (flushed),
         or something else deleted it."""
         if all(b is not None for b in blobs):

@@ -78,6 +78,7 @@ class Units:
     duplicates: int = 0  # results discarded: a unit recorded twice, or late
     speculative: int = 0  # copies of straggling units
     nondeterministic: int = 0
+    lost_results: int = 0  # recorded results lost with their host before fetched: recomputed
 
 
 @dataclass(frozen=True)

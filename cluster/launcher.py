@@ -311,7 +311,9 @@ class Launcher:
                 remote.host.name, "--pidfile", remote.path("agent.pid"),
                 "--cache-dir", remote.path("cache"),
                 "--redis-grace", str(self.config.redis_grace),
-                "--heartbeat", str(self.config.heartbeat), *remote.host.agent_cpu_args()]
+                "--heartbeat", str(self.config.heartbeat),
+                *(["--data-address", remote.host.address] if self.config.data_path else []),
+                *remote.host.agent_cpu_args()]
         if accounts.apart(remote, self.config.worker_user):
             args += ["--worker-user", self.config.worker_user]
         command = " ".join(shlex.quote(a) for a in [remote.path("venv/bin/cluster"), *args])

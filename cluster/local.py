@@ -8,11 +8,11 @@ agent's workers follow it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +24,7 @@ from types import TracebackType
 import psutil
 import redis
 
-from . import redisconf
+from . import redisconf, spool
 from .acl import Users
 from .agent import available_cpus, choose_cpus
 from .broker import Broker
@@ -66,6 +66,12 @@ def sweep_stale(tmp: Path) -> None:
         except (OSError, ValueError):
             continue
         shutil.rmtree(path, ignore_errors=True)
+    shm = spool.memory_dir()
+    if shm != tmp:  # spools in memory whose cluster's directory is gone
+        for path in shm.glob(f"{PREFIX}*"):
+            with contextlib.suppress(OSError):
+                if path.stat().st_uid == os.getuid() and not (tmp / path.name).exists():
+                    shutil.rmtree(path, ignore_errors=True)
 
 
 def _redis_preexec(maxclients: int) -> None:
@@ -91,27 +97,30 @@ class LocalCluster:
         sweep_stale(Path(tempfile.gettempdir()))
         self.dir = Path(tempfile.mkdtemp(prefix=PREFIX))
         (self.dir / "owner.pid").write_text(str(os.getpid()))
+        shm = spool.memory_dir()  # large results, in memory where there is a place for it
+        self.spool = self.dir / "spool" if shm == self.dir.parent else shm / self.dir.name
         self.redis: subprocess.Popen[bytes] | None = None
         self.agent: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Credentials:
         try:
-            creds = self.start_redis()
-            self.start_agent(creds)
-            return creds
+            return self.start()
         except BaseException:
             self.stop()
             raise
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.stop(immediate=kind is not None)
+        self.stop()
 
     @property
     def workers(self) -> int:
         return self.cores or len(available_cpus())
 
-    def start_redis(self) -> Credentials:
+    def start(self) -> Credentials:
+        """Redis and the agent start side by side (the agent connects once Redis answers):
+        the agent's start-up, its Python and imports, hides Redis's. A port taken between
+        ``free_port`` and Redis's bind is tried again, with a new agent."""
         binary = find_redis_server()
         users = Users.new()
         maxclients = redisconf.maxclients_for(self.workers, 1)
@@ -127,13 +136,16 @@ class LocalCluster:
             self.redis = subprocess.Popen([binary, str(conf)], stdin=subprocess.DEVNULL,
                                           preexec_fn=lambda: _redis_preexec(maxclients),
                                           start_new_session=True)
+            creds = Credentials(f"redis://127.0.0.1:{port}/0", users.coordinator,
+                                secrets.token_bytes(32), DEFAULT_PREFIX,
+                                username="coordinator", users=users.as_dict())
+            self.start_agent(creds)
             if self.wait_for_redis(port, users.admin):
-                creds = Credentials(f"redis://127.0.0.1:{port}/0", users.coordinator,
-                                    secrets.token_bytes(32), DEFAULT_PREFIX,
-                                    username="coordinator", users=users.as_dict())
                 self.check_limits(creds.as_role("admin"))
                 return creds
-            self.stop_process(self.redis, 1.0)
+            assert self.agent is not None
+            self.kill(self.agent)
+            self.kill(self.redis)
         raise InfraError(f"could not start {binary}: see {self.dir / 'redis.log'}")
 
     def check_limits(self, creds: Credentials) -> None:
@@ -166,32 +178,38 @@ class LocalCluster:
         path = self.dir / "credentials.json"
         creds.as_role("agent").dump(path)
         args = [sys.executable, "-m", "cluster", "agent", "--credentials", str(path),
-                "--log-level", self.log_level, *self.agent_args]
+                "--log-level", self.log_level, "--data-address", "127.0.0.1",
+                "--spool", str(self.spool), *self.agent_args]
         others = [p for p in Path(tempfile.gettempdir()).glob(f"{PREFIX}*") if p != self.dir]
         cpus, pin = share_cpus(self.dir, others, choose_cpus(None, self.cores), self.claim_cpus)
         args += ["--cpus", ",".join(map(str, cpus))] + ([] if pin else ["--no-pin"])
         self.agent = subprocess.Popen(args, stdin=subprocess.DEVNULL,
                                       preexec_fn=die_with_parent, start_new_session=True)
 
-    def stop(self, immediate: bool = True) -> None:
-        """Stop the agent (its workers abandon their units when ``immediate``: the job is
-        over), then Redis, then remove the directory."""
+    def stop(self) -> None:
+        """Kill the agent with its workers, then Redis, and remove the directory. Nothing of
+        a private cluster outlives its job: Redis keeps nothing (no AOF, no snapshot), so a
+        graceful stop (workers finishing a batch, the agent unregistering) has nothing to
+        save, and would only make the user wait."""
         if self.agent is not None:
-            if immediate and self.agent.poll() is None:
-                self.agent.send_signal(signal.SIGTERM)  # a second SIGTERM: stop at once
-                time.sleep(0.2)
-            self.stop_process(self.agent, 15.0)
+            self.kill(self.agent)
         if self.redis is not None:
-            self.stop_process(self.redis, 5.0)
+            self.kill(self.redis)
+        shutil.rmtree(self.spool, ignore_errors=True)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     @staticmethod
-    def stop_process(proc: subprocess.Popen[bytes], grace: float) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+    def kill(proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL ``proc`` and its children (an agent's workers), and wait until all are
+        gone: none is left behind, even for a moment."""
+        try:
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            family = []
+        for member in family:
             try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                log.warning("pid %d did not stop within %.0f s: killing it", proc.pid, grace)
-                proc.kill()
-                proc.wait()
+                member.kill()
+            except psutil.NoSuchProcess:
+                continue
+        proc.wait()
+        psutil.wait_procs(family, timeout=10)

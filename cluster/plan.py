@@ -55,6 +55,7 @@ class Tally:
     recorded: int = 0
     failed: int = 0
     rejected: int = 0  # results entries refused: malformed, or naming a unit never scattered
+    lost_data: int = 0  # spooled results lost with their host, computed again
     exhausted: bool = False
     by_worker: Counter[str] = field(default_factory=Counter)
 
@@ -81,6 +82,11 @@ class Tally:
             fits = int(INFLIGHT_BYTES / batch_bytes) * batch
             window = min(window, max(fits, (workers + 1) * batch))
         return max(0, window - self.outstanding)
+
+    def whole_batches(self, workers: int, batch: int, batch_bytes: float = 0.0) -> int:
+        """How many batches of ``batch`` units may be queued now: whole ones only (``room``
+        always has room for one once the workers catch up)."""
+        return self.room(workers, batch, batch_bytes) // max(1, batch)
 
     def hosts(self) -> set[str]:
         return {host_of(w) for w in self.by_worker}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import signal
 import sys
 
+RECYCLE = 75  # a worker's exit code: "a job I ran has finished, start a fresh worker in my place"
+
 
 def die_with_parent(signum: int = signal.SIGTERM) -> None:
     """Ask Linux to send us ``signum`` when our parent dies, so nothing is orphaned even when

@@ -177,7 +177,8 @@ def units_of(c: Coordinator) -> Units:
                  reissued=s.get("reissued", 0),
                  duplicates=s.get("duplicates", 0) + s.get("stale", 0),
                  speculative=s.get("speculated", 0),
-                 nondeterministic=len(c.gatherer.mismatched))
+                 nondeterministic=len(c.gatherer.mismatched),
+                 lost_results=s.get("lost_data", 0))
 
 
 def failed_units(c: Coordinator) -> tuple[FailedUnit, ...]:

@@ -99,6 +99,8 @@ class RunResult:
                 f"{s.get('duplicates', 0) + s.get('stale', 0)} duplicates discarded")
         if s.get("speculated"):
             line += f", {s['speculated']} speculative copies"
+        if s.get("lost_data"):
+            line += f", {s['lost_data']} recorded results lost with their host and computed again"
         if self.mismatched:
             line += f", {len(self.mismatched)} nondeterministic"
         if t.rejected:

@@ -90,8 +90,11 @@ local group, msgid, wid, seconds, jid = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV
 local attempt = tonumber(ARGV[6])
 local n = (#ARGV - 6) / 5
 local function is_ref(payload) return string.sub(payload, 1, 1) == 'R' end
+local function is_direct(payload) return string.sub(payload, 1, 1) == 'D' end
+local dropped = {}  -- this commit's results in its host's spool, not recorded: its worker deletes
 local function drop(payload)  -- this commit's own large result, not recorded
   if is_ref(payload) then redis.call('HDEL', blobs, string.sub(payload, 2)) end
+  if is_direct(payload) then dropped[#dropped + 1] = payload end
 end
 local function drop_all()
   for i = 7, #ARGV, 5 do drop(ARGV[i + 2]) end
@@ -121,7 +124,7 @@ if #redis.call('XPENDING', units, group, msgid, msgid, 1, wid) == 0 then
   report()
   redis.call('HINCRBY', stats, 'stale', n)
   inherit(job, stats, results)
-  return {'STALE', 0, 0}
+  return {'STALE', 0, 0, unpack(dropped)}
 end
 for i = 7, #ARGV, 5 do
   local payload = ARGV[i + 2]
@@ -144,6 +147,9 @@ for i = 7, #ARGV, 5 do
     out[#out + 1] = idx
     out[#out + 1] = payload
     done = done + 1
+    if is_direct(payload) then  -- kept until fetched: lost with its host, it is queued again
+      redis.call('HSET', blobs, 'U' .. idx, payload .. '\\n' .. unit)
+    end
   elseif kind == 'err' and attempt < max_attempts then
     redis.call('XADD', units, '*', 'j', jid, 'a', attempt + 1, idx, unit)
     redis.call('HINCRBY', stats, 'retried', 1)
@@ -166,7 +172,7 @@ if redis.call('EXISTS', worker) == 1 then
   redis.call('HSET', worker, 'committed', msgid)
 end
 inherit(job, recorded, results, stats, blobs)
-return {'RECORDED', done, dups}
+return {'RECORDED', done, dups, unpack(dropped)}
 """
 
 REISSUE = JOBKEYS + INHERIT + """
@@ -198,7 +204,7 @@ for _, p in ipairs(pending) do
       local results, stats = jobkey(ARGV[8], jid), jobkey(ARGV[9], jid)
       local max_attempts = tonumber(redis.call('HGET', job, 'max_attempts'))
       local whole = {'j', jid, 'a', attempt}
-      for i = 5, #f, 2 do  -- an 'r' field (a reason) is no unit index: skipped below
+      for i = 5, #f, 2 do  -- an 'r' or 'n' field is no unit index: skipped below
         local idx, unit = f[i], f[i + 1]
         local n = tonumber(idx)
         if n and n >= 0 and n < 4294967296 and n == math.floor(n)
@@ -338,6 +344,23 @@ for i = 3, #ARGV do redis.call('HDEL', KEYS[3], ARGV[i]) end
 return {'OK'}
 """
 
+REQUEUE = OWNED + INHERIT + """
+local job, recorded, units, blobs, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local refused = owned(job, ARGV[1])
+if refused then return {refused, 0} end
+local jid, idx, ref = ARGV[2], ARGV[3], ARGV[4]
+local held = redis.call('HGET', blobs, 'U' .. idx)
+if not held then return {'OK', 0} end  -- taken, or queued again by an earlier call
+local nl = string.find(held, '\\n', 1, true)
+if not nl or string.sub(held, 1, nl - 1) ~= ref then return {'OK', 0} end
+redis.call('SETBIT', recorded, idx, 0)
+-- 'n': its result goes through Redis this time (its host may serve nobody: a firewall)
+redis.call('XADD', units, '*', 'j', jid, 'a', 1, 'n', '1', idx, string.sub(held, nl + 1))
+redis.call('HDEL', blobs, 'U' .. idx)
+redis.call('HINCRBY', stats, 'lost_data', 1)
+return {'OK', 1}
+"""
+
 RECLAIM = OWNED + """
 local refused = owned(KEYS[1], ARGV[1])
 if refused then return {refused} end
@@ -363,7 +386,7 @@ local f = entry[1][2]
 if f[2] ~= ARGV[3] then return {'OK', 0} end
 local fields, n = {}, 0
 for i = 1, #f, 2 do
-  if i > 4 and (f[i] == 'r' or redis.call('GETBIT', KEYS[4], f[i]) == 1) then
+  if i > 4 and (f[i] == 'r' or f[i] == 'n' or redis.call('GETBIT', KEYS[4], f[i]) == 1) then
   else
     fields[#fields + 1] = f[i]
     fields[#fields + 1] = f[i + 1]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import mmap
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from . import codec
 from .errors import ClusterError
 
 TAG = 32
@@ -89,15 +89,19 @@ class Sealer:
     def seal(self, payload: bytes, *context: Any) -> bytes:
         return payload + self.tag(payload, context)
 
-    def open(self, sealed: bytes, *context: Any) -> bytes:
-        """The payload of a message sealed with this context; ``Forged`` if it was not."""
+    def open(self, sealed: bytes | bytearray | mmap.mmap, *context: Any) -> Any:
+        """The payload of a message sealed with this context; ``Forged`` if it was not. A
+        ``bytearray`` or ``mmap`` (a large result just received) gives a view of it, not a
+        copy."""
         if len(sealed) < TAG or not self._verifies(sealed, _context(context)):
             raise Forged(f"{context[0] if context else 'message'} not signed by this cluster's "
                          "key")
+        if not isinstance(sealed, bytes):  # a bytearray or a mapped file: ours alone
+            return memoryview(sealed)[:-TAG]
         return sealed[:-TAG]
 
-    def _verifies(self, sealed: bytes, ctx: bytes) -> bool:
-        payload, trailer = memoryview(sealed)[:-TAG], sealed[-TAG:]
+    def _verifies(self, sealed: bytes | bytearray | mmap.mmap, ctx: bytes) -> bool:
+        payload, trailer = memoryview(sealed)[:-TAG], bytes(sealed[-TAG:])
         if len(payload) < LARGE:
             return hmac.compare_digest(trailer, self._small_tag(ctx, payload))
         try:
@@ -150,7 +154,7 @@ class WorkerKeys:
 
     def fingerprint(self) -> str:
         """What an agent reports: coordinators compare it with their own keys' (no secret)."""
-        return codec.fingerprint(self.message + self.code_public)
+        return fingerprint(self.message + self.code_public)
 
     @classmethod
     def from_json(cls, data: dict[str, str]) -> WorkerKeys:
@@ -179,3 +183,9 @@ class Keyring:
     def for_workers(self) -> WorkerKeys:
         public = self._code_key().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         return WorkerKeys(self.derive("message key"), public)
+
+
+def fingerprint(key: bytes) -> str:
+    """A short public name for a key: agents and coordinators compare these, never keys (the
+    same as ``codec.fingerprint``; here so that an agent needs no numpy)."""
+    return hmac.new(key, b"cluster key fingerprint", hashlib.sha256).hexdigest()[:16]

@@ -12,7 +12,9 @@ carry over to the next.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -32,16 +34,16 @@ from .broker import Broker
 from .capture import Capture, is_ours
 from .context import running_unit
 from .credentials import Credentials
-from .entries import LogRecord, Outcome, Work
+from .entries import Commit, LogRecord, Outcome, Work
 from .errors import ClusterError, CodecError, RedisFull, RedisUnavailable
 from .jobfile import load_source
-from .proc import die_with_parent
+from .proc import RECYCLE, die_with_parent
 from .signing import TAG, Forged, WorkerKeys
+from .spool import DIRECT, DIRECT_THRESHOLD, Spool
 from .workdir import ArchiveError, Cache, Workspace, default_cache_dir
 
 log = logging.getLogger("cluster.worker")
 
-RECYCLE = 75  # exit code: "a job I ran has finished, start a fresh worker in my place"
 DEFAULT_MAX_RESULT = 256_000_000  # bytes of an encoded result, unless the job says otherwise
 
 
@@ -71,8 +73,11 @@ class LoadedJob:
 class Worker:
     def __init__(self, broker: Broker, wid: str, keys: WorkerKeys, block_ms: int = 500,
                  parent: int | None = None, cache: Cache | None = None,
-                 capture: Capture | None = None) -> None:
+                 capture: Capture | None = None, spool: Spool | None = None) -> None:
         self.broker = broker
+        self.spool = spool  # the host's spool of large results (``dataserver``), if any
+        # the outcomes of the commit under way, and how they were sealed (``seal_once``)
+        self.sealed_for: tuple[tuple[str, list[Outcome]], list[Outcome]] | None = None
         self.capture = capture
         self.cache = cache or Cache(default_cache_dir())
         self.workspace: Workspace | None = None  # the job directory units now run in
@@ -160,8 +165,8 @@ class Worker:
         self.unrecorded = (work, seconds, outcomes)
         try:
             job = self.jobs.get(work.jid)
-            answer = self.broker.record(work, self.wid, seconds,
-                                        [self.sealed(work, o) for o in outcomes],
+            sealed = self.seal_once(work, outcomes)
+            answer = self.broker.record(work, self.wid, seconds, sealed,
                                         log_bound=job.max_log if job else 0)
         except RedisFull:
             self.unrecorded = (work, seconds, self.when_full(work, outcomes))
@@ -169,6 +174,8 @@ class Worker:
         self.unrecorded = None
         self.full_since = None
         self.successes += 1
+        self.drop_spooled(answer, sealed)
+        self.sealed_for = None
         if answer.status == "NOBLOB":
             self.unrecorded = (work, seconds, outcomes)
             raise CommitAgain(f"job={work.jid}: a large result did not reach Redis")
@@ -180,16 +187,52 @@ class Worker:
         log.debug("← job=%s units=%d %s recorded=%d duplicates=%d %.3fs", work.jid,
                   len(work.units), answer.status, answer.done, answer.dups, seconds)
 
+    def seal_once(self, work: Work, outcomes: list[Outcome]) -> list[Outcome]:
+        """The outcomes sealed; a retried commit of the same outcomes sends what the first try
+        sent (a result spooled once is not written again: the coordinator may have taken it).
+        Outcomes replaced (failed for a full Redis) drop what their first sealing spooled."""
+        if self.sealed_for is not None:
+            (msgid, first), sealed = self.sealed_for
+            if msgid == work.msgid and first is outcomes:
+                return sealed
+            self.drop_spooled(Commit("STALE"), sealed)
+        sealed = [self.sealed(work, o) for o in outcomes]
+        self.sealed_for = ((work.msgid, outcomes), sealed)
+        return sealed
+
     def sealed(self, work: Work, outcome: Outcome) -> Outcome:
         """The outcome with its result and digest, or its error, signed for its job and unit
-        (a result and a digest also for this worker)."""
+        (a result and a digest also for this worker). A large result goes to the host's spool
+        when it fits, and the outcome names it (with its unit: queued again if the result is
+        lost with the host)."""
         jid, index = work.jid, outcome.index
         if outcome.kind == "ok":
+            digest = self.sealer.seal(outcome.digest, "digest", jid, index, self.wid)
+            context = ("result", jid, index, self.wid)
+            if self.spool is not None and work.spool and len(outcome.payload) >= DIRECT_THRESHOLD:
+                tag = self.sealer.tag(outcome.payload, context)
+                # named by entry and worker: a copy elsewhere never overwrites this one
+                token = hashlib.blake2b(f"{work.msgid} {self.wid}".encode(),
+                                        digest_size=8).hexdigest()
+                ref = self.spool.put(jid, index, token, [outcome.payload, tag])
+                if ref is not None:
+                    return dataclasses.replace(outcome, payload=ref, digest=digest,
+                                               unit=dict(work.units).get(index, b""))
             return dataclasses.replace(
-                outcome, payload=self.sealer.seal(outcome.payload, "result", jid, index, self.wid),
-                digest=self.sealer.seal(outcome.digest, "digest", jid, index, self.wid))
+                outcome, payload=self.sealer.seal(outcome.payload, *context), digest=digest)
         return dataclasses.replace(outcome,
                                    payload=self.sealer.seal(outcome.payload, "failure", jid, index))
+
+    def drop_spooled(self, answer: Commit, sealed: list[Outcome]) -> None:
+        """Delete this commit's spooled results that were not recorded: all of them when the
+        commit was stale or its job gone, else the duplicates RECORD names."""
+        if self.spool is None:
+            return
+        refs = [o.payload for o in sealed if o.kind == "ok" and o.payload[:1] == DIRECT]
+        gone = refs if answer.status in ("STALE", "GONE") else answer.dropped
+        for ref in gone:
+            with contextlib.suppress(OSError, ValueError):
+                self.spool.remove(ref)
 
     def when_full(self, work: Work, outcomes: list[Outcome]) -> list[Outcome]:
         """Redis is out of memory: retry the commit for a while (the coordinator frees memory
@@ -369,7 +412,8 @@ def main() -> int:
     cache = Cache(Path(config["cache_dir"])) if config.get("cache_dir") else None
     keys = WorkerKeys.from_json(config["keys"])
     worker = Worker(broker, config["wid"], keys, block_ms=config.get("block_ms", 500),
-                    parent=parent, cache=cache, capture=capture)
+                    parent=parent, cache=cache, capture=capture,
+                    spool=Spool.from_json(config.get("spool")))
     worker.stopping = stopping
     return run_forever(worker, parent)
 
@@ -406,5 +450,14 @@ def run_forever(worker: Worker, parent: int) -> int:
     return RECYCLE if worker.recycle else 0
 
 
+def _main() -> int:
+    """``main``, with a crash logged where the agent's log goes (fds 1 and 2 are job code's)."""
+    try:
+        return main()
+    except Exception:
+        log.critical("worker crashed", exc_info=True)
+        return 1
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(_main())

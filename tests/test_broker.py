@@ -266,10 +266,10 @@ def test_gathered_results_leave_redis(job: Broker):
     rec(job, first, "w1", 0.0, [ok(0, np.zeros(10_000))])
     rec(job, second, "w2", 0.0, [ok(1, "x")])
     entries = job.read_results(JID, "0-0", 10, 0)
-    job.consume(JID, OWNER, entries[0][0], [entries[0][1][b"0"]])
+    job.consume(JID, OWNER, entries[0][0], [entries[0][1][b"0"][1:]])
     assert job.client.hlen(job.keys.blobs(JID)) == 0
     assert [mid for mid, _ in job.read_results(JID, "0-0", 10, 0)] == [entries[1][0]]
-    job.consume(JID, OWNER, entries[0][0], [entries[0][1][b"0"]])  # again: no harm
+    job.consume(JID, OWNER, entries[0][0], [entries[0][1][b"0"][1:]])  # again: no harm
     with pytest.raises(Fenced):
         job.consume(JID, "someone-else", entries[1][0], [])
     assert job.client.xlen(job.keys.results(JID)) == 1
@@ -360,3 +360,31 @@ def test_a_commit_refused_for_lack_of_memory_records_nothing(small_redis: Broker
     assert pending(job) == 1 and job.client.hlen(job.keys.blobs(JID)) == 0
     job.client.config_set("maxmemory", 0)
     assert rec(job, work, "w1", 0.0, outcomes) == ("RECORDED", 1, 0)
+
+
+def script_exists_calls(broker: Broker) -> int:
+    stats = broker.client.info("commandstats")
+    return int(stats.get("cmdstat_script|exists", {}).get("calls", 0))
+
+
+def test_a_batch_costs_no_script_exists_round_trip(job: Broker):
+    """Queueing and recording call the scripts by their SHA alone (redis-py would ask
+    SCRIPT EXISTS before every pipeline that runs one)."""
+    before = script_exists_calls(job)
+    job.add_units(JID, OWNER, [[(0, codec.encode(0))], [(1, codec.encode(1))]])
+    assert rec(job, job.read_work("w1", 0), "w1", 0.0, [ok(0, 0)]) == ("RECORDED", 1, 0)
+    assert script_exists_calls(job) == before
+
+
+def test_scripts_lost_by_redis_are_loaded_again(job: Broker):
+    """After SCRIPT FLUSH (as after a restart), the same calls load the scripts and go on:
+    the batch is queued once and recorded once, with its large result."""
+    job.client.script_flush()
+    job.add_units(JID, OWNER, [[(0, codec.encode(0))]])
+    assert job.client.xlen(job.keys.units) == 1
+    job.client.script_flush()
+    big = "x" * 100_000  # a blob: HSET beside the script, in the same transaction
+    assert rec(job, job.read_work("w1", 0), "w1", 0.0, [ok(0, big)]) == ("RECORDED", 1, 0)
+    [(_, fields)] = job.read_results(JID, "0-0", 10, 0)
+    assert job.client.hlen(job.keys.blobs(JID)) == 1
+    assert fields[b"0"][:1] == b"R"

@@ -7,8 +7,9 @@ Every test checks the same invariants at the end:
 - the exit code;
 - the output is the fault-free one: every unit once, in scatter order, with its value;
 - nothing of the job is left in Redis: no pending or queued unit, no ``<prefix>job:*`` key;
-- no stray process: each host's namespace holds sshd (and node1's Redis), one agent and its one
-  worker, alive and healthy, as `cluster status` also says, before the next test starts.
+- no stray process: each host's namespace holds sshd (and node1's Redis), one agent, its one
+  worker and its data server, alive and healthy, as `cluster status` also says, before the
+  next test starts.
 
 Victims are picked deterministically: the first unit to start on a given host is made slow
 (tests/jobs/chaos_units.py), so it is surely mid-unit when the fault hits; or one unit is held
@@ -41,6 +42,7 @@ from waiting import wait_for
 from cluster.accounts import BECOME
 from cluster.credentials import Credentials
 from cluster.errors import ExitCode
+from cluster.spool import memory_dir
 
 pytestmark = pytest.mark.slow
 
@@ -79,6 +81,8 @@ class Proc:
             return "agent"
         if "cluster.worker" in self.cmd:
             return "worker"
+        if "cluster.dataserver" in self.cmd:
+            return "dataserver"
         return "other"
 
 
@@ -149,8 +153,8 @@ def status(site: Site) -> list[dict]:
 
 def health_problems(site: Site) -> list[str]:
     """What keeps the site from being healthy: one live agent per host with its one live,
-    running worker, both seen alive by `cluster status`, and nothing else in the namespace but
-    sshd (and node1's Redis)."""
+    running worker and its data server, the agent and worker seen alive by `cluster status`,
+    and nothing else in the namespace but sshd (and node1's Redis)."""
     try:
         agents = status(site)
     except (AssertionError, json.JSONDecodeError, subprocess.TimeoutExpired) as exc:
@@ -158,7 +162,8 @@ def health_problems(site: Site) -> list[str]:
     problems = []
     for h in site.net.hosts:
         procs = processes(h)
-        allowed = {"sshd", "agent", "worker"} | ({"redis"} if h.name == "node1" else set())
+        allowed = {"sshd", "agent", "worker", "dataserver"} | (
+            {"redis"} if h.name == "node1" else set())
         problems += [f"{h.name}: stray process {p}" for p in procs if p.kind not in allowed]
         problems += [f"{h.name}: not running: {p}" for p in procs if p.state in "TtZX"]
         if not any(p.kind == "sshd" for p in procs):
@@ -171,6 +176,9 @@ def health_problems(site: Site) -> list[str]:
         agent, worker = mine[0], workers[0]
         if worker.ppid != agent.pid:
             problems.append(f"{h.name}: worker {worker} is not a child of agent {agent}")
+        servers = [p for p in procs if p.kind == "dataserver"]
+        if [p.ppid for p in servers] != [agent.pid]:
+            problems.append(f"{h.name}: data servers {servers}, not one of agent {agent}")
         alive = [a for a in agents if a["host"] == h.name and a["state"] == "alive"]
         if [a["pid"] for a in alive] != [agent.pid]:
             problems.append(f"{h.name}: status shows live agents {[a['id'] for a in alive]}, "
@@ -501,6 +509,47 @@ def test_kill_a_whole_host(site: Site, tmp_path: Path):
     assert_completed(site, run, rc)
     assert run.summary("reissued") >= 1
     assert run.rerun_elsewhere(victim) and not run.finished(victim)
+    wait_for(lambda: not node3.pids(), 10, "every process of node3 to be gone")
+
+    restore_sshd(site, node3)
+    table = site.up()
+    assert "started" in table["node3"], table
+    wait_healthy(site)
+
+
+def test_kill_a_host_between_record_and_fetch(site: Site, tmp_path: Path):
+    """Large results stay on their worker's host until the coordinator takes them: a host that
+    dies after Redis recorded its results and before they were fetched has those units
+    computed again elsewhere. The coordinator is held (SIGSTOP) until node3 has results
+    recorded and not fetched, then node3 is killed and the coordinator let go."""
+    node3 = site.host("node3")
+    run = submit(site, tmp_path, 24, 0.1, "--summary-json", str(tmp_path / "summary.json"),
+                 pad=1 << 17, slow_host="node3", slow_sleep=1)
+    run.victim("node3")
+    jid = running_job(site)
+    client, blobs = site.redis(), f"{site.prefix}job:{jid}:blobs"
+
+    def on_node3() -> int:  # recorded, not fetched: in node3's spool, named in Redis
+        return sum(1 for f, v in client.hgetall(blobs).items()
+                   if f.startswith(b"U") and v.startswith(b"D" + node3.address.encode() + b":"))
+
+    os.kill(run.proc.pid, signal.SIGSTOP)
+    try:
+        wait_for(on_node3, 60, "a result recorded in node3's spool")
+        site.net.kill_host(node3)  # sshd, agent, data server and worker, all SIGKILLed
+        # and its memory lost, as in a power cut (the test hosts share this machine's /dev/shm,
+        # which a coordinator on the same machine would otherwise read directly)
+        for path in memory_dir().glob("cluster-spool-node3-*/*"):
+            path.unlink()
+        held = on_node3()
+    finally:
+        os.kill(run.proc.pid, signal.SIGCONT)
+    rc = run.wait()
+
+    assert_completed(site, run, rc)
+    lost = json.loads((tmp_path / "summary.json").read_text())["units"]["lost_results"]
+    assert lost >= held >= 1, run.stderr
+    assert run.summary("recorded results lost with their host") == lost
     wait_for(lambda: not node3.pids(), 10, "every process of node3 to be gone")
 
     restore_sshd(site, node3)

@@ -132,3 +132,28 @@ def test_decoding_is_total_for_corrupt_and_hostile_input():
         except CodecError:
             pass  # the only exception decode may raise
     assert decoded > 0  # some mutations (flipped data bytes) still decode, to other values
+
+
+def test_an_owned_buffer_is_decoded_without_copying_its_arrays():
+    value = {"a": np.arange(1000, dtype=np.float64), "b": [np.int32(7), "x"]}
+    blob = bytearray(codec.encode(value))
+    out = codec.decode(memoryview(blob), owned=True)
+    assert np.array_equal(out["a"], value["a"]) and out["b"] == [7, "x"]
+    assert np.shares_memory(out["a"], np.frombuffer(blob, dtype=np.uint8))
+    out["a"][0] = 5.0  # writable: the caller owns it
+    copied = codec.decode(bytes(blob))
+    assert not np.shares_memory(copied["a"], np.frombuffer(blob, dtype=np.uint8))
+    with pytest.raises(codec.CodecError):
+        codec.decode(bytearray(blob[:40]), owned=True)
+
+
+@pytest.mark.parametrize("size", [100, 64 * 1024, 8_000_003])
+def test_a_digest_changes_with_any_byte_of_the_payload(size: int):
+    payload = bytearray(np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8))
+    first = codec.digest(bytes(payload))
+    assert codec.digest(memoryview(payload)) == first  # however it is held
+    for at in (0, size // 2, size - 1):
+        changed = bytearray(payload)
+        changed[at] ^= 0x01
+        assert codec.digest(bytes(changed)) != first, at
+    assert codec.digest(bytes(payload[:-1])) != first

@@ -97,7 +97,8 @@ def test_a_finished_run_in_its_summary_jobs_and_show(creds_file: Path, agent: ob
     jid = record["job"]
     assert (record["state"], record["exit_code"], record["name"]) == ("finished", 0, "listed")
     assert record["units"] == {"total": 6, "done": 6, "failed": 0, "reissued": 0,
-                               "duplicates": 0, "speculative": 0, "nondeterministic": 0}
+                               "duplicates": 0, "speculative": 0, "nondeterministic": 0,
+                               "lost_results": 0}
     assert record["hosts"] == {HOST: 6} and record["failed_units"] == []
     assert record["output"] == str(out) and record["coordinator"] == HOST and record["redis"]
     assert re.fullmatch(STAMP, record["started"]) and record["started"] <= record["ended"]

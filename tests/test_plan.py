@@ -29,6 +29,22 @@ def test_window_bounds_what_scatter_may_run_ahead():
     assert t.room(workers=0, batch=1) == 0  # never negative
 
 
+def test_only_whole_batches_are_queued():
+    """A finished batch of 3 that frees room for 1 unit at a time must not let batches of 1
+    through: the next batch waits until it fits whole (it did not: 48 of 103 batches held one
+    unit where the batcher aimed at 3)."""
+    t = Tally(per_worker_batches=3, scattered=18)
+    assert t.whole_batches(workers=2, batch=3) == 0
+    t.recorded = 2  # room for 2 units: no batch yet
+    assert t.room(workers=2, batch=3) == 2
+    assert t.whole_batches(workers=2, batch=3) == 0
+    t.recorded = 3
+    assert t.whole_batches(workers=2, batch=3) == 1
+    t.recorded = 18
+    assert t.whole_batches(workers=2, batch=3) == 6
+    assert t.whole_batches(workers=2, batch=1) == 6  # single units: one batch each
+
+
 def test_finished_only_when_scatter_is_exhausted_and_everything_recorded():
     t = Tally(scattered=5, recorded=4, failed=1)
     assert not t.finished

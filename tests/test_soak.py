@@ -3,7 +3,8 @@ replies (Redis ran the command, the client never hears of it), resets connection
 replies and black-holes clients, between a real redis-server and every client (coordinator,
 agent, workers).
 
-Each seed picks a fault rate, small results or blobs, ``gather`` or ``reduce``, and whether
+Each seed picks a fault rate, small results or large ones (through Redis as blobs, or, for
+odd seeds, through the agent's spool and data server), ``gather`` or ``reduce``, and whether
 the coordinator is SIGKILLed mid-run and resumed by the same command. The job's output proves
 that every unit's result was taken exactly once (``tests/jobs/soak_*.py``). A run must end
 with exit 0 and that exact output, leave nothing pending in Redis, and never hang: every
@@ -54,6 +55,7 @@ GRACE_S = 20.0  # past --timeout, a submit that is still running is a hang
 # (past the agent's, workers' and coordinator's startup)
 FAULTS_FROM = os.environ.get("CLUSTER_SOAK_FAULTS", "start")
 BLOB_FLOATS = 65536  # 512 KB of float64: far above BLOB_THRESHOLD (32 KB)
+SPOOLED_FLOATS = 131072  # 1 MB: above DIRECT_THRESHOLD, through the host's spool (``spool``)
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,14 @@ class Scenario:
 
     @property
     def name(self) -> str:
-        return (f"seed{self.seed}-p{self.rate:g}-{'blob' if self.blobs else 'small'}-"
+        size = "spooled" if self.spooled else "blob" if self.blobs else "small"
+        return (f"seed{self.seed}-p{self.rate:g}-{size}-"
                 f"{'reduce' if self.reduce else 'gather'}{'-kill' if self.kill else ''}")
+
+    @property
+    def spooled(self) -> bool:
+        """Large results through the agent's data server: half of the blob seeds (odd)."""
+        return self.blobs and self.seed % 2 == 1
 
     @property
     def units(self) -> int:
@@ -86,6 +94,8 @@ class Scenario:
 
     def params(self) -> list[str]:
         floats, sleep = (BLOB_FLOATS, 0.02) if self.blobs else (1, 0.005)
+        if self.spooled:
+            floats = SPOOLED_FLOATS
         return ["--param", f"units={self.units}", "--param", f"floats={floats}",
                 "--param", f"sleep={sleep}"]
 
@@ -256,7 +266,8 @@ def test_soak(seed: int, private_redis: PrivateRedis, worktree_env: dict[str, st
                   f"soak{seed}-{uuid.uuid4().hex[:6]}:", worktree_env, roles)
         Credentials(proxy.url, private_redis.password, secrets.token_bytes(32),
                     rig.prefix).dump(rig.creds)
-        agent = AgentProcess(rig.creds, cores=2, extra=("--redis-grace", "60"))
+        data = ("--data-address", "127.0.0.1") if scenario.spooled else ()
+        agent = AgentProcess(rig.creds, cores=2, extra=("--redis-grace", "60", *data))
         roles.add(agent.proc.pid, "agent")
         try:
             run_job(scenario, rig, report)

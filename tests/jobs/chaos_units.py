@@ -13,6 +13,8 @@ are namespaces: ``{"<inode of the namespace>": "node2"}``), else ``?``.
 - ``busy``: the slow unit spins in numpy instead of sleeping.
 - ``raise_index``: that unit raises on every attempt.
 - ``die_index``: that unit SIGKILLs its own worker on every attempt.
+- ``pad``: each result also carries that many float64 values equal to its index (a large
+  result, which travels through its host's spool); ``gather`` checks and drops them.
 - ``hold_index``: that unit (every attempt of it) waits until the file ``release`` exists, so the
   job cannot finish before the test says so; its start line ends with `` slow`` too. It gives
   up (raises) after ``hold_max`` seconds, so that a test that never releases it fails, not hangs.
@@ -28,7 +30,7 @@ from cluster import unit_index
 
 PARAMS = {"units": 30, "sleep": 0.2, "log": "", "hosts": {}, "slow_host": "",
           "slow_sleep": 0.0, "busy": False, "raise_index": -1, "die_index": -1,
-          "hold_index": -1, "release": "", "hold_max": 90.0}
+          "hold_index": -1, "release": "", "hold_max": 90.0, "pad": 0}
 
 
 def scatter(params):
@@ -97,8 +99,13 @@ def compute(unit):
     else:
         time.sleep(seconds)
     _log(unit["log"], f"end {index} {os.getpid()} {host}")
+    if unit["pad"]:
+        return {"v": [index, index ** 2], "pad": np.full(unit["pad"], float(index))}
     return [index, index ** 2]
 
 
 def gather(results, params):
-    return results
+    if not params["pad"]:
+        return results
+    return [r if r is None else r["v"] if (r["pad"] == r["v"][0]).all() else "bad pad"
+            for r in results]
