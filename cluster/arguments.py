@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from . import __version__, control, output, settings, workdir
+from . import __version__, control, settings, workdir
 from .config import ClusterConfig
 from .console import STDERR
 from .credentials import Credentials, named
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--output", "-o", metavar="FILE", help="write the result to FILE (.npy, "
                         ".npz, .json, .png), through a temporary file renamed into place; {job}, "
                         "{date}, {time} and {id} in FILE are replaced")
-    submit.add_argument("--print", choices=output.PRINT_MODES, default="auto",
+    submit.add_argument("--print", choices=settings.PRINT_MODES, default="auto",
                         help="the result on stdout: json, text or none (default: text on a "
                         "terminal, else json)")
     submit.add_argument("--timeout", type=within(settings.TIMEOUT), metavar="SECONDS",

@@ -24,9 +24,15 @@ from .console import say
 from .credentials import resolve
 from .entries import LogRecord
 from .errors import ClusterError, ExitCode, UsageError
-from .submit import cmd_submit
 
 EXIT_INTERNAL = 70
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """``submit`` (imported here: the coordinator and numpy are not for `cluster agent`)."""
+    from .submit import cmd_submit as submit
+
+    return submit(args)
 
 
 def main(argv: list[str] | None = None) -> int:

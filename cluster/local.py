@@ -74,6 +74,15 @@ def sweep_stale(tmp: Path) -> None:
                     shutil.rmtree(path, ignore_errors=True)
 
 
+def _running(proc: psutil.Process) -> bool:
+    """Not gone and not a zombie: an orphaned worker is dead once killed, even while this
+    machine's init has not reaped it yet (psutil's wait would wait for the reaping)."""
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _redis_preexec(maxclients: int) -> None:
     die_with_parent()
     redisconf.raise_file_limit(redisconf.files_for(maxclients))
@@ -212,4 +221,8 @@ class LocalCluster:
             except psutil.NoSuchProcess:
                 continue
         proc.wait()
-        psutil.wait_procs(family, timeout=10)
+        deadline = time.monotonic() + 10
+        while family and time.monotonic() < deadline:
+            family = [m for m in family if _running(m)]
+            if family:
+                time.sleep(0.002)

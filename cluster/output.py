@@ -22,10 +22,11 @@ from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
+from . import settings
 from .errors import UsageError
 
 FORMATS = (".npy", ".npz", ".json", ".png")
-PRINT_MODES = ("auto", "json", "text", "none")
+PRINT_MODES = settings.PRINT_MODES
 
 MAX_PRINT_ELEMENTS = 1_000_000
 """The most elements (array elements, numbers and strings, in total) printed as JSON on stdout.

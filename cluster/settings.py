@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from .errors import UsageError
 
 HEARTBEAT_S = 0.5  # the agents' default heartbeat and lease renewal interval
+PRINT_MODES = ("auto", "json", "text", "none")  # submit --print (``output``)
 LEASE_S = 5.0  # the default lease of a worker
 DEFAULT_HISTORY_DAYS = 30.0  # how long a cluster's Redis keeps records of runs (history_days)
 
