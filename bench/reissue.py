@@ -96,7 +96,7 @@ from cluster.keys import GROUP
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from netns import NsHost, NsNetwork, sshd_binary  # noqa: E402
+from netns import NsHost, NsNetwork, host_python, sshd_binary  # noqa: E402
 
 JOB = HERE / "jobs" / "sleep_log.py"
 OPTIONS = RunOptions()  # the defaults, measured as they are
@@ -196,7 +196,7 @@ class Bench:
 
     def write_ini(self, hosts: list[NsHost]) -> None:
         lines = ["[cluster]", "name = reissue", "redis = node1",
-                 f"identity_file = {self.net.client_key}", f"python = {sys.executable}",
+                 f"identity_file = {self.net.client_key}", f"python = {host_python()}",
                  f"state_dir = {self.state}", "connect_timeout = 3", ""]
         for h in hosts:
             lines += [f"[host {h.name}]", f"address = {h.address}",
@@ -214,8 +214,9 @@ class Bench:
             raise RuntimeError(f"cluster up failed (exit {r.returncode}): {r.stderr.strip()}")
 
     def connect(self) -> Broker:
+        """The benchmark's own view of Redis (CLIENT LIST, XPENDING): as its admin user."""
         creds = credentials.for_cluster(cluster_config.load(self.ini), create=False)
-        return Broker.of(creds)
+        return Broker.of(creds.as_role("admin"))
 
     def open(self) -> None:
         self.net.open()

@@ -30,13 +30,15 @@ Timings = dict[str, dict[str, list[float]]]  # runner -> {"ready": [...], "stop"
 
 
 def cluster_ready(n: int) -> tuple[Callable[[], None], float]:
-    """A local cluster until all its workers wait for units (each holds a lease); its stop."""
+    """A local cluster until all its workers wait for units: each has a connection blocked
+    in XREADGROUP (a registered lease comes earlier, before the worker process is up); its
+    stop."""
     started = time.perf_counter()
     local = LocalCluster()
     creds = local.__enter__()
-    broker = Broker.of(creds)
+    broker = Broker.of(creds.as_role("admin"))
     try:
-        while len(broker.live_workers(5000)) < n:
+        while sum(c.get("cmd") == "xreadgroup" for c in broker.client.client_list()) < n:
             time.sleep(0.002)
     finally:
         broker.close()

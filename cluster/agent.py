@@ -104,6 +104,7 @@ class Slot:
     gen: int = 0
     wid: str = ""
     proc: subprocess.Popen[bytes] | None = None
+    early: subprocess.Popen[bytes] | None = None  # started before the agent registered
     usage: psutil.Process | None = None  # for CPU load and memory in `cluster status`
     kill_at: float | None = None  # asked to stop: killed if still there by then
     abandoned: bool = False  # killed because its job is gone: no attempt is charged
@@ -201,6 +202,11 @@ class Agent:
     def serve(self) -> int:
         log.info("agent %s up: %d workers on CPUs %s", self.aid, len(self.slots),
                  ",".join(map(str, self.settings.cpus)))
+        for slot in self.slots:  # their Python and imports run while the agent registers
+            try:
+                slot.early = self.spawn(slot)
+            except OSError as exc:
+                log.error("could not start worker on CPU %d: %s", slot.cpu, exc)
         code = ExitCode.OK
         beats = 0
         while not self.stopping:
@@ -321,12 +327,9 @@ class Agent:
         slot.wid = f"{self.aid}/cpu{slot.cpu}.{slot.gen}"
         self.broker.register_worker(slot.wid, {"host": self.settings.host, "agent": self.aid,
                                                "cpu": slot.cpu})
-        env = {k: v for k, v in os.environ.items() if not SECRET.search(k)}
-        env.update({name: str(self.settings.threads) for name in THREAD_VARIABLES})
-        if self.user is not None:
-            env.update(HOME=self.user.home, USER=self.user.name, LOGNAME=self.user.name)
-        proc = spawn_worker(env, slot.cpu, self.user) if self.settings.pin else \
-            _popen([sys.executable, "-m", "cluster.worker"], env, _die_with_agent, self.user)
+        proc, slot.early = slot.early, None
+        if proc is None or proc.poll() is not None:
+            proc = self.spawn(slot)
         config = {"wid": slot.wid, "agent_pid": os.getpid(), "log_level": self.settings.log_level,
                   # never the cluster key: a worker's own keys (``signing``), on stdin
                   "credentials": json.loads(dataclasses.replace(self.creds, key=b"").to_json()),
@@ -340,6 +343,16 @@ class Agent:
         slot.proc = proc
         slot.usage = psutil.Process(proc.pid)
         log.info("worker %s started (pid %d, CPU %d)", slot.wid, proc.pid, slot.cpu)
+
+    def spawn(self, slot: Slot) -> subprocess.Popen[bytes]:
+        """A worker process for ``slot``, pinned, that waits for its configuration on stdin
+        (``start_worker`` sends it)."""
+        env = {k: v for k, v in os.environ.items() if not SECRET.search(k)}
+        env.update({name: str(self.settings.threads) for name in THREAD_VARIABLES})
+        if self.user is not None:
+            env.update(HOME=self.user.home, USER=self.user.name, LOGNAME=self.user.name)
+        return spawn_worker(env, slot.cpu, self.user) if self.settings.pin else \
+            _popen([sys.executable, "-m", "cluster.worker"], env, _die_with_agent, self.user)
 
     def publish_usage(self) -> None:
         """CPU load (% of one core) and resident memory of each worker, for `cluster status`."""
@@ -383,6 +396,11 @@ class Agent:
 
     def stop_workers(self) -> None:
         for slot in self.slots:
+            if slot.early is not None:  # never configured: it exits as its stdin closes
+                slot.early.kill()
+                slot.early.wait()
+                slot.early = None
+        for slot in self.slots:
             if slot.proc is not None and slot.proc.poll() is None:
                 slot.proc.send_signal(signal.SIGKILL if self.immediate else signal.SIGTERM)
         deadline = self.clock() + self.settings.stop_grace_s
@@ -408,8 +426,9 @@ class Agent:
 
     def kill_all(self) -> None:
         for slot in self.slots:
-            if slot.proc is not None and slot.proc.poll() is None:
-                slot.proc.kill()
+            for proc in (slot.proc, slot.early):
+                if proc is not None and proc.poll() is None:
+                    proc.kill()
 
 
 def spawn_worker(env: dict[str, str], cpu: int, user: WorkerUser | None = None

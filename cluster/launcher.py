@@ -27,6 +27,7 @@ says which versions of the requirements its agent reports.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import shlex
 import time
 from pathlib import Path
@@ -277,12 +278,13 @@ class Launcher:
             pid = remote.pid_alive("agent.pid")
             previous = remote.read("agent.pid")
             running = self.agent_of(broker, host, pid) if pid is not None else None
-            if running is not None and remote.read("agent.build") == build \
+            marker = self.agent_build(remote, build)
+            if running is not None and remote.read("agent.build") == marker \
                     and running.get("key") == self.worker_keys.fingerprint():
                 state = "running (unchanged)"
             else:
                 state = "restarted" if remote.stop_pid("agent.pid") else "started"
-                self.start_agent(remote, build)
+                self.start_agent(remote, marker)
             info = self.wait_for_heartbeat(broker, remote, host)
         aid = f"{host.name}/{info.get('pid')}"
         if previous.isdigit() and previous != info.get("pid"):
@@ -306,7 +308,7 @@ class Launcher:
             report.problems.append(f"its agent does not report {requirement} installed: "
                                    f"{hosts[installed.host]}")
 
-    def start_agent(self, remote: Remote, build: str) -> None:
+    def agent_command(self, remote: Remote) -> str:
         args = ["agent", "--credentials", remote.path("credentials.json"), "--name",
                 remote.host.name, "--pidfile", remote.path("agent.pid"),
                 "--cache-dir", remote.path("cache"),
@@ -316,9 +318,20 @@ class Launcher:
                 *remote.host.agent_cpu_args()]
         if accounts.apart(remote, self.config.worker_user):
             args += ["--worker-user", self.config.worker_user]
-        command = " ".join(shlex.quote(a) for a in [remote.path("venv/bin/cluster"), *args])
-        remote.sh(f"echo {build} > {remote.q('agent.build')} && rm -f {remote.q('agent.pid')} "
-                  f"&& cd {shlex.quote(remote.dir)} && (setsid nohup {command} "
+        return " ".join(shlex.quote(a) for a in [remote.path("venv/bin/cluster"), *args])
+
+    def agent_build(self, remote: Remote, build: str) -> str:
+        """What a running agent must match to be kept: the build it runs and its command line
+        (a changed setting in hosts.ini, such as data_path or heartbeat, restarts it)."""
+        digest = hashlib.sha256(self.agent_command(remote).encode()).hexdigest()[:12]
+        return f"{build}-{digest}"
+
+    def start_agent(self, remote: Remote, marker: str) -> None:
+        """Start the agent; ``marker`` (``agent_build``) is what a later up compares."""
+        command = self.agent_command(remote)
+        remote.sh(f"echo {shlex.quote(marker)} > {remote.q('agent.build')} "
+                  f"&& rm -f {remote.q('agent.pid')} && cd {shlex.quote(remote.dir)} "
+                  f"&& (setsid nohup {command} "
                   f">> {remote.q('agent.log')} 2>&1 < /dev/null &)")
 
     @staticmethod

@@ -386,7 +386,10 @@ class Worker:
 def main() -> int:
     """Entry point of a worker process: ``python -m cluster.worker`` with JSON on stdin."""
     die_with_parent(signal.SIGKILL)
-    config: dict[str, Any] = json.loads(sys.stdin.read())
+    raw = sys.stdin.read()
+    if not raw.strip():
+        return 0  # its agent went away before it sent the configuration: nothing to do
+    config: dict[str, Any] = json.loads(raw)
     parent = int(config["agent_pid"])
     capture = Capture()  # from here on, fds 1 and 2 are job code's, caught per unit
     logging.basicConfig(level=config.get("log_level", "INFO"), stream=capture.install(),

@@ -14,10 +14,15 @@ from cluster.settings import parse_cpus
 
 
 def workers_of(agent, count):
-    """The agent's ``count`` workers, once it has started them all."""
+    """The agent's ``count`` workers, once it has started them all: each process is spawned
+    before the agent registers, and is a worker once the agent sent it its configuration
+    (and logged it)."""
     def started():
         children = psutil.Process(agent.proc.pid).children()
-        return children if len(children) == count else None
+        if len(children) != count:
+            return None
+        log = agent.log.read_text(errors="replace")
+        return children if all(f"(pid {c.pid}," in log for c in children) else None
 
     return wait_for(started, 20, f"the agent to start {count} workers")
 

@@ -177,6 +177,27 @@ def test_re_up_restarts_only_what_is_dead_or_outdated(site: Site):
     assert "unchanged" in table["node1"] and "unchanged" in table["node4"]
 
 
+def test_re_up_restarts_agents_whose_settings_changed(site: Site):
+    """A setting of hosts.ini that an agent runs with (here data_path) restarts it at the next
+    up, with the new setting; back to the default, again."""
+    def agent_command(host: NsHost) -> str:
+        pid = int((host.install_dir / "agent.pid").read_text())
+        return " ".join(psutil.Process(pid).cmdline())
+
+    try:
+        site.write_ini(site.net.hosts, cluster={"data_path": "no"})
+        r = run_cli("up", str(site.ini), timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert all("restarted" in state for state in rows(r.stdout).values()), r.stdout
+        assert all("--data-address" not in agent_command(h) for h in site.net.hosts)
+    finally:
+        site.write_ini(site.net.hosts)
+    r = run_cli("up", str(site.ini), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert all("restarted" in state for state in rows(r.stdout).values()), r.stdout
+    assert all(f"--data-address {h.address}" in agent_command(h) for h in site.net.hosts)
+
+
 def test_status_shows_a_host_whose_heartbeat_stopped_as_lost(site: Site):
     node4 = site.net.hosts[3]
     agent = int((node4.install_dir / "agent.pid").read_text())
@@ -271,7 +292,7 @@ def test_a_job_directory_runs_on_every_host_and_is_unpacked_once_per_host(site: 
 
     def run(units: int) -> dict[str, int]:
         r = run_cli("submit", str(job), "--hosts", str(site.ini), "--param", f"units={units}",
-                    "--param", "pause=0.05", "--progress", "none", "-o",
+                    "--param", "pause=0.2", "--progress", "none", "-o",
                     str(tmp_path / "out.json"), timeout=120)
         assert r.returncode == 0, r.stderr
         value = json.loads((tmp_path / "out.json").read_text())
@@ -279,6 +300,9 @@ def test_a_job_directory_runs_on_every_host_and_is_unpacked_once_per_host(site: 
         copies = {h.name: h.install_dir / "cache" / "workdirs" / digest
                   for h in site.net.hosts}
         assert set(value["cwds"]) <= {str(p) for p in copies.values()}, value
+        # 0.2 s units: enough work for the job to spread, even while a busy machine delays
+        # some hosts' fresh workers (a job run on one host only names no hosts)
+        assert "units per host:" in r.stderr, r.stderr
         ran = {h for h in hosts if f"{h} " in r.stderr.split("units per host:")[1]}
         return {h: (path / "helper_mod.py").stat().st_ino for h, path in copies.items()
                 if h in ran and path.is_dir()}
@@ -355,7 +379,7 @@ def test_an_unreachable_host_is_reported_while_the_others_come_up(site: Site):
     assert r.returncode == 3
     table = rows(r.stdout)
     assert "unreachable" in table["ghost"]
-    assert all("running" in table[h.name] for h in site.net.hosts)
+    assert all("running" in table[h.name] for h in site.net.hosts), r.stdout
     assert run_cli("up", str(ini), "--allow-partial", timeout=300).returncode == 0
 
 
