@@ -7,6 +7,7 @@ failure under CI=true (both are in the ``test`` extra).
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 
@@ -38,33 +39,26 @@ def test_ruff_passes() -> None:
     check([*tool("ruff"), "check", "cluster", "tests"])
 
 
+def loaded_after(imports: str, names: set[str]) -> set[str]:
+    """Which of the top-level packages ``names`` a fresh interpreter holds after ``imports``."""
+    probe = f"import json, sys, {imports}\nprint(json.dumps(sorted(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return names & {m.split(".")[0] for m in json.loads(proc.stdout)}
+
+
 def test_host_and_local_paths_import_no_ssh_library() -> None:
     """The agent, its workers, `submit` and the local cluster never need SSH: Fabric, Invoke
     and Paramiko are imported by `up`, `down`, `rotate-key` and `doctor` only (``sshcommands``),
     and they cost a cold `cluster submit` a third of its start-up."""
-    probe = ("import sys, cluster.cli, cluster.worker, cluster.agent, cluster.local\n"
-             "print(sorted({m.split('.')[0] for m in sys.modules} & "
-             "{'fabric', 'invoke', 'paramiko'}))")
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"
-    ssh = subprocess.run([sys.executable, "-c", "import sys, cluster.sshcommands\n"
-                          "print('fabric' in sys.modules)"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=60)
-    assert ssh.stdout.strip() == "True", ssh.stderr  # the probe would see them
+    ssh = {"fabric", "invoke", "paramiko"}
+    assert loaded_after("cluster.cli, cluster.worker, cluster.agent, cluster.local", ssh) == set()
+    assert "fabric" in loaded_after("cluster.sshcommands", ssh)  # the probe would see them
 
 
 def test_the_agent_imports_no_numpy() -> None:
     """An agent never decodes a unit or a result: it starts (and its host's workers with it)
     without numpy's import time; the package itself imports numpy only when used."""
-    probe = ("import sys, cluster.agent, cluster.dataserver\n"
-             "print('numpy' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "False"
-    worker = subprocess.run([sys.executable, "-c", "import sys, cluster.worker\n"
-                             "print('numpy' in sys.modules)"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60)
-    assert worker.stdout.strip() == "True", worker.stderr  # the probe would see it
+    assert loaded_after("cluster.agent, cluster.dataserver", {"numpy"}) == set()
+    assert loaded_after("cluster.worker", {"numpy"}) == {"numpy"}  # the probe would see it
