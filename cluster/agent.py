@@ -37,12 +37,13 @@ import redis
 from . import __version__
 from .broker import Broker
 from .credentials import Credentials
+from .datapath import DataPath
 from .errors import ExitCode, RedisUnavailable, UsageError
 from .proc import RECYCLE, die_with_parent
 from .requirements import Installed
 from .settings import parse_cpus
 from .signing import Keyring, WorkerKeys
-from .spool import DataPath, machine_id
+from .spool import machine_id
 
 log = logging.getLogger("cluster.agent")
 
@@ -65,6 +66,7 @@ class AgentSettings:
     worker_user: str | None = None  # an agent run as root starts its workers as this user
     data_address: str | None = None  # where coordinators reach this host: serve large results
     spool_dir: str | None = None  # where its workers put them (default: in /dev/shm)
+    spares: bool = True  # keep a started worker process per CPU, to replace one at once
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,9 @@ class Slot:
     gen: int = 0
     wid: str = ""
     proc: subprocess.Popen[bytes] | None = None
-    early: subprocess.Popen[bytes] | None = None  # started before the agent registered
+    # a worker process started ahead (imported, waiting for its configuration on stdin): the
+    # next worker of this CPU, so a worker recycled after its job is replaced at once
+    spare: subprocess.Popen[bytes] | None = None
     usage: psutil.Process | None = None  # for CPU load and memory in `cluster status`
     kill_at: float | None = None  # asked to stop: killed if still there by then
     abandoned: bool = False  # killed because its job is gone: no attempt is charged
@@ -115,6 +119,7 @@ class Slot:
 
 SECRET = re.compile(r"^CLUSTER_(REDIS_|KEY|TLS_)")  # where the agent may have found its secrets
 HEALTHY_S = 30.0  # a worker up this long resets its slot's restart backoff
+SPARE_AFTER_S = 1.0  # a spare at normal priority starts once its CPU's worker is this old
 EXIT_POLL_S = 0.05  # between heartbeats, how often the agent looks for workers that exited
 
 
@@ -185,6 +190,9 @@ class Agent:
         self.registered = False
         self.data = DataPath.start(settings, self.worker_keys.message, self.user) \
             if settings.data_address else None
+        # as root, spares start at idle priority (taking no CPU from the workers) and are
+        # raised to normal as they become workers; any other user could not raise them again
+        self.idle_spares = os.geteuid() == 0 and hasattr(os, "SCHED_IDLE")
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -204,7 +212,7 @@ class Agent:
                  ",".join(map(str, self.settings.cpus)))
         for slot in self.slots:  # their Python and imports run while the agent registers
             try:
-                slot.early = self.spawn(slot)
+                slot.spare = self.spawn(slot)
             except OSError as exc:
                 log.error("could not start worker on CPU %d: %s", slot.cpu, exc)
         code = ExitCode.OK
@@ -287,6 +295,24 @@ class Agent:
                 self.worker_died(slot, describe_exit(slot.proc.returncode))
             if slot.proc is None and self.clock() >= slot.restart_at and not self.stopping:
                 self.try_start(slot)
+        for slot in self.slots:  # once every worker runs: starting a process takes a while
+            self.keep_spare(slot)
+
+    def keep_spare(self, slot: Slot) -> None:
+        """Start the slot's spare once its worker runs (at once at idle priority, else once
+        the worker is past its own start), and again if the spare died."""
+        if not self.settings.spares or self.stopping or slot.proc is None:
+            return
+        if slot.spare is not None and slot.spare.poll() is not None:
+            log.warning("spare worker process on CPU %d %s", slot.cpu,
+                        describe_exit(slot.spare.returncode))
+            slot.spare = None
+        if slot.spare is None and (self.idle_spares
+                                   or self.clock() - slot.started_at >= SPARE_AFTER_S):
+            try:
+                slot.spare = self.spawn(slot, idle=self.idle_spares)
+            except OSError as exc:
+                log.warning("could not start a spare worker on CPU %d: %s", slot.cpu, exc)
 
     def try_start(self, slot: Slot) -> None:
         try:
@@ -327,7 +353,10 @@ class Agent:
         slot.wid = f"{self.aid}/cpu{slot.cpu}.{slot.gen}"
         self.broker.register_worker(slot.wid, {"host": self.settings.host, "agent": self.aid,
                                                "cpu": slot.cpu})
-        proc, slot.early = slot.early, None
+        proc, slot.spare = slot.spare, None
+        if proc is not None and not self.promote(proc):
+            proc.kill()
+            proc.wait()
         if proc is None or proc.poll() is not None:
             proc = self.spawn(slot)
         config = {"wid": slot.wid, "agent_pid": os.getpid(), "log_level": self.settings.log_level,
@@ -344,15 +373,28 @@ class Agent:
         slot.usage = psutil.Process(proc.pid)
         log.info("worker %s started (pid %d, CPU %d)", slot.wid, proc.pid, slot.cpu)
 
-    def spawn(self, slot: Slot) -> subprocess.Popen[bytes]:
+    def spawn(self, slot: Slot, idle: bool = False) -> subprocess.Popen[bytes]:
         """A worker process for ``slot``, pinned, that waits for its configuration on stdin
-        (``start_worker`` sends it)."""
+        (``start_worker`` sends it); with ``idle``, at idle priority (``promote``)."""
         env = {k: v for k, v in os.environ.items() if not SECRET.search(k)}
         env.update({name: str(self.settings.threads) for name in THREAD_VARIABLES})
         if self.user is not None:
             env.update(HOME=self.user.home, USER=self.user.name, LOGNAME=self.user.name)
-        return spawn_worker(env, slot.cpu, self.user) if self.settings.pin else \
-            _popen([sys.executable, "-m", "cluster.worker"], env, _die_with_agent, self.user)
+        if self.settings.pin:
+            return spawn_worker(env, slot.cpu, self.user, idle)
+        return _popen([sys.executable, "-m", "cluster.worker"], env,
+                      functools.partial(_die_with_agent, idle), self.user)
+
+    def promote(self, proc: subprocess.Popen[bytes]) -> bool:
+        """A spare about to become a worker runs at normal priority. False if it cannot."""
+        if not self.idle_spares:
+            return True
+        try:
+            os.sched_setscheduler(proc.pid, os.SCHED_OTHER, os.sched_param(0))
+        except OSError as exc:
+            log.warning("could not raise spare worker %d to normal priority: %s", proc.pid, exc)
+            return False
+        return True
 
     def publish_usage(self) -> None:
         """CPU load (% of one core) and resident memory of each worker, for `cluster status`."""
@@ -396,10 +438,10 @@ class Agent:
 
     def stop_workers(self) -> None:
         for slot in self.slots:
-            if slot.early is not None:  # never configured: it exits as its stdin closes
-                slot.early.kill()
-                slot.early.wait()
-                slot.early = None
+            if slot.spare is not None:  # never configured: nothing of a job in it
+                slot.spare.kill()
+                slot.spare.wait()
+                slot.spare = None
         for slot in self.slots:
             if slot.proc is not None and slot.proc.poll() is None:
                 slot.proc.send_signal(signal.SIGKILL if self.immediate else signal.SIGTERM)
@@ -426,13 +468,13 @@ class Agent:
 
     def kill_all(self) -> None:
         for slot in self.slots:
-            for proc in (slot.proc, slot.early):
+            for proc in (slot.proc, slot.spare):
                 if proc is not None and proc.poll() is None:
                     proc.kill()
 
 
-def spawn_worker(env: dict[str, str], cpu: int, user: WorkerUser | None = None
-                 ) -> subprocess.Popen[bytes]:
+def spawn_worker(env: dict[str, str], cpu: int, user: WorkerUser | None = None,
+                 idle: bool = False) -> subprocess.Popen[bytes]:
     """Start a worker process pinned to ``cpu``, where the OS has affinity (Linux): the child
     pins itself between fork and exec, so the worker program never runs unpinned. Elsewhere
     (macOS) it is pinned after the start where psutil can, else it warns.
@@ -446,12 +488,12 @@ def spawn_worker(env: dict[str, str], cpu: int, user: WorkerUser | None = None
         pin(proc.pid, cpu)
         return proc
     try:
-        return _popen(args, env, functools.partial(_pinned_to, cpu), user)
+        return _popen(args, env, functools.partial(_pinned_to, cpu, idle), user)
     except subprocess.SubprocessError:  # the child could not pin itself: it did not run
         cpus = sorted(os.sched_getaffinity(0))
         log.warning("cannot pin a worker to CPU %d (this agent may use CPUs %s): it runs "
                     "unpinned", cpu, ",".join(map(str, cpus)))
-        return _popen(args, env, _die_with_agent, user)
+        return _popen(args, env, functools.partial(_die_with_agent, idle), user)
 
 
 def _popen(args: list[str], env: dict[str, str], preexec: Callable[[], None],
@@ -466,16 +508,19 @@ def _popen(args: list[str], env: dict[str, str], preexec: Callable[[], None],
                             cwd=user.home)
 
 
-def _pinned_to(cpu: int) -> None:
+def _pinned_to(cpu: int, idle: bool = False) -> None:
     """In the worker, between fork and exec: run on ``cpu`` only, and die with the agent.
     Raising here makes ``Popen`` raise SubprocessError in the agent, before anything runs."""
     os.sched_setaffinity(0, {cpu})
-    _die_with_agent()
+    _die_with_agent(idle)
 
 
-def _die_with_agent() -> None:
-    """A worker dies at once with its agent: whatever it held is reissued through its lease."""
+def _die_with_agent(idle: bool = False) -> None:
+    """A worker dies at once with its agent: whatever it held is reissued through its lease.
+    With ``idle``, a spare: it runs only when its CPU has nothing else to do."""
     die_with_parent(signal.SIGKILL)
+    if idle:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def _running(pid: int) -> bool:

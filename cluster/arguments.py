@@ -190,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--pidfile", help="write the agent's pid to this file while it runs")
     agent.add_argument("--no-pin", dest="pin", action="store_false",
                        help="do not pin workers to CPUs (they share the CPUs chosen)")
+    agent.add_argument("--no-spares", dest="spares", action="store_false",
+                       help="do not keep a started worker process ready per CPU (a worker "
+                            "recycled after its job is then replaced by a new process, which "
+                            "imports Python and numpy first)")
     agent.add_argument("--cache-dir", metavar="DIR", help="where job directories are unpacked "
                        "(default: $XDG_CACHE_HOME/cluster, else ~/.cache/cluster)")
     agent.add_argument("--data-address", metavar="ADDRESS",

@@ -38,7 +38,7 @@ QUIET_START_S = 1.0  # Redis may be starting beside us (a local cluster): no war
 BLOB_THRESHOLD = 32 * 1024  # results at least this large travel beside the RECORD script
 
 
-def _work(msgid: str, fields: dict[bytes, bytes]) -> Work | None:
+def _work(msgid: str, fields: dict[bytes, bytes], started: bool = False) -> Work | None:
     """A work entry as ADD, REISSUE and REQUEUE write it (``j`` job id, ``a`` attempt, maybe
     ``r`` the reason of its last worker's death, maybe ``n``: no result of it to the host's
     spool, then unit index -> unit), or None."""
@@ -55,7 +55,7 @@ def _work(msgid: str, fields: dict[bytes, bytes]) -> Work | None:
         attempt = int(items[1][1])
         if attempt < 1 or any(i < 0 for i, _ in units):
             return None
-        return Work(msgid, items[0][1].decode(), attempt, units, reason, spool)
+        return Work(msgid, items[0][1].decode(), attempt, units, reason, spool, started)
     except (ValueError, UnicodeDecodeError):
         return None
 
@@ -91,6 +91,7 @@ class Broker(Fleet):
         self._cancel = reg(scripts.CANCEL)
         self._claim = reg(scripts.CLAIM)
         self._release = reg(scripts.RELEASE)
+        self._take = reg(scripts.TAKE)
 
     @classmethod
     def of(cls, creds: Credentials, *, timeout: float = 5.0, socket_timeout: float = 60.0,
@@ -446,7 +447,19 @@ class Broker(Fleet):
     @edge
     def read_work(self, wid: str, block_ms: int, own: bool = False) -> Work | None:
         """The next entry for worker ``wid``; with ``own``, one already delivered to it and
-        not acknowledged (after a lost connection, a delivery may never have reached it)."""
+        not acknowledged (after a lost connection, a delivery may never have reached it).
+        An entry waiting in the stream comes marked as started (``TAKE``, one round trip);
+        else the worker blocks reading the stream for up to ``block_ms``."""
+        if not own:
+            taken = self._take(keys=[self.keys.units, self.keys.worker(wid)], args=[GROUP, wid])
+            status = _status(taken)
+            if status == "NOGROUP":
+                self.ensure_group()
+                return None
+            if status == "OK":
+                flat: list[bytes] = taken[2]
+                return self._checked(taken[1].decode(), dict(zip(flat[::2], flat[1::2],
+                                                                 strict=True)), started=True)
         try:
             reply: Any = self.client.xreadgroup(GROUP, wid, {self.keys.units: "0" if own else ">"},
                                                 count=1, block=None if own else block_ms)
@@ -462,13 +475,21 @@ class Broker(Fleet):
         if not fields:  # delivered, then deleted (its job was purged): nothing to do
             self.client.xack(self.keys.units, GROUP, msgid)
             return self.read_work(wid, block_ms, own) if own else None
-        work = _work(msgid.decode(), fields)
-        if work is None:  # not what ADD writes: dropped, so no worker trips on it again
-            log.warning("work entry %s is malformed (%s): dropped", msgid.decode(),
+        work = self._checked(msgid.decode(), fields)
+        if work is None and own:
+            return self.read_work(wid, block_ms, own)
+        return work
+
+    def _checked(self, msgid: str, fields: dict[bytes, bytes], started: bool = False
+                 ) -> Work | None:
+        """The entry as a ``Work``; None when it is not what ADD writes: then it is dropped,
+        so no worker trips on it again."""
+        work = _work(msgid, fields, started)
+        if work is None:
+            log.warning("work entry %s is malformed (%s): dropped", msgid,
                         str(list(fields)[:4])[:100])
             self.client.xack(self.keys.units, GROUP, msgid)
             self.client.xdel(self.keys.units, msgid)
-            return self.read_work(wid, block_ms, own) if own else None
         return work
 
     @edge

@@ -25,6 +25,7 @@ class Work:
     units: list[tuple[int, bytes]]
     reason: str = ""  # why its last worker died, when it is queued past its last attempt
     spool: bool = True  # False: its result was lost with a host once, it goes through Redis
+    started: bool = False  # marked as started as it was taken (``TAKE``)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,10 @@ may be retried after a lost reply and recognises its own earlier success.
   its worker is isolated; entries it never started are not charged). A unit past its last
   attempt is queued once more with the reason (``r``): the worker that gets it records it as
   failed without computing it, signed (a script cannot sign).
+- ``TAKE``: a worker takes the next entry of the work stream, if there is one, and marks it as
+  started in its worker hash (``REISSUE`` charges a death from then on): the delivery and the
+  mark in one round trip (``NONE`` when the stream is empty: the worker then blocks reading it,
+  and marks what it gets).
 - ``RENEW``: an agent renews its heartbeat and the leases of its workers, on Redis server time,
   and learns which of its workers compute a unit of a job that is gone (cancelled, or finished
   while a copy ran): the agent replaces them, charging no attempt.
@@ -437,4 +441,17 @@ return {'OK'}
 RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return {'OK'}
+"""
+
+TAKE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'NOGROUP'} end  -- Redis lost its data
+local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS',
+                         KEYS[1], '>')
+if not reply then return {'NONE'} end
+local entry = reply[1][2][1]
+local fields = entry[2]
+local first = 5  -- fields: j, job id, a, attempt, maybe r and n with their values, then units
+while fields[first] == 'r' or fields[first] == 'n' do first = first + 2 end
+redis.call('HSET', KEYS[2], 'job', fields[2] or '', 'unit', fields[first] or '', 'entry', entry[1])
+return {'OK', entry[1], fields}
 """

@@ -114,10 +114,11 @@ class Worker:
                 self.handle(work)
 
     def handle(self, work: Work) -> None:
+        if not work.started:
+            self.broker.started(self.wid, work)
         job = self.job(work.jid)
         if job is not None:
             self.enter(job.workspace)
-        self.broker.started(self.wid, work)
         started = time.perf_counter()
         if job is None or not self.current(work, job):
             outcomes = []  # the job is gone, or this entry replays one of its past
@@ -269,7 +270,11 @@ class Worker:
         self.workspace = workspace
 
     def forget_finished(self, idle: bool) -> bool:
-        """True (and this worker is to be recycled) when a job it ran has finished."""
+        """True (and this worker is to be recycled) when a job it ran has finished. Jobs it
+        never loaded (gone, or not signed: a forged entry names any job id it likes) are
+        forgotten: none of their code ran here."""
+        for jid in [j for j, job in self.jobs.items() if job is None]:
+            del self.jobs[jid]
         if not self.jobs:
             return False
         jids = list(self.jobs)

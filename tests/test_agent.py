@@ -13,27 +13,35 @@ from cluster.errors import UsageError
 from cluster.settings import parse_cpus
 
 
-def workers_of(agent, count):
-    """The agent's ``count`` workers, once it has started them all: each process is spawned
-    before the agent registers, and is a worker once the agent sent it its configuration
-    (and logged it)."""
-    def started():
-        children = psutil.Process(agent.proc.pid).children()
-        if len(children) != count:
-            return None
-        log = agent.log.read_text(errors="replace")
-        return children if all(f"(pid {c.pid}," in log for c in children) else None
-
-    return wait_for(started, 20, f"the agent to start {count} workers")
-
-
-def worker_pins(agent):
-    """{pid: CPUs it may run on} of the agent's workers visible now. A child that has not yet
-    executed the worker (a fork of the agent, between fork and exec) is no worker yet."""
-    pins = {}
+def configured(agent):
+    """The agent's children that it made workers: it sent them their configuration and logged
+    it. The others are spares (or not yet configured), waiting to become one."""
+    log = agent.log.read_text(errors="replace")
+    found = []
     for child in psutil.Process(agent.proc.pid).children():
         try:
-            if "cluster.worker" in child.cmdline():
+            if f"(pid {child.pid}," in log and child.status() != psutil.STATUS_ZOMBIE:
+                found.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def workers_of(agent, count):
+    """The agent's ``count`` workers, once it has started them all."""
+    return wait_for(lambda: (lambda w: w if len(w) == count else None)(configured(agent)),
+                    20, f"the agent to start {count} workers")
+
+
+def worker_pins(agent, only_configured=False):
+    """{pid: CPUs it may run on} of the agent's worker processes visible now (spares too,
+    unless ``only_configured``). A child that has not yet executed the worker (a fork of the
+    agent, between fork and exec) is no worker yet."""
+    pins = {}
+    chosen = {c.pid for c in configured(agent)} if only_configured else None
+    for child in psutil.Process(agent.proc.pid).children():
+        try:
+            if "cluster.worker" in child.cmdline() and (chosen is None or child.pid in chosen):
                 pins[child.pid] = tuple(child.cpu_affinity())
         except psutil.NoSuchProcess:
             continue
@@ -46,13 +54,14 @@ def test_every_worker_is_pinned_to_its_own_cpu_from_its_first_moment(agent, brok
 
     def every_worker_seen():
         # every sighting counts, from the first moment a worker is visible
-        for pid, cpus in worker_pins(agent).items():
+        for pid, cpus in worker_pins(agent).items():  # spares too
             assert len(cpus) == 1, f"worker {pid} may run on CPUs {cpus}: not pinned"
             seen.setdefault(pid, cpus)
         return len(seen) >= count
 
     wait_for(every_worker_seen, 20, f"{count} workers", interval=0.001)
-    assert sorted(seen.values()) == [(cpu,) for cpu in range(count)]  # distinct CPUs
+    workers = workers_of(agent, count)
+    assert sorted(seen[w.pid] for w in workers) == [(cpu,) for cpu in range(count)]  # distinct
     for p in workers_of(agent, count):
         env = p.environ()
         assert env["OMP_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == "1"
@@ -66,13 +75,43 @@ def test_a_dead_worker_is_replaced_by_a_pinned_one(agent, broker):
     victim.send_signal(signal.SIGKILL)
 
     def replaced():
-        pins = worker_pins(agent)
+        pins = worker_pins(agent, only_configured=True)
         return pins if len(pins) == count and victim.pid not in pins else None
 
     pins = wait_for(replaced, 10, "the killed worker to be replaced")
     assert sorted(pins.values()) == [(cpu,) for cpu in range(count)]
     log = agent.stop()
     assert "killed by SIGKILL" in log
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="spares start at idle priority as root only")
+def test_a_spare_process_replaces_a_worker_at_once(agent, broker):
+    """Each CPU keeps a spare worker process (imported, at idle priority as root); a worker
+    that exits is replaced by its CPU's spare, raised to normal priority, and a new spare
+    follows."""
+    count = min(2, os.cpu_count() or 1)
+    workers = workers_of(agent, count)
+
+    def spares():
+        ours = {w.pid for w in configured(agent)}
+        found = {pid: cpus for pid, cpus in worker_pins(agent).items() if pid not in ours}
+        return found if len(found) == count else None
+
+    before = wait_for(spares, 20, f"{count} spare worker processes")
+    assert sorted(before.values()) == [(cpu,) for cpu in range(count)]
+    assert all(os.sched_getscheduler(pid) == os.SCHED_IDLE for pid in before)
+    victim = workers[0]
+    victim_cpus = tuple(victim.cpu_affinity())
+    victim.send_signal(signal.SIGKILL)
+    successor = wait_for(lambda: (lambda new: new[0] if new else None)(
+        [w for w in configured(agent) if w.pid not in {v.pid for v in workers}]), 10,
+        "the killed worker's successor")
+    assert successor.pid in before, "the successor is not the spare started before"
+    assert before[successor.pid] == victim_cpus  # the spare of the victim's CPU
+    assert os.sched_getscheduler(successor.pid) == os.SCHED_OTHER
+    wait_for(lambda: (lambda s: s and successor.pid not in s)(spares()), 10, "a new spare")
+    agent.stop()
+    assert agent.proc.returncode == 0
 
 
 def test_stopping_the_agent_stops_its_workers_and_unregisters(agent, broker):

@@ -2,8 +2,10 @@
 them with the broker's own calls, so every interleaving is decided, none is waited for)."""
 
 import json
+import threading
 
 import pytest
+from waiting import wait_for
 
 from cluster import codec
 from cluster.broker import Broker
@@ -56,6 +58,31 @@ def test_a_batch_is_recorded_and_acknowledged_atomically(job: Broker):
     assert pending(job) == 0
     assert job.client.xlen(job.keys.units) == 0
     assert recorded(job) == {0: "a", 1: "b"}
+
+
+def test_an_entry_taken_from_the_stream_is_marked_started_in_the_same_call(job: Broker):
+    """One round trip takes a waiting entry and marks it as the worker's running entry (a
+    death is charged from then on); an entry that only arrives while the worker blocks on an
+    empty stream comes unmarked (the worker marks it: ``started``)."""
+    job.add_units(JID, OWNER, [[(3, codec.encode(3))]])
+    before = job.client.info("commandstats")
+    work = job.read_work("w1", 0)
+    after = job.client.info("commandstats")
+    assert work is not None and work.started
+    assert job.client.hmget(job.keys.worker("w1"), "job", "unit", "entry") == [
+        JID.encode(), b"3", work.msgid.encode()]
+    calls = {k: after[k]["calls"] - before.get(k, {"calls": 0})["calls"] for k in after
+             if k in ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_xreadgroup", "cmdstat_hset")}
+    assert calls.get("cmdstat_evalsha", 0) + calls.get("cmdstat_eval", 0) == 1, calls
+    assert job.read_work("w2", 1) is None  # empty: TAKE says NONE, the read finds nothing
+    got: list[Work | None] = []
+    reader = threading.Thread(target=lambda: got.append(job.read_work("w2", 20_000)))
+    reader.start()
+    wait_for(lambda: any(c["cmd"] == "xreadgroup" and "b" in c["flags"]
+                         for c in job.client.client_list()), 10, "the read to block")
+    job.add_units(JID, OWNER, [[(4, codec.encode(4))]])
+    reader.join(20)
+    assert got and got[0] is not None and not got[0].started  # ``started`` marks it
 
 
 def test_first_result_wins_and_a_duplicate_is_counted(job: Broker):

@@ -169,13 +169,14 @@ def health_problems(site: Site) -> list[str]:
         if not any(p.kind == "sshd" for p in procs):
             problems.append(f"{h.name}: no sshd")
         mine = [p for p in procs if p.kind == "agent"]
-        workers = [p for p in procs if p.kind == "worker"]
-        if len(mine) != 1 or len(workers) != 1:
-            problems.append(f"{h.name}: {len(mine)} agents and {len(workers)} workers: {procs}")
+        workers = [p for p in procs if p.kind == "worker"]  # its worker, and maybe its spare
+        if len(mine) != 1 or len(workers) not in (1, 2):
+            problems.append(f"{h.name}: {len(mine)} agents and {len(workers)} worker "
+                            f"processes: {procs}")
             continue
-        agent, worker = mine[0], workers[0]
-        if worker.ppid != agent.pid:
-            problems.append(f"{h.name}: worker {worker} is not a child of agent {agent}")
+        agent = mine[0]
+        problems += [f"{h.name}: worker {w} is not a child of agent {agent}"
+                     for w in workers if w.ppid != agent.pid]
         servers = [p for p in procs if p.kind == "dataserver"]
         if [p.ppid for p in servers] != [agent.pid]:
             problems.append(f"{h.name}: data servers {servers}, not one of agent {agent}")
@@ -183,9 +184,10 @@ def health_problems(site: Site) -> list[str]:
         if [a["pid"] for a in alive] != [agent.pid]:
             problems.append(f"{h.name}: status shows live agents {[a['id'] for a in alive]}, "
                             f"but the agent running is pid {agent.pid}")
-        elif [w["pid"] for w in alive[0]["workers"]] != [worker.pid]:
+        elif len(alive[0]["workers"]) != 1 or alive[0]["workers"][0]["pid"] not in [
+                w.pid for w in workers]:
             problems.append(f"{h.name}: status shows workers {alive[0]['workers']}, but the "
-                            f"worker running is pid {worker.pid}")
+                            f"worker processes running are {[w.pid for w in workers]}")
     return problems
 
 

@@ -24,8 +24,9 @@ from waiting import wait_for
 from cluster import dataserver
 from cluster.broker import Broker
 from cluster.credentials import Credentials
+from cluster.datapath import DataPath
 from cluster.local import LocalCluster
-from cluster.spool import DIRECT, DataPath, Spool, default_dir, parse, remove_dead_spools
+from cluster.spool import DIRECT, Spool, default_dir, parse, remove_dead_spools
 
 KEY = secrets.token_bytes(32)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -61,7 +62,8 @@ def test_malformed_and_out_of_range_entries_are_rejected(creds_file: Path, broke
     assert submit.returncode == 0, err
     assert json.loads(out) == 6  # 0 + 1 + 2 + 3: nothing forged counted, nothing lost
     assert "7 results entries rejected" in err, err
-    assert "rejected: it names unit -1, but units 0 to 3 were scattered" in err
+    # (how many units were scattered by then depends on how fast the workers took them)
+    assert re.search(r"rejected: it names unit -1, but units 0 to \d were scattered", err), err
     assert f"rejected: it names unit {10**11}" in err
 
 
@@ -89,6 +91,10 @@ def test_forged_results_and_failures_change_nothing(creds_file: Path, broker: Br
     submit, jid = start_gated(creds_file, broker, tmp_path)
     other = Keyring(b"x" * 32).sealer
     try:
+        # every unit queued first: a bit forged for a unit not yet scattered is a denial of
+        # service the README lists (its real result would count as a duplicate)
+        wait_for(lambda: broker.client.hget(broker.keys.job(jid), "scattered") == b"4", 30,
+                 "all four units to be queued")
         recorded, results = broker.keys.recorded(jid), broker.keys.results(jid)
         for index, fields in (
             (3, {"w": "forger", "t": "0.1", "3": codec.encode(666)}),
