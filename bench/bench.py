@@ -22,6 +22,11 @@ list(scatter(params))), params)``. Both get one untimed warm-up run per workload
 rounds that alternate cluster and Pool; the table shows the median and every run. The jobs use
 numpy's element-wise functions only, never BLAS, so BLAS thread settings play no part.
 
+With the Python API (issue 11), (a) and (b) also run through ``cluster.Executor.map`` (one
+Executor on the same local cluster for every run: one job) next to ``ProcessPoolExecutor.map``
+(one pool for every run), the same call for both (chunksize 100 for (a), 1 for (b)); the
+report adds the ratio executor/ppe. ``--no-executor`` leaves them out.
+
 The machine may be shared: each run also records "other load", the CPU time that processes not
 started by this benchmark used during the run, as a share of cores x wall time. A run with much
 other load is slow for reasons outside cluster; the table shows the median per runner. (CPU time
@@ -31,15 +36,18 @@ is counted in 10 ms ticks, so the share is coarse for runs much shorter than a s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import multiprocessing
 import os
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 import types
 from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.pool import Pool
 from pathlib import Path
@@ -50,7 +58,8 @@ import psutil
 from cluster import workdir
 from cluster.broker import Broker
 from cluster.coordinator import Coordinator, RunOptions
-from cluster.credentials import Credentials
+from cluster.credentials import Credentials, write_private
+from cluster.executor import Executor as ClusterExecutor
 from cluster.jobfile import Job, load_job
 from cluster.local import LocalCluster
 
@@ -62,6 +71,9 @@ import startup  # noqa: E402
 from jobs import big, cpu, tiny  # noqa: E402
 
 UNIT_TARGET_S = 0.020
+# Executor.map's chunksize per workload, the same for cluster.Executor and ProcessPoolExecutor:
+# tiny calls batched as map's own knob batches them, ~20 ms calls one by one
+MAP_CHUNKS = {"a": 100, "b": 1}
 NOISY = 0.05  # median other load above which a verdict is flagged as disturbed
 
 
@@ -208,12 +220,29 @@ def run_pool(pool: Pool, module: types.ModuleType, params: dict[str, Any]) -> tu
     return value, time.perf_counter() - started
 
 
+def run_map(executor: Executor, module: types.ModuleType, params: dict[str, Any],
+            chunksize: int) -> tuple[Any, float]:
+    """The job's units through an Executor's map (cluster.Executor or ProcessPoolExecutor),
+    as code written for concurrent.futures would run them: (gathered value, wall seconds)."""
+    started = time.perf_counter()
+    results = list(executor.map(module.compute, module.scatter(params), chunksize=chunksize))
+    value = module.gather(results, params)
+    return value, time.perf_counter() - started
+
+
 def run_serial(module: types.ModuleType, params: dict[str, Any]) -> float:
     """compute() on every unit, one after the other, in this process: seconds."""
     started = time.perf_counter()
     for unit in module.scatter(params):
         module.compute(unit)
     return time.perf_counter() - started
+
+
+def local_credentials(creds: Credentials) -> Path:
+    """The local cluster's credentials file (cluster.Executor takes a file)."""
+    path = Path(tempfile.mkdtemp(prefix="bench-")) / "credentials.json"
+    write_private(path, creds.to_json())
+    return path
 
 
 def wait_for_workers(creds: Credentials, n: int, timeout: float = 30.0) -> None:
@@ -235,7 +264,7 @@ def check(w: Workload, runner: str, value: Any) -> None:
 
 
 def measure(w: Workload, creds: Credentials, pool: Pool, runs: int, warmup: int, n: int,
-            others: dict[str, Any]) -> None:
+            others: dict[str, Any], executors: dict[str, Executor]) -> None:
     """Warm-up, then `runs` rounds of cluster, Pool, the peers (and serial): timings into w."""
     job = load_job(w.path)  # shipped with its directory, as cluster submit does
     job = dataclasses.replace(job, archive=workdir.pack(Path(w.path)))
@@ -245,6 +274,8 @@ def measure(w: Workload, creds: Credentials, pool: Pool, runs: int, warmup: int,
         "pool": lambda: run_pool(pool, w.module, params),
         **{name: (lambda peer=peer: peer.run(w.module, params))  # type: ignore[misc]
            for name, peer in others.items()},
+        **({name: (lambda ex=ex: run_map(ex, w.module, params, MAP_CHUNKS[w.key]))  # type: ignore[misc]
+            for name, ex in executors.items()} if w.key in MAP_CHUNKS else {}),
     }
     for _ in range(warmup):
         for name, runner in runners.items():
@@ -288,9 +319,12 @@ def report(ws: list[Workload], n: int, command: str) -> None:
                 f" {other:>6.0%}  [{runs}]"
             )
         for runner in runs_of:
-            if runner != "cluster":
+            if runner not in ("cluster", "executor"):
                 print(f"{'':<44} {'':<10} {'ratio':<8} "
                       f"{medians['cluster'] / medians[runner]:>9.2f}         cluster/{runner}")
+        if "executor" in medians and "ppe" in medians:
+            print(f"{'':<44} {'':<10} {'ratio':<8} "
+                  f"{medians['executor'] / medians['ppe']:>9.2f}         executor/ppe")
         if w.serials:
             serials = ", ".join(f"{x:.2f}" for x in w.serials)
             median = statistics.median(w.serials)
@@ -315,6 +349,9 @@ def main() -> int:
     parser.add_argument("--peers", default="dask,ray",
                         help="peers to run beside cluster and Pool: dask, ray (comma-separated; "
                              "'none': neither); one not installed is skipped with a message")
+    parser.add_argument("--no-executor", dest="executor", action="store_false",
+                        help="skip the map runners of (a) and (b): cluster.Executor.map on the "
+                             "same local cluster, and ProcessPoolExecutor.map")
     parser.add_argument("--startup-runs", type=int, default=5,
                         help="start-ups and cold 1-unit submits timed per runner (0: none)")
     parser.add_argument(
@@ -343,12 +380,18 @@ def main() -> int:
     ups = startup.measure(n, args.startup_runs, names) if args.startup_runs else None
     others: dict[str, Any] = {}
     try:
-        with LocalCluster() as creds, multiprocessing.Pool(n) as pool:
+        with LocalCluster() as creds, multiprocessing.Pool(n) as pool, \
+                contextlib.ExitStack() as stack:
             wait_for_workers(creds, n)
             for name in names:
                 others[name] = peers.PEERS[name](n)
+            executors: dict[str, Executor] = {}
+            if args.executor:  # each one session for every run: one job, one process pool
+                executors["executor"] = stack.enter_context(ClusterExecutor(
+                    credentials=str(local_credentials(creds)), directory=HERE))
+                executors["ppe"] = stack.enter_context(ProcessPoolExecutor(n))
             for w in chosen:
-                measure(w, creds, pool, args.runs, args.warmup, n, others)
+                measure(w, creds, pool, args.runs, args.warmup, n, others, executors)
     finally:
         for peer in others.values():
             peer.close()

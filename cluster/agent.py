@@ -119,7 +119,7 @@ class Slot:
 
 SECRET = re.compile(r"^CLUSTER_(REDIS_|KEY|TLS_)")  # where the agent may have found its secrets
 HEALTHY_S = 30.0  # a worker up this long resets its slot's restart backoff
-SPARE_AFTER_S = 1.0  # a spare at normal priority starts once its CPU's worker is this old
+SPARE_AFTER_S = 1.0  # a spare starts once its CPU's worker is this old
 EXIT_POLL_S = 0.05  # between heartbeats, how often the agent looks for workers that exited
 
 
@@ -299,16 +299,15 @@ class Agent:
             self.keep_spare(slot)
 
     def keep_spare(self, slot: Slot) -> None:
-        """Start the slot's spare once its worker runs (at once at idle priority, else once
-        the worker is past its own start), and again if the spare died."""
+        """Start the slot's spare once its worker is past its own start (the two would share
+        the CPU), and again if the spare died."""
         if not self.settings.spares or self.stopping or slot.proc is None:
             return
         if slot.spare is not None and slot.spare.poll() is not None:
             log.warning("spare worker process on CPU %d %s", slot.cpu,
                         describe_exit(slot.spare.returncode))
             slot.spare = None
-        if slot.spare is None and (self.idle_spares
-                                   or self.clock() - slot.started_at >= SPARE_AFTER_S):
+        if slot.spare is None and self.clock() - slot.started_at >= SPARE_AFTER_S:
             try:
                 slot.spare = self.spawn(slot, idle=self.idle_spares)
             except OSError as exc:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
@@ -11,6 +11,9 @@ if TYPE_CHECKING:
     import numpy as np
 
 _current: ContextVar[tuple[int, int]] = ContextVar("cluster_unit")
+# the job a worker runs, and how to verify what the cluster's code key signed for it
+Verify = Callable[[str, bytes, bytes], bool]
+_job: ContextVar[tuple[str, Verify]] = ContextVar("cluster_job")
 
 
 @contextmanager
@@ -21,6 +24,29 @@ def running_unit(seed: int, index: int) -> Iterator[None]:
         yield
     finally:
         _current.reset(token)
+
+
+@contextmanager
+def running_job(jid: str, verify: Verify) -> Iterator[None]:
+    """For ``tasks``: the job whose unit runs, and a check of signatures by the cluster's code
+    key (its public half: nothing secret)."""
+    token = _job.set((jid, verify))
+    try:
+        yield
+    finally:
+        _job.reset(token)
+
+
+def current_job() -> tuple[str, Verify]:
+    try:
+        return _job.get()
+    except LookupError:
+        raise RuntimeError("no cluster job is running here") from None
+
+
+def unit_seed() -> int:
+    """The seed of the job whose unit is being computed."""
+    return _current.get()[0]
 
 
 def unit_index() -> int:

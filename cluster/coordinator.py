@@ -56,7 +56,7 @@ from .jobfile import Job, user_traceback
 from .joblogs import Follower, save_local
 from .plan import Batcher, Tally, host_of, speculation_threshold_ms
 from .progress import NoReporter, Reporter
-from .results import Results, RunResult
+from .results import Deliver, Results, RunResult
 from .resume import Limits, Overlap, note, open_job, signed
 from .signing import Keyring
 from .spool import machine_id
@@ -66,6 +66,8 @@ REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, RedisUnavailable)
 Batch = list[tuple[int, bytes]]
 # writes the result: (value, job id, why it is not kept in Redis or None); ``OutputFailed``
 Write = Callable[[Any, str, str | None], None]
+# what a scatter yields when it has no unit now but may have more later (cluster.Executor)
+WAIT = object()
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class RunOptions:
     stream_logs: bool = False  # show what job code writes on stderr as it arrives (--logs)
     keep_logs_locally: bool = False  # a private local cluster: its Redis ends with the run
     overlap: str = "forbid"  # what to do about a live run of the same job (control.settle)
+    poll_ms: int = 100  # how long a step waits for results (cluster.Executor: less)
     name: str | None = None  # --name: the job goes by this name, for --overlap and resume
 
     @property
@@ -99,7 +102,8 @@ class RunOptions:
 class Coordinator:
     def __init__(self, broker: Broker, job: Job, params: dict[str, Any], key: bytes,
                  options: RunOptions, reporter: Reporter | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 deliver: Deliver | None = None) -> None:
         self.broker = broker
         self.job = job
         self.params = params
@@ -118,7 +122,8 @@ class Coordinator:
         self.identity = ""
         self.tally = Tally()
         self.batcher = Batcher()
-        self.results = Results(job.reduce)
+        self.results = Results(job.reduce, deliver)
+        self.waiting = False  # scatter has no unit now, but may have more (``WAIT``)
         self.units: Iterator[Any] = iter(())
         self.unsent: list[Batch] = []
         self.sent = 0  # units confirmed queued in Redis (its `scattered` counter)
@@ -195,7 +200,7 @@ class Coordinator:
     def step(self) -> None:
         self.check_deadline()
         self.fill()
-        self.gatherer.collect(block_ms=100)
+        self.gatherer.collect(block_ms=self.options.poll_ms)
         self.reporter.update(self.tally.done, self.total, self.stats.get("reissued", 0))
         self.maintain()
         if self.options.stream_logs:
@@ -356,7 +361,9 @@ class Coordinator:
         batches = self.tally.whole_batches(self.workers, batch,
                                            batch * self.batcher.result_bytes)
         building = not self.unsent  # batches left over from an outage go first
-        while building and batches > 0 and not self.tally.exhausted and len(self.unsent) < 64:
+        self.waiting = False
+        while building and batches > 0 and not self.tally.exhausted and len(self.unsent) < 64 \
+                and not self.waiting:
             batches -= 1
             current: Batch = []
             size = 0
@@ -390,6 +397,9 @@ class Coordinator:
             return index, None
         except Exception as exc:  # noqa: BLE001
             raise self.user_error("scatter()", exc) from None
+        if unit is WAIT:
+            self.waiting = True
+            return index, None
         self.tally.scattered += 1
         if self.results.is_taken(index) or (index < self.skip and index not in self.reclaimed):
             return index, b""

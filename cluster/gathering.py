@@ -277,6 +277,8 @@ class Gatherer:
             self.errors[index] = {k: v for k, v in error.items() if k != "output"}
         self.last_progress = self.clock()
         log.warning("unit=%d job=%s failed: %s", index, self.jid, error.get("error"))
+        if self.results.deliver is not None:
+            self.results.deliver(index, None, error)
         if self.tally.failed > self.max_failed:
             raise UnitFailed(index, error.get("error", "?"), attempts=error.get("attempts", 0),
                              worker=error.get("worker", "?"),

@@ -105,7 +105,8 @@ class LocalCluster:
         self.agent_args = agent_args
         sweep_stale(Path(tempfile.gettempdir()))
         self.dir = Path(tempfile.mkdtemp(prefix=PREFIX))
-        (self.dir / "owner.pid").write_text(str(os.getpid()))
+        self.owner = os.getpid()
+        (self.dir / "owner.pid").write_text(str(self.owner))
         shm = spool.memory_dir()  # large results, in memory where there is a place for it
         self.spool = self.dir / "spool" if shm == self.dir.parent else shm / self.dir.name
         self.redis: subprocess.Popen[bytes] | None = None
@@ -199,7 +200,11 @@ class LocalCluster:
         """Kill the agent with its workers, then Redis, and remove the directory. Nothing of
         a private cluster outlives its job: Redis keeps nothing (no AOF, no snapshot), so a
         graceful stop (workers finishing a batch, the agent unregistering) has nothing to
-        save, and would only make the user wait."""
+        save, and would only make the user wait. Only the process that started the cluster
+        stops it: not a copy of it made by fork (a multiprocessing child ending runs the
+        exit hooks of threading, ``cluster.Executor``'s among them)."""
+        if os.getpid() != self.owner:
+            return
         if self.agent is not None:
             self.kill(self.agent)
         if self.redis is not None:

@@ -13,13 +13,19 @@ from typing import Any
 from .plan import Tally
 
 _EMPTY = object()  # the accumulator before the first result
+# (index, value, None) for a result, (index, None, error) for a unit that failed
+Deliver = Callable[[int, Any, "dict[str, Any] | None"], None]
 
 
 class Results:
     """Results by index, or folded into an accumulator by the job's ``reduce``."""
 
-    def __init__(self, reduce: Callable[[Any, Any], Any] | None) -> None:
+    def __init__(self, reduce: Callable[[Any, Any], Any] | None,
+                 deliver: Deliver | None = None) -> None:
         self.reduce = reduce
+        # cluster.Executor: each result (or failure) goes to its Future as it arrives, and
+        # nothing is kept here
+        self.deliver = deliver
         self.values: dict[int, Any] = {}
         self.accumulator: Any = _EMPTY
         self.taken = bytearray()
@@ -49,8 +55,10 @@ class Results:
         return lost
 
     def add(self, index: int, value: Any) -> None:
-        """Keep (or fold) the result of a unit just marked."""
-        if self.reduce is None:
+        """Keep (or fold, or deliver) the result of a unit just marked."""
+        if self.deliver is not None:
+            self.deliver(index, value, None)
+        elif self.reduce is None:
             self.values[index] = value
         elif self.accumulator is _EMPTY:
             self.accumulator = value
@@ -60,6 +68,8 @@ class Results:
     def gathered(self, count: int) -> Any:
         """What ``gather`` receives: results in scatter order (None for a failed unit), or
         the accumulator."""
+        if self.deliver is not None:
+            return None
         if self.reduce is not None:
             return None if self.accumulator is _EMPTY else self.accumulator
         ordered = [self.values.get(i) for i in range(count)]

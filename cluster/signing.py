@@ -123,6 +123,11 @@ def description_bytes(fields: dict[str, Any]) -> bytes:
                       separators=(",", ":")).encode()
 
 
+def code_bytes(jid: str, blob: bytes) -> bytes:
+    """What a pickle's signature covers: a job description (JSON, ``{...}``) never reads so."""
+    return b"cluster pickle v1\x00" + jid.encode() + b"\x00" + blob
+
+
 @dataclass(frozen=True)
 class WorkerKeys:
     """What a worker holds: the message key and the public half of the code key."""
@@ -140,6 +145,15 @@ class WorkerKeys:
             Ed25519PublicKey.from_public_bytes(self.code_public).verify(
                 sig, description_bytes(fields))
         except (ValueError, UnicodeDecodeError, InvalidSignature):
+            return False
+        return True
+
+    def verify_code(self, jid: str, blob: bytes, signature: bytes) -> bool:
+        """A pickle signed for job ``jid`` with the cluster's code key (``Keyring.sign_code``)."""
+        try:
+            Ed25519PublicKey.from_public_bytes(self.code_public).verify(
+                signature, code_bytes(jid, blob))
+        except (ValueError, InvalidSignature):
             return False
         return True
 
@@ -179,6 +193,10 @@ class Keyring:
 
     def sign_job(self, fields: dict[str, Any]) -> str:
         return self._code_key().sign(description_bytes(fields)).hex()
+
+    def sign_code(self, jid: str, blob: bytes) -> bytes:
+        """Sign a pickle (a function, arguments) for job ``jid``: workers load only these."""
+        return self._code_key().sign(code_bytes(jid, blob))
 
     def for_workers(self) -> WorkerKeys:
         public = self._code_key().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)

@@ -32,7 +32,7 @@ import redis
 from . import codec
 from .broker import Broker
 from .capture import Capture, is_ours
-from .context import running_unit
+from .context import running_job, running_unit
 from .credentials import Credentials
 from .entries import Commit, LogRecord, Outcome, Work
 from .errors import ClusterError, CodecError, RedisFull, RedisUnavailable
@@ -361,7 +361,7 @@ class Worker:
         except CodecError as exc:
             return self.failure(work, index, blob, "fatal", f"unit cannot be decoded: {exc}", "")
         try:
-            with running_unit(job.seed, index):
+            with running_unit(job.seed, index), running_job(work.jid, self.keys.verify_code):
                 result = job.module.compute(unit)
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - the job's own failure
             tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next

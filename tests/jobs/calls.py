@@ -1,0 +1,58 @@
+"""Functions that tests call through ``cluster.Executor`` and ``ProcessPoolExecutor`` alike:
+importable on the workers (this directory is shipped), so they travel by reference."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+import cluster
+
+
+def mul(x, y):
+    return x * y
+
+
+def power(x, exponent=2):
+    return x ** exponent
+
+
+def sleep_and_return(seconds, value=None):
+    time.sleep(seconds)
+    return value
+
+
+def raise_runtime_error():
+    raise RuntimeError(123)  # some comment
+
+
+def noisy_stats(seed_offset, size):
+    """A small numpy computation whose result depends on its inputs only."""
+    rng = np.random.default_rng(1000 + seed_offset)
+    data = rng.normal(size=size)
+    return {"mean": float(data.mean()), "hist": np.histogram(data, bins=8)[0],
+            "shape": data.reshape(-1, 2).shape, "tag": ("unit", seed_offset)}
+
+
+def marked(index, directory, gate=None):
+    """Note that call ``index`` started (a file named by its index and pid); with ``gate``,
+    then wait until that file exists."""
+    Path(directory, f"{index}.{os.getpid()}").touch()
+    gated(gate)
+    return index * index
+
+
+def gated(gate, value=None):
+    """Return ``value`` once the file ``gate`` exists (at once for None): a call that runs as
+    long as a test wants."""
+    while gate is not None and not os.path.exists(gate):
+        time.sleep(0.01)
+    return value
+
+
+def drawn(n):
+    """Numbers from cluster.unit_rng(): the same for the same call, wherever it runs."""
+    return cluster.unit_rng().integers(0, 1000, size=n)
