@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ from waiting import wait_for
 from cluster.accounts import BECOME
 from cluster.credentials import Credentials
 from cluster.errors import ExitCode
+from cluster.executor import Executor
 from cluster.spool import memory_dir
 
 pytestmark = pytest.mark.slow
@@ -833,4 +835,41 @@ def test_a_second_coordinator_fences_the_first(site: Site, tmp_path: Path):
     # the fenced coordinator journals how it ended, before the second finishes
     assert journal_events(journal) == [("started", jid), ("resumed", jid), ("fenced", jid),
                                        ("finished", jid)]
+    wait_healthy(site)
+
+
+def test_an_executor_on_the_hosts_gives_what_process_pool_gives(site: Site, tmp_path: Path):
+    """cluster.Executor on the namespace hosts (the coordinator here, workers there), with
+    the worker computing call 0 of a map SIGKILLed: the same results as ProcessPoolExecutor."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    sys.path.insert(0, str(SAMPLES))
+    import calls  # shipped with its directory
+
+    marks, gate = tmp_path / "marks", tmp_path / "gate"
+    marks.mkdir(mode=0o777)
+    os.chmod(marks, 0o777)  # the workers run as a user of their own
+    n = 30
+
+    def program(ex, directory: str, gate: str | None) -> list[object]:
+        out: list[object] = list(ex.map(calls.noisy_stats, range(n), [100] * n))
+        return out + list(ex.map(calls.marked, range(n), [directory] * n,
+                                 [gate] + [None] * (n - 1)))
+
+    with ProcessPoolExecutor(2) as pool:
+        expected = program(pool, str(tmp_path), None)
+    with Executor(hosts=str(site.ini), directory=SAMPLES) as ex:
+        running: dict[str, object] = {}
+        thread = threading.Thread(target=lambda: running.update(
+            got=program(ex, str(marks), str(gate))))
+        thread.start()
+        first = wait_for(lambda: [m for m in marks.iterdir() if m.name.startswith("0.")], 120,
+                         "call 0 to start on a host")
+        victim = int(first[0].name.split(".")[1])
+        host = next(h for h in site.net.hosts if victim in [p.pid for p in of_kind(h, "worker")])
+        os.kill(victim, signal.SIGKILL)
+        gate.touch()
+        thread.join(300)
+    assert calls.same(running["got"], expected), host.name
+    assert len([m for m in marks.iterdir() if m.name.startswith("0.")]) == 2  # run twice
     wait_healthy(site)

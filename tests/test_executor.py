@@ -290,20 +290,10 @@ def program(ex: cf.Executor) -> list[object]:
     return out
 
 
-def same(a: object, b: object) -> bool:
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, np.ndarray):
-        return isinstance(b, np.ndarray) and a.dtype == b.dtype and bool((a == b).all())
-    return type(a) is type(b) and a == b
-
-
 def test_the_same_program_gives_the_same_results_as_process_pool(executor: Executor):
     with cf.ProcessPoolExecutor(2) as pool:
         expected = program(pool)
-    got = program(executor)
-    assert len(got) == len(expected) and all(same(a, b) for a, b in zip(got, expected,
-                                                                        strict=True))
+    assert calls.same(program(executor), expected)
 
 
 def test_a_worker_sigkilled_mid_map_loses_nothing(local_cluster: Path, tmp_path: Path):

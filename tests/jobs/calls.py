@@ -56,3 +56,14 @@ def gated(gate, value=None):
 def drawn(n):
     """Numbers from cluster.unit_rng(): the same for the same call, wherever it runs."""
     return cluster.unit_rng().integers(0, 1000, size=n)
+
+
+def same(a, b):
+    """For the tests: equal values of the same types (arrays: same dtype and elements)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and bool((a == b).all())
+    return type(a) is type(b) and a == b
