@@ -81,16 +81,18 @@ class Executor(BaseExecutor):
     starts (``cores`` workers, default every core) and stops again on ``shutdown``.
 
     ``max_attempts``: how many times a call that kills its worker is tried. ``timeout``:
-    seconds the whole Executor may run. ``progress``: a progress bar (or lines) on stderr, as
-    ``cluster submit`` shows. ``directory``: shipped to the workers and put first on their
-    ``sys.path`` (modules of yours that functions come from); default: the directory of the
-    running script, none in a notebook or an interactive session. ``seed``: for
+    seconds the whole Executor may run. ``progress``: True shows on stderr what ``cluster
+    submit`` shows (a bar on a terminal, else lines), or name a mode: bar, lines.
+    ``directory``: shipped to the workers and put first on their ``sys.path`` (modules of
+    yours that functions come from); default: the directory of the running script, none in a
+    notebook or an interactive session (False: none). ``seed``: for
     ``cluster.unit_rng()`` inside calls (each call has its own stream, by its submission
     number)."""
 
     def __init__(self, hosts: str | None = None, *, redis: str | None = None,
                  credentials: str | None = None, cores: int | None = None,
-                 max_attempts: int = 3, timeout: float | None = None, progress: bool = False,
+                 max_attempts: int = 3, timeout: float | None = None,
+                 progress: bool | str = False,
                  directory: str | Path | bool | None = None, seed: int = 0,
                  worker_timeout: float = 30.0) -> None:
         self._lock = threading.Condition()
@@ -114,7 +116,7 @@ class Executor(BaseExecutor):
             raise
 
     def _start(self, creds: Credentials, max_attempts: int, timeout: float | None,
-               progress_bar: bool, directory: str | Path | bool | None, seed: int,
+               progress_mode: bool | str, directory: str | Path | bool | None, seed: int,
                worker_timeout: float) -> None:
         module = load_source(tasks.SOURCE, tasks.PATH, module_name="cluster_executor_tasks")
         module.__dict__["scatter"] = lambda params: self._units()  # calls, as submitted
@@ -136,7 +138,7 @@ class Executor(BaseExecutor):
         self._broker = Broker.of(creds, socket_timeout=15.0, retry_s=options.redis_grace_s)
         self._coordinator = Coordinator(
             self._broker, job, {}, creds.key, options,
-            progress.reporter("bar" if progress_bar else "none"), deliver=self._deliver)
+            progress.reporter(_progress_mode(progress_mode)), deliver=self._deliver)
         # one submit (or one chunk of map) per stream entry: a call's result does not wait for
         # other calls batched with it (map's chunksize batches, as for ProcessPoolExecutor)
         self._coordinator.batcher.max_units = 1
@@ -336,6 +338,19 @@ def _shutdown_all() -> None:
 
 
 threading._register_atexit(_shutdown_all)  # type: ignore[attr-defined]  # before threads join
+
+
+def _progress_mode(mode: bool | str) -> str:
+    """``progress=True`` shows what cluster submit shows (a bar on a terminal, else lines);
+    a mode of ``--progress`` by name."""
+    if mode is True:
+        return "auto"
+    if mode is False:
+        return "none"
+    if mode not in ("auto", "bar", "lines", "none"):
+        raise UsageError(f"cluster.Executor: progress={mode!r}: True, False, or auto, bar, "
+                         "lines, none")
+    return mode
 
 
 def _directory(directory: str | Path | bool | None) -> Path | None:

@@ -279,6 +279,21 @@ def test_a_broken_cluster_fails_every_waiting_future(creds_file: Path):
             ex.submit(pow, 2, 2)
 
 
+def test_timeout_stops_the_executor(local_cluster: Path, gate: str):
+    with Executor(credentials=str(local_cluster), directory=SAMPLES, timeout=3) as ex:
+        stuck = ex.submit(calls.gated, gate)
+        with pytest.raises(BrokenCluster, match="did not finish within 3 s"):
+            stuck.result(120)
+
+
+def test_progress_shows_the_bar_of_cluster_submit(local_cluster: Path,
+                                                  capfd: pytest.CaptureFixture[str]):
+    with Executor(credentials=str(local_cluster), directory=False, progress="bar") as ex:
+        assert list(ex.map(abs, [-1, -2, -3])) == [1, 2, 3]
+    err = capfd.readouterr().err
+    assert "unit" in err and "reissued" in err, err
+
+
 # -- the same program, ProcessPoolExecutor and cluster.Executor -------------------------------
 
 
