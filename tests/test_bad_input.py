@@ -342,12 +342,12 @@ def test_timeout_on_the_local_default_abandons_running_units(tmp_path: Path) -> 
     # (Redis, an agent, workers importing numpy), which takes seconds on a busy 2-core machine;
     # every unit outlasts the timeout by far, so none can end before it.
     log = tmp_path / "units.log"
-    result, left = run_tagged("submit", job("sleepy"), "--timeout", "15", "--cores", "2",
+    result, left = run_tagged("submit", job("sleepy"), "--timeout", "10", "--cores", "2",
                               "--param", "sleep=60", "--param", f"log={log}")
     assert result.returncode == ExitCode.TIMEOUT, result.stderr
     assert left == []
     events = log.read_text().split("\n") if log.exists() else []
-    assert any(e.startswith("start") for e in events), "no unit started within 15 s"
+    assert any(e.startswith("start") for e in events), "no unit started within 10 s"
     finished = [e for e in events if e.startswith("end")]
     assert finished == [], f"units ran on to completion after the job was abandoned: {finished}"
 

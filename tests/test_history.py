@@ -170,6 +170,10 @@ def test_an_interrupted_run(creds_file: Path, agent: object, broker: Broker,
         text=True, cwd=ROOT)
     try:
         jid = registered(broker)
+        # once it scatters, its coordinator has opened the job (registered, then told Redis
+        # its expiry): the interrupt falls on a run that knows its job
+        wait_for(lambda: int(broker.client.hget(broker.keys.job(jid), "scattered") or 0) > 0,
+                 30, "the job's first units to be queued")
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
