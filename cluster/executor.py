@@ -39,6 +39,7 @@ log = logging.getLogger("cluster.executor")
 EVERYTHING = 1 << 62  # failed units an Executor's job tolerates: each fails its own Future
 IN_FLIGHT = 4096  # calls that map() keeps submitted ahead of the one it yields
 SIGNED_KEPT = 256  # functions kept pickled and signed
+IDLE_WAIT_S = 0.25  # an idle coordinator's wait for a call, between its upkeep (maintain)
 
 
 class BrokenCluster(BrokenExecutor):
@@ -134,7 +135,7 @@ class Executor(BaseExecutor):
         options = RunOptions(seed=seed, max_attempts=max_attempts, max_failed=EVERYTHING,
                              timeout=timeout, worker_timeout=worker_timeout,
                              keep_logs_locally=self._local is not None, overlap="allow",
-                             poll_ms=5)
+                             poll_ms=20)
         self._broker = Broker.of(creds, socket_timeout=15.0, retry_s=options.redis_grace_s)
         self._coordinator = Coordinator(
             self._broker, job, {}, creds.key, options,
@@ -213,6 +214,7 @@ class Executor(BaseExecutor):
             if self._closed:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._queue.append(chunk)
+            self._lock.notify_all()  # an idle coordinator waits for this (``_units``)
         return chunk
 
     def _units(self) -> Iterator[Any]:
@@ -226,6 +228,10 @@ class Executor(BaseExecutor):
                 index += 1
                 continue
             with self._lock:
+                if not self._queue and not self._closed and self._idle():
+                    # nothing in flight: wait here for a call (not in a loop polling Redis);
+                    # the coordinator's upkeep runs between these waits
+                    self._lock.wait(IDLE_WAIT_S)
                 chunk = self._queue.popleft() if self._queue else None
                 if chunk is None and self._closed:
                     return
@@ -243,6 +249,10 @@ class Executor(BaseExecutor):
                     unit = {}  # nothing to compute: a unit that no call is waiting for
                 yield unit
                 index += 1
+
+    def _idle(self) -> bool:
+        """No call sent and not yet answered."""
+        return self._coordinator.tally.outstanding == 0 and not self._coordinator.unsent
 
     def _unit(self, index: int, chunk: _Chunk) -> dict[str, Any]:
         return {"f": self._function(chunk.fn), "n": self._first[index],
