@@ -98,7 +98,10 @@ def processes(host: NsHost) -> list[Proc]:
             continue  # gone meanwhile
         fields = stat[stat.rindex(")") + 2:].split()
         found.append(Proc(pid, int(fields[1]), fields[0], cmd.strip()))
-    return found
+    # a child the agent is starting (a worker or a spare, between fork and exec) still has the
+    # agent's command line: it is not a second agent
+    agents = {p.pid for p in found if p.kind == "agent"}
+    return [p for p in found if not (p.kind == "agent" and p.ppid in agents)]
 
 
 def of_kind(host: NsHost, kind: str) -> list[Proc]:
