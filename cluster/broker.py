@@ -27,7 +27,7 @@ from redis.retry import Retry
 
 from . import scripts
 from .credentials import Credentials, redact
-from .entries import Commit, Outcome, Renewal, Snapshot, Work
+from .entries import Batch, Commit, Outcome, Renewal, Snapshot, Work
 from .errors import Fenced, JobGone, RedisFull, RedisRefused, RedisUnavailable
 from .fleet import Fleet
 from .keys import GROUP, JOB_ID, Keys
@@ -38,24 +38,30 @@ QUIET_START_S = 1.0  # Redis may be starting beside us (a local cluster): no war
 BLOB_THRESHOLD = 32 * 1024  # results at least this large travel beside the RECORD script
 
 
+HEAD_FIELDS = (b"r", b"n", b"s", b"p")
+
+
 def _work(msgid: str, fields: dict[bytes, bytes], started: bool = False) -> Work | None:
-    """A work entry as ADD, REISSUE and REQUEUE write it (``j`` job id, ``a`` attempt, maybe
-    ``r`` the reason of its last worker's death, maybe ``n``: no result of it to the host's
-    spool, then unit index -> unit), or None."""
+    """A work entry as ADD, REISSUE, SPLIT and REQUEUE write it (see ``scripts.ADD``), or
+    None."""
     items = list(fields.items())
     try:
-        reason, spool = "", True
-        if len(items) > 2 and items[2][0] == b"r":
-            reason = items.pop(2)[1].decode("utf-8", "replace")[:200]
-        if len(items) > 2 and items[2][0] == b"n":
-            spool = not items.pop(2)[1]
         if len(items) < 3 or items[0][0] != b"j" or items[1][0] != b"a":
             return None
-        units = [(int(k), v) for k, v in items[2:]]
+        head: dict[bytes, bytes] = {}
+        first = 2
+        while first < len(items) and items[first][0] in HEAD_FIELDS:
+            head[items[first][0]] = items[first][1]
+            first += 1
+        units = [(int(k), v) for k, v in items[first:]]
         attempt = int(items[1][1])
-        if attempt < 1 or any(i < 0 for i, _ in units):
+        split = b"s" in head and len(units) > 1  # to split before computing (``TAKE``)
+        if attempt < 1 or not units or any(i < 0 for i, _ in units):
             return None
-        return Work(msgid, items[0][1].decode(), attempt, units, reason, spool, started)
+        return Work(msgid, items[0][1].decode(), attempt, units,
+                    reason=head.get(b"r", b"").decode("utf-8", "replace")[:200],
+                    spool=not head.get(b"n"), started=started and not split,
+                    split=split, packed=head.get(b"p", b""))
     except (ValueError, UnicodeDecodeError):
         return None
 
@@ -92,6 +98,7 @@ class Broker(Fleet):
         self._claim = reg(scripts.CLAIM)
         self._release = reg(scripts.RELEASE)
         self._take = reg(scripts.TAKE)
+        self._split = reg(scripts.SPLIT)
 
     @classmethod
     def of(cls, creds: Credentials, *, timeout: float = 5.0, socket_timeout: float = 60.0,
@@ -203,14 +210,18 @@ class Broker(Fleet):
             pipe.execute()
 
     @edge
-    def add_units(self, jid: str, owner: str, batches: Sequence[Sequence[tuple[int, bytes]]]
-                  ) -> None:
-        """Queue batches of encoded units, in one round trip. ``JobGone`` or ``Fenced`` when
-        the job is not ours to add to (then none of the batches was queued)."""
+    def add_units(self, jid: str, owner: str,
+                  batches: Sequence[Batch | Sequence[tuple[int, bytes]]]) -> None:
+        """Queue batches of encoded units (a plain list: index -> sealed unit), in one round
+        trip. ``JobGone`` or ``Fenced`` when the job is not ours to add to (then none of the
+        batches was queued)."""
         def build(pipe: redis.client.Pipeline) -> None:
-            for batch in batches:
-                args: list[Any] = [owner, jid, 1]
-                for index, blob in batch:
+            for given in batches:
+                batch = given if isinstance(given, Batch) else Batch(list(given))
+                args: list[Any] = [owner, jid, 1, len(batch)]
+                if batch.packed:
+                    args += ("p", batch.packed)
+                for index, blob in batch.units:
                     args += (index, blob)
                 by_sha(pipe, self._add, [self.keys.units, self.keys.job(jid)], args)
 
@@ -545,6 +556,18 @@ class Broker(Fleet):
         return [bool(n) for n in pipe.execute()]
 
     @edge
+    @edge
+    def split(self, work: Work, wid: str, units: Sequence[tuple[int, bytes]]) -> int:
+        """Replace a packed entry marked to be split with one entry per unit (``units``:
+        index, unit sealed on its own); how many were queued (0 when an earlier call, whose
+        reply was lost, did it, or when the job is gone)."""
+        args: list[Any] = [GROUP, work.msgid, wid, work.jid, work.attempt,
+                           "" if work.spool else "1"]
+        for index, blob in units:
+            args += (index, blob)
+        reply = self._split(keys=[self.keys.units, self.keys.job(work.jid)], args=args)
+        return int(reply[1])
+
     def started(self, wid: str, work: Work) -> None:
         """The worker starts computing ``work``: a death from now on is charged to it (and
         ``cluster status`` shows the job and unit)."""
@@ -553,16 +576,18 @@ class Broker(Fleet):
 
     @edge
     def record(self, work: Work, wid: str, seconds: float, outcomes: Sequence[Outcome],
-               log_bound: int = 0) -> Commit:
+               log_bound: int = 0, packed: bytes = b"") -> Commit:
         """Commit a batch (see ``Commit`` for the answers), with the log records of its units
-        (up to ``log_bound`` bytes for the job). Safe to call again with the same arguments
+        (up to ``log_bound`` bytes for the job) and ``packed``, the sealed small results that
+        outcomes with the payload ``P`` name. Safe to call again with the same arguments
         after a lost reply (log records may then be written twice: readers drop the copy)."""
         k = self.keys
         self.check_room(sum(len(o.payload) for o in outcomes
                             if o.kind == "ok" and len(o.payload) >= BLOB_THRESHOLD))
         logs = [o.log for o in outcomes if o.log]
         attempt = secrets.token_hex(4)  # no commit can touch another commit's large results
-        args: list[Any] = [GROUP, work.msgid, wid, f"{seconds:.6f}", work.jid, work.attempt]
+        args: list[Any] = [GROUP, work.msgid, wid, f"{seconds:.6f}", work.jid, work.attempt,
+                           packed]
         blobs: list[tuple[str, bytes]] = []
         for o in outcomes:
             payload = o.payload

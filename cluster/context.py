@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -14,6 +14,16 @@ _current: ContextVar[tuple[int, int]] = ContextVar("cluster_unit")
 # the job a worker runs, and how to verify what the cluster's code key signed for it
 Verify = Callable[[str, bytes, bytes], bool]
 _job: ContextVar[tuple[str, Verify]] = ContextVar("cluster_job")
+
+
+def enter_unit(seed: int, index: int) -> Token[tuple[int, int]]:
+    """``running_unit`` without a context manager (the worker's loop, once per unit): pass
+    the token to ``leave_unit``."""
+    return _current.set((seed, index))
+
+
+def leave_unit(token: Token[tuple[int, int]]) -> None:
+    _current.reset(token)
 
 
 @contextmanager

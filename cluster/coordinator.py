@@ -36,7 +36,7 @@ import redis
 
 from . import codec, dataserver
 from .broker import Broker
-from .entries import Snapshot
+from .entries import Batch, Snapshot
 from .errors import (
     ClusterError,
     CodecError,
@@ -54,6 +54,7 @@ from .gathering import Gatherer
 from .heartbeat import Heartbeat
 from .jobfile import Job, user_traceback
 from .joblogs import Follower, save_local
+from .packing import Packer, Units
 from .plan import Batcher, Tally, host_of, speculation_threshold_ms
 from .progress import NoReporter, Reporter
 from .results import Deliver, Results, RunResult
@@ -63,7 +64,8 @@ from .spool import machine_id
 
 log = logging.getLogger("cluster.coordinator")
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, RedisUnavailable)
-Batch = list[tuple[int, bytes]]
+NO_UNIT = object()  # scatter has no unit now (``next_unit``)
+GATHERED = object()  # a unit that needs no queueing
 # writes the result: (value, job id, why it is not kept in Redis or None); ``OutputFailed``
 Write = Callable[[Any, str, str | None], None]
 # what a scatter yields when it has no unit now but may have more later (cluster.Executor)
@@ -126,6 +128,8 @@ class Coordinator:
         self.waiting = False  # scatter has no unit now, but may have more (``WAIT``)
         self.units: Iterator[Any] = iter(())
         self.unsent: list[Batch] = []
+        self.backlog: Units = []  # scattered, not in a batch yet (``Packer``)
+        self.packer = Packer(self.sealer, self.batcher.max_bytes, self.encoded)
         self.sent = 0  # units confirmed queued in Redis (its `scattered` counter)
         self.skip = 0  # units the previous coordinator had queued already
         self.snapshot: Snapshot | None = None  # resumed: recorded units at the takeover
@@ -353,6 +357,11 @@ class Coordinator:
         while self.unsent and queued - self.sent >= len(self.unsent[0]):
             self.sent += len(self.unsent.pop(0))
 
+    @property
+    def idle(self) -> bool:
+        """Every unit scattered so far is recorded (none queued, none waiting to be)."""
+        return self.tally.outstanding == 0 and not self.unsent and not self.backlog
+
     def fill(self) -> None:
         """Queue whole batches while the window has room for one: a batch finishing frees
         room for a whole batch to follow it, not for a sliver of one (batches would shrink
@@ -362,19 +371,17 @@ class Coordinator:
                                            batch * self.batcher.result_bytes)
         building = not self.unsent  # batches left over from an outage go first
         self.waiting = False
-        while building and batches > 0 and not self.tally.exhausted and len(self.unsent) < 64 \
-                and not self.waiting:
+        while building and batches > 0 and (self.backlog or not self.tally.exhausted) \
+                and len(self.unsent) < 64 and not self.waiting:
             batches -= 1
-            current: Batch = []
-            size = 0
-            while len(current) < batch and size < self.batcher.max_bytes:
-                index, blob = self.next_unit()
-                if blob is None:
+            while len(self.backlog) < batch:
+                index, unit = self.next_unit()
+                if unit is NO_UNIT:
                     break
-                if blob:  # empty: gathered already, before Redis lost its data
-                    current.append((index, blob))
-                    size += len(blob)
-            if current:
+                if unit is not GATHERED:
+                    self.backlog.append((index, unit))
+            if self.backlog:
+                current, self.backlog = self.packer.batch(self.jid, self.backlog)
                 self.unsent.append(current)
         if self.unsent:
             self.broker.add_units(self.jid, self.owner, self.unsent)
@@ -384,25 +391,29 @@ class Coordinator:
             self.broker.set_total(self.jid, self.tally.scattered)
             self.total_saved = True
 
-    def next_unit(self) -> tuple[int, bytes | None]:
-        """The next unit from scatter, encoded; ``b""`` for one that needs no queueing (it is
-        gathered already, or queued by a previous coordinator); None when scatter is done.
-        No I/O: building a batch must not be cut in half by a Redis error."""
+    def next_unit(self) -> tuple[int, Any]:
+        """The next unit from scatter; ``GATHERED`` for one that needs no queueing (it is
+        gathered already, or queued by a previous coordinator); ``NO_UNIT`` when scatter has
+        none now. No I/O: building a batch must not be cut in half by a Redis error."""
         index = self.tally.scattered
         try:
             unit = next(self.units)
         except StopIteration:
             self.tally.exhausted = True
             self.total = index
-            return index, None
+            return index, NO_UNIT
         except Exception as exc:  # noqa: BLE001
             raise self.user_error("scatter()", exc) from None
         if unit is WAIT:
             self.waiting = True
-            return index, None
+            return index, NO_UNIT
         self.tally.scattered += 1
         if self.results.is_taken(index) or (index < self.skip and index not in self.reclaimed):
-            return index, b""
+            return index, GATHERED
+        return index, unit
+
+    def encoded(self, index: int, unit: Any) -> bytes:
+        """One unit encoded and sealed on its own (``Packer``)."""
         try:
             blob = codec.encode(unit)
         except CodecError as exc:
@@ -411,7 +422,7 @@ class Coordinator:
             raise JobFailed(f"unit {index} from scatter() is {len(blob) / 1e6:.1f} MB encoded, "
                             f"more than the limit of {self.options.max_result_bytes / 1e6:g} MB "
                             "(--max-result-size)")
-        return index, self.sealer.seal(blob, "unit", self.jid, index)
+        return self.sealer.seal(blob, "unit", self.jid, index)
 
     def maintain(self) -> None:
         """Reissue what dead workers held; notice lost data, a takeover, no workers left."""
@@ -474,7 +485,7 @@ class Coordinator:
                   "unit not yet gathered", self.jid)
         note("rebuilt", self.jid, self.identity, self.job.path, self.broker.where)
         self.broker.ensure_group()
-        self.unsent = []
+        self.unsent, self.backlog = [], []
         self.tally.exhausted = self.total_saved = False
         self.reclaimed = set()
         self.open()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,21 @@ class Work:
     reason: str = ""  # why its last worker died, when it is queued past its last attempt
     spool: bool = True  # False: its result was lost with a host once, it goes through Redis
     started: bool = False  # marked as started as it was taken (``TAKE``)
+    split: bool = False  # to be split into one entry per unit before anything is computed
+    packed: bytes = b""  # the units in one sealed blob (``Batch``); then units hold b""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Units queued as one work entry: index -> sealed unit, or with ``packed``, all of them
+    encoded together and sealed once (``Packer``) and the units index -> b"" (the entry
+    names its units, for the scripts that reissue, copy and record them)."""
+
+    units: list[tuple[int, bytes]]
+    packed: bytes = b""
+
+    def __len__(self) -> int:
+        return len(self.units)
 
 
 @dataclass(frozen=True)
@@ -66,12 +82,13 @@ class Snapshot:
 @dataclass(frozen=True)
 class Recorded:
     """A results entry: units of one batch recorded for the first time (payloads may be
-    ``R...`` references to the job's blobs, see ``fetch_blobs``)."""
+    ``R...`` references to the job's blobs, see ``fetch_blobs``, or ``P``: in ``packed``)."""
 
     wid: str
     seconds: float  # compute time of the whole batch
     batch: int  # units in the batch, duplicates included
     units: list[tuple[int, bytes]]
+    packed: bytes = b""  # the commit's small results together, sealed once (``pack_results``)
 
 
 @dataclass(frozen=True)
@@ -92,6 +109,34 @@ class Unrecorded:
     forged: int = 0  # digests whose tag did not verify (left out of ``digests``)
 
 
+PACKED = b"P"  # a result's payload in a commit: it is in the commit's packed results
+_FRAME = struct.Struct("<I8sI")  # index, digest, length of the encoded result
+
+
+def pack_results(results: list[tuple[int, bytes, bytes]]) -> bytes:
+    """Small results of one commit as one message (index, digest, encoded result each), to
+    seal once as ``("results", job id, worker)``: one tag for the batch, not one per result
+    and one per digest."""
+    return b"".join(_FRAME.pack(index, digest, len(payload)) + payload
+                    for index, digest, payload in results)
+
+
+def unpack_results(blob: bytes | memoryview) -> dict[int, tuple[bytes, bytes]]:
+    """``pack_results`` undone: index -> (digest, encoded result). ``ValueError`` when it is
+    malformed."""
+    view, out, at = memoryview(blob), {}, 0
+    while at < len(view):
+        if at + _FRAME.size > len(view):
+            raise ValueError("packed results cut short")
+        index, digest, size = _FRAME.unpack_from(view, at)
+        at += _FRAME.size
+        if at + size > len(view):
+            raise ValueError("packed results cut short")
+        out[index] = (digest, bytes(view[at:at + size]))
+        at += size
+    return out
+
+
 def parse_result(fields: dict[bytes, bytes], sealer: Sealer, jid: str
                  ) -> Recorded | Failed | Unrecorded:
     """One entry of a job's results stream, as RECORD writes it. A failure's error and the
@@ -104,13 +149,25 @@ def parse_result(fields: dict[bytes, bytes], sealer: Sealer, jid: str
         return Failed(index, json.loads(sealer.open(fields[b"e"], "failure", jid, index)))
     if first == b"d":
         wid = items[0][1].decode()
+        rest, packed = items[1:], {}
+        if rest and rest[0][0] == b"p":
+            with contextlib.suppress(Forged):
+                packed = unpack_results(sealer.open(rest[0][1], "results", jid, wid))
+            rest = rest[1:]
         digests = []
-        for i, sealed in items[1:]:
+        for i, sealed in rest:
+            if sealed == PACKED:
+                if int(i) in packed:
+                    digests.append((int(i), packed[int(i)][0]))
+                continue
             with contextlib.suppress(Forged):
                 digests.append((int(i), sealer.open(sealed, "digest", jid, int(i), wid)))
-        return Unrecorded(wid, digests, len(items) - 1 - len(digests))
+        return Unrecorded(wid, digests, len(rest) - len(digests))
+    blob = b""
+    if len(items) > 2 and items[2][0] == b"p":
+        blob = items.pop(2)[1]
     units = [(int(i), p) for i, p in items[2:]]
-    return Recorded(items[0][1].decode(), float(items[1][1]), len(units), units)
+    return Recorded(items[0][1].decode(), float(items[1][1]), len(units), units, blob)
 
 
 @dataclass(frozen=True)

@@ -252,7 +252,7 @@ class Executor(BaseExecutor):
 
     def _idle(self) -> bool:
         """No call sent and not yet answered."""
-        return self._coordinator.tally.outstanding == 0 and not self._coordinator.unsent
+        return self._coordinator.idle
 
     def _unit(self, index: int, chunk: _Chunk) -> dict[str, Any]:
         return {"f": self._function(chunk.fn), "n": self._first[index],

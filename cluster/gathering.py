@@ -16,7 +16,16 @@ from typing import Any
 
 from . import codec, dataserver
 from .broker import Broker
-from .entries import Failed, Recorded, Snapshot, Unrecorded, output_block, parse_result
+from .entries import (
+    PACKED,
+    Failed,
+    Recorded,
+    Snapshot,
+    Unrecorded,
+    output_block,
+    parse_result,
+    unpack_results,
+)
 from .errors import CodecError, InfraError, JobFailed, JobGone, UnitFailed
 from .plan import Batcher, Tally
 from .results import Results, redis_bitmap
@@ -112,14 +121,16 @@ class Gatherer:
         self.broker.consume(self.jid, self.owner, self.drop_upto, self.drop_refs)
         self.drop_upto, self.drop_refs = "", []
 
-    def rejected(self, mid: str, why: str, unit: int | None = None) -> None:
+    def rejected(self, mid: str, why: str, unit: int | list[int] | None = None) -> None:
         """Count and log an entry (or one result in it) that is not the cluster's. When it
         names a unit not taken yet, that unit's recorded bit (which its writer may have set,
         making the real result a duplicate) is cleared, so the real result is recorded."""
         self.tally.rejected += 1
         log.warning("job=%s: results entry %s rejected: %s", self.jid, mid, why)
-        if unit is not None and not self.results.is_taken(unit):
-            self.broker.reclaim(self.jid, self.owner, redis_bitmap([unit]))
+        units = [] if unit is None else [unit] if isinstance(unit, int) else unit
+        open_units = [u for u in units if not self.results.is_taken(u)]
+        if open_units:
+            self.broker.reclaim(self.jid, self.owner, redis_bitmap(open_units))
 
     def take(self, mid: str, fields: dict[bytes, bytes]) -> list[bytes]:
         """Take one results entry (first result wins here too); returns the references of
@@ -163,15 +174,16 @@ class Gatherer:
     def opened(self, mid: str, entry: Recorded) -> list[tuple[int, bytes | memoryview]]:
         """The entry's results for units not taken yet, large ones fetched, each checked to be
         signed for this job, unit and worker (one that is not is rejected)."""
-        units = self.fetched(mid, [(i, p) for i, p in entry.units
-                                   if not self.results.is_taken(i)])
+        wanted_units = [(i, p) for i, p in entry.units if not self.results.is_taken(i)]
+        packed = self.unpacked(mid, entry, [i for i, p in wanted_units if p == PACKED])
+        units = self.fetched(mid, [(i, p) for i, p in wanted_units if p != PACKED])
         wanted = [bytes(p) for _, p in units if p[:1] == b"R"]  # references: a few bytes
         if wanted:
             blobs = self.broker.fetch_blobs(self.jid, wanted)
             self.check_blobs(units, blobs)
             found = iter(blobs)
             units = [(i, (next(found) or b"") if p[:1] == b"R" else p) for i, p in units]
-        opened = []
+        opened: list[tuple[int, bytes | memoryview]] = list(packed)
         for index, sealed in units:
             try:
                 opened.append((index, self.sealer.open(sealed, "result", self.jid, index,
@@ -180,6 +192,26 @@ class Gatherer:
                 self.rejected(mid, f"the result of unit {index} is not signed by this "
                               f"cluster's key (it claims worker {entry.wid})", index)
         return opened
+
+    def unpacked(self, mid: str, entry: Recorded, indices: list[int]
+                 ) -> list[tuple[int, bytes]]:
+        """The results the entry names as packed (``P``), from its packed results, checked to
+        be signed for this job and worker (when they are not, each unit is rejected)."""
+        if not indices:
+            return []
+        try:
+            found = unpack_results(self.sealer.open(entry.packed, "results", self.jid,
+                                                    entry.wid))
+        except (Forged, ValueError) as exc:
+            why = ("not signed by this cluster's key" if isinstance(exc, Forged)
+                   else f"malformed ({exc})")
+            self.rejected(mid, f"the packed results of units {indices[0]} to {indices[-1]} "
+                          f"are {why} (they claim worker {entry.wid})", indices)
+            return []
+        missing = [i for i in indices if i not in found]
+        if missing:
+            self.rejected(mid, f"unit {missing[0]} is not in its packed results", missing)
+        return [(i, found[i][1]) for i in indices if i in found]
 
     def fetched(self, mid: str, units: list[tuple[int, bytes]]) -> list[tuple[int, Payload]]:
         """The units with their spooled results fetched from the hosts (``dataserver``). A

@@ -8,10 +8,15 @@ key                            type    meaning
 =============================  ======  =====================================================
 {p}units                       STREAM  work messages, consumer group ``workers``; one entry is
                                        a batch: ``j`` job id, ``a`` attempt, then one field per
-                                       unit: ``<index>`` -> encoded unit (signed). An entry stays
+                                       unit: ``<index>`` -> encoded unit (signed), or, packed,
+                                       ``p`` -> all its units encoded and signed together and
+                                       ``<index>`` -> empty (``packing.py``). An entry stays
                                        pending (XPENDING) until its results are recorded. A unit
                                        past its last attempt also has ``r``, why its last worker
-                                       died: the worker that reads it records the failure
+                                       died: the worker that reads it records the failure; a
+                                       packed entry whose worker died has ``s``: the worker
+                                       that reads it splits it, one unit per entry; ``n``: its
+                                       results go through Redis (their host lost one once)
 {p}workers                     ZSET    worker id -> last lease renewal (ms), written by agents
 {p}worker:{wid}                HASH    host, agent, pid, cpu of one worker; ``job``, ``unit``,
                                        ``entry`` while it computes an entry (a death is charged

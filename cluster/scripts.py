@@ -6,6 +6,11 @@ Every outcome is an explicit return value (a status word first, ``OK``, ``GONE``
 may be retried after a lost reply and recognises its own earlier success.
 
 - ``ADD``: a coordinator appends a batch of units, fenced by its owner token, and counts them.
+  A work entry's fields: ``j`` job id, ``a`` attempt, then any of ``r`` (the reason its last
+  worker died, when past its last attempt), ``n`` (no result of it to the host's spool), ``s``
+  (split it first), ``p`` (its units packed: one sealed blob for the batch), then unit index
+  -> sealed unit (empty when packed). ``HEAD`` reads these fields in Lua, ``broker._work`` in
+  Python.
 - ``RECORD``: a worker commits a batch: for each unit, the first result wins (a bit in the job's
   ``recorded`` bitmap); a duplicate is discarded and counted, and its digest goes to the results
   stream (a ``d`` entry), for the coordinator to compare with the recorded result's (a differing
@@ -16,15 +21,23 @@ may be retried after a lost reply and recognises its own earlier success.
   reissued (``STALE``, discarded and counted). Large results arrive in the job's ``blobs`` hash
   in the same transaction, under a field unique to this commit attempt; the script checks they
   are there before recording anything and deletes only its own fields when it discards them.
+  Small results may come packed, sealed once for the commit (``entries.pack_results``): each
+  names them with the payload ``P``, and an entry that holds one (recorded, or a digest to
+  compare) carries the packed results as ``p``.
 - ``REISSUE``: the entries pending for a dead worker are queued again (the entry it was running
   split into single units when the death is charged to it as an attempt, so a unit that kills
-  its worker is isolated; entries it never started are not charged). A unit past its last
+  its worker is isolated; entries it never started are not charged). A packed entry cannot be
+  cut here: it is queued once, marked ``s``, and the worker that takes it splits it
+  (``SPLIT``). A unit past its last
   attempt is queued once more with the reason (``r``): the worker that gets it records it as
   failed without computing it, signed (a script cannot sign).
 - ``TAKE``: a worker takes the next entry of the work stream, if there is one, and marks it as
   started in its worker hash (``REISSUE`` charges a death from then on): the delivery and the
   mark in one round trip (``NONE`` when the stream is empty: the worker then blocks reading it,
   and marks what it gets).
+- ``SPLIT``: a worker replaces a packed entry marked ``s`` (only ever one with more than one
+  unit) with one entry per unit, each unit
+  sealed on its own (a retry after a lost reply finds the entry gone: ``DONE``).
 - ``RENEW``: an agent renews its heartbeat and the leases of its workers, on Redis server time,
   and learns which of its workers compute a unit of a job that is gone (cancelled, or finished
   while a copy ran): the agent replaces them, charging no attempt.
@@ -55,6 +68,21 @@ Keys that a script creates after the coordinator last refreshed the job's expiry
 expiry of the job's hash (``inherit``), so an abandoned job's keys all expire.
 """
 
+HEAD = """
+local function head(f)  -- a work entry's optional fields (r, n, s, p), and where units start
+  local h, i = {}, 5
+  while f[i] == 'r' or f[i] == 'n' or f[i] == 's' or f[i] == 'p' do
+    h[f[i]] = f[i + 1]
+    i = i + 2
+  end
+  return h, i
+end
+local function is_index(idx)
+  local n = tonumber(idx)
+  return n and n >= 0 and n < 4294967296 and n == math.floor(n)
+end
+"""
+
 JOBKEYS = """
 local function jobkey(template, jid) return (string.gsub(template, '{jid}', jid)) end
 """
@@ -82,8 +110,8 @@ ADD = OWNED + """
 local refused = owned(KEYS[2], ARGV[1])
 if refused then return {refused} end
 local fields = {'j', ARGV[2], 'a', ARGV[3]}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HINCRBY', KEYS[2], 'scattered', (#ARGV - 3) / 2)
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HINCRBY', KEYS[2], 'scattered', ARGV[4])
 return {'OK', redis.call('XADD', KEYS[1], '*', unpack(fields))}
 """
 
@@ -91,8 +119,8 @@ RECORD = INHERIT + """
 local units, job, recorded, results, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local blobs, worker = KEYS[6], KEYS[7]
 local group, msgid, wid, seconds, jid = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local attempt = tonumber(ARGV[6])
-local n = (#ARGV - 6) / 5
+local attempt, packed = tonumber(ARGV[6]), ARGV[7]  -- packed: the commit's small results
+local n = (#ARGV - 7) / 5
 local function is_ref(payload) return string.sub(payload, 1, 1) == 'R' end
 local function is_direct(payload) return string.sub(payload, 1, 1) == 'D' end
 local dropped = {}  -- this commit's results in its host's spool, not recorded: its worker deletes
@@ -101,17 +129,29 @@ local function drop(payload)  -- this commit's own large result, not recorded
   if is_direct(payload) then dropped[#dropped + 1] = payload end
 end
 local function drop_all()
-  for i = 7, #ARGV, 5 do drop(ARGV[i + 2]) end
+  for i = 8, #ARGV, 5 do drop(ARGV[i + 2]) end
 end
-local seen = {'d', wid}  -- digests of results not recorded, for the coordinator to compare
-local function compare(idx, digest)
+local function with_packed(fields, used, at)  -- 'p' -> the packed results, which 'P' names
+  if used then
+    table.insert(fields, at, 'p')
+    table.insert(fields, at + 1, packed)
+  end
+  return fields
+end
+local seen, seen_packed = {'d', wid}, false  -- digests of results not recorded, to compare
+local function compare(idx, payload, digest)
+  if payload == 'P' then  -- its digest is in the packed results
+    digest, seen_packed = 'P', true
+  end
   if digest ~= '' then
     seen[#seen + 1] = idx
     seen[#seen + 1] = digest
   end
 end
 local function report()
-  if #seen > 2 then redis.call('XADD', results, '*', unpack(seen)) end
+  if #seen > 2 then
+    redis.call('XADD', results, '*', unpack(with_packed(seen, seen_packed, 3)))
+  end
 end
 if redis.call('EXISTS', job) == 0 then
   redis.call('XACK', units, group, msgid)
@@ -122,34 +162,35 @@ end
 if #redis.call('XPENDING', units, group, msgid, msgid, 1, wid) == 0 then
   drop_all()
   if redis.call('HGET', worker, 'committed') == msgid then return {'AGAIN', 0, 0} end
-  for i = 7, #ARGV, 5 do
-    if ARGV[i + 1] == 'ok' then compare(ARGV[i], ARGV[i + 4]) end
+  for i = 8, #ARGV, 5 do
+    if ARGV[i + 1] == 'ok' then compare(ARGV[i], ARGV[i + 2], ARGV[i + 4]) end
   end
   report()
   redis.call('HINCRBY', stats, 'stale', n)
   inherit(job, stats, results)
   return {'STALE', 0, 0, unpack(dropped)}
 end
-for i = 7, #ARGV, 5 do
+for i = 8, #ARGV, 5 do
   local payload = ARGV[i + 2]
   if is_ref(payload) and redis.call('HEXISTS', blobs, string.sub(payload, 2)) == 0 then
     return {'NOBLOB', 0, 0}
   end
 end
 local max_attempts = tonumber(redis.call('HGET', job, 'max_attempts'))
-local out = {'w', wid, 't', seconds}
+local out, out_packed = {'w', wid, 't', seconds}, false
 local done, dups = 0, 0
-for i = 7, #ARGV, 5 do
+for i = 8, #ARGV, 5 do
   local idx, kind, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local unit, digest = ARGV[i + 3], ARGV[i + 4]
   if redis.call('GETBIT', recorded, idx) == 1 then
     drop(payload)
-    if kind == 'ok' then compare(idx, digest) end
+    if kind == 'ok' then compare(idx, payload, digest) end
     dups = dups + 1
   elseif kind == 'ok' then
     redis.call('SETBIT', recorded, idx, 1)
     out[#out + 1] = idx
     out[#out + 1] = payload
+    out_packed = out_packed or payload == 'P'
     done = done + 1
     if is_direct(payload) then  -- kept until fetched: lost with its host, it is queued again
       redis.call('HSET', blobs, 'U' .. idx, payload .. '\\n' .. unit)
@@ -164,7 +205,7 @@ for i = 7, #ARGV, 5 do
   end
 end
 if done > 0 then
-  redis.call('XADD', results, '*', unpack(out))
+  redis.call('XADD', results, '*', unpack(with_packed(out, out_packed, 5)))
   redis.call('HINCRBY', stats, 'recorded', done)
 end
 report()
@@ -179,7 +220,7 @@ inherit(job, recorded, results, stats, blobs)
 return {'RECORDED', done, dups, unpack(dropped)}
 """
 
-REISSUE = JOBKEYS + INHERIT + """
+REISSUE = JOBKEYS + INHERIT + HEAD + """
 local units, workers = KEYS[1], KEYS[2]
 local group, wid, charge, reason = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4]
 local counted = ARGV[3] ~= 'back'  -- 'back': a worker gives back what it did not start
@@ -192,6 +233,16 @@ if lease > 0 then
 end
 local running = redis.call('HGET', KEYS[3], 'entry')  -- the entry it had started computing
 local moved = 0
+local function entry_of(jid, attempt, ...)  -- optional fields as name, value (nil: left out)
+  local e, args = {'j', jid, 'a', attempt}, {...}
+  for i = 1, select('#', ...), 2 do
+    if args[i + 1] then
+      e[#e + 1] = args[i]
+      e[#e + 1] = args[i + 1]
+    end
+  end
+  return e
+end
 local pending = redis.call('XPENDING', units, group, '-', '+', 100000, wid)
 for _, p in ipairs(pending) do
   local id = p[1]
@@ -207,24 +258,36 @@ for _, p in ipairs(pending) do
       local recorded = jobkey(ARGV[7], jid)
       local results, stats = jobkey(ARGV[8], jid), jobkey(ARGV[9], jid)
       local max_attempts = tonumber(redis.call('HGET', job, 'max_attempts'))
-      local whole = {'j', jid, 'a', attempt}
-      for i = 5, #f, 2 do  -- an 'r' or 'n' field is no unit index: skipped below
+      local h, first = head(f)
+      local whole = entry_of(jid, attempt, 'r', h.r, 'n', h.n, 's', h.s, 'p', h.p)
+      local last = attempt >= max_attempts
+      local why = last and reason or nil  -- past its last attempt: recorded as failed, uncomputed
+      -- a charged packed entry: queued once more, to be split by the worker that takes it
+      local split = entry_of(jid, attempt + 1, 'r', why, 'n', h.n, 'p', h.p)
+      local single = entry_of(jid, attempt + 1, 'r', why, 'n', h.n)
+      local wn, sn = #whole, #split
+      for i = first, #f, 2 do
         local idx, unit = f[i], f[i + 1]
-        local n = tonumber(idx)
-        if n and n >= 0 and n < 4294967296 and n == math.floor(n)
-           and redis.call('GETBIT', recorded, idx) == 0 then
+        if is_index(idx) and redis.call('GETBIT', recorded, idx) == 0 then
           moved = moved + 1
-          if not charged then
-            whole[#whole + 1] = idx
-            whole[#whole + 1] = unit
-          elseif attempt < max_attempts then
-            redis.call('XADD', units, '*', 'j', jid, 'a', attempt + 1, idx, unit)
-          else  -- past its last attempt: a worker records the failure, signed, uncomputed
-            redis.call('XADD', units, '*', 'j', jid, 'a', attempt + 1, 'r', reason, idx, unit)
+          local into = not charged and whole or (h.p and split or nil)
+          if into then
+            into[#into + 1] = idx
+            into[#into + 1] = unit
+          else
+            local one = {unpack(single)}
+            one[#one + 1] = idx
+            one[#one + 1] = unit
+            redis.call('XADD', units, '*', unpack(one))
           end
         end
       end
-      if #whole > 4 then redis.call('XADD', units, '*', unpack(whole)) end
+      if #whole > wn then redis.call('XADD', units, '*', unpack(whole)) end
+      if #split > sn + 2 and not last then  -- more than one unit: to be split ('s')
+        table.insert(split, 5, 's')
+        table.insert(split, 6, '1')
+      end
+      if #split > sn then redis.call('XADD', units, '*', unpack(split)) end
       if counted then redis.call('HINCRBY', stats, 'reissued', moved) end
       inherit(job, recorded, results, stats)
     end
@@ -381,20 +444,25 @@ if cleared > 0 then redis.call('SET', KEYS[2], table.concat(out), 'KEEPTTL') end
 return {'OK'}
 """
 
-COPY = OWNED + """
+COPY = OWNED + HEAD + """
 local refused = owned(KEYS[2], ARGV[1])
 if refused then return {refused} end
 local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
 if #entry == 0 then return {'OK', 0} end
 local f = entry[1][2]
 if f[2] ~= ARGV[3] then return {'OK', 0} end
-local fields, n = {}, 0
-for i = 1, #f, 2 do
-  if i > 4 and (f[i] == 'r' or f[i] == 'n' or redis.call('GETBIT', KEYS[4], f[i]) == 1) then
-  else
+local h, first = head(f)
+local fields, n = {'j', f[2], 'a', f[4]}, 0
+if h.r or h.s then return {'OK', 0} end  -- not computed as it is: nothing straggles
+if h.p then  -- 'n' is left out: a copy may well run where its results can be spooled
+  fields[#fields + 1] = 'p'
+  fields[#fields + 1] = h.p
+end
+for i = first, #f, 2 do
+  if is_index(f[i]) and redis.call('GETBIT', KEYS[4], f[i]) == 0 then
     fields[#fields + 1] = f[i]
     fields[#fields + 1] = f[i + 1]
-    if i > 4 then n = n + 1 end
+    n = n + 1
   end
 end
 if n == 0 then return {'OK', 0} end
@@ -443,15 +511,41 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return {'OK'}
 """
 
-TAKE = """
+TAKE = HEAD + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'NOGROUP'} end  -- Redis lost its data
 local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS',
                          KEYS[1], '>')
 if not reply then return {'NONE'} end
 local entry = reply[1][2][1]
 local fields = entry[2]
-local first = 5  -- fields: j, job id, a, attempt, maybe r and n with their values, then units
-while fields[first] == 'r' or fields[first] == 'n' do first = first + 2 end
-redis.call('HSET', KEYS[2], 'job', fields[2] or '', 'unit', fields[first] or '', 'entry', entry[1])
+local h, first = head(fields)
+if not (h.s and #fields > first + 2) then  -- an entry split (more than one unit) is not
+  -- computed: a death while splitting costs nothing
+  redis.call('HSET', KEYS[2], 'job', fields[2] or '', 'unit', fields[first] or '',
+             'entry', entry[1])
+end
 return {'OK', entry[1], fields}
+"""
+
+SPLIT = """
+local units, job = KEYS[1], KEYS[2]
+local group, msgid, wid, jid, attempt, nospool = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
+                                                 ARGV[6]
+if #redis.call('XPENDING', units, group, msgid, msgid, 1, wid) == 0 then
+  return {'DONE', 0}  -- split by an earlier call (its reply lost), or reissued meanwhile
+end
+local n = 0
+if redis.call('EXISTS', job) == 1 then
+  for i = 7, #ARGV, 2 do
+    if nospool ~= '' then
+      redis.call('XADD', units, '*', 'j', jid, 'a', attempt, 'n', nospool, ARGV[i], ARGV[i + 1])
+    else
+      redis.call('XADD', units, '*', 'j', jid, 'a', attempt, ARGV[i], ARGV[i + 1])
+    end
+    n = n + 1
+  end
+end
+redis.call('XACK', units, group, msgid)
+redis.call('XDEL', units, msgid)
+return {'OK', n}
 """

@@ -51,7 +51,7 @@ def _context(parts: tuple[Any, ...]) -> bytes:
     """What a message claims to be, as the bytes its tag covers before the payload: its length,
     then the parts joined by NUL (each kind has a fixed number of parts, and those of a genuine
     message hold no NUL: job ids are hex, indices numbers, worker ids made by agents)."""
-    text = "\x00".join(map(str, parts)).encode()
+    text = "\x00".join([p if isinstance(p, str) else str(p) for p in parts]).encode()
     return len(text).to_bytes(4, "big") + text
 
 
@@ -65,6 +65,7 @@ class Sealer:
     def __init__(self, key: bytes) -> None:
         self.key = key
         self._small = hmac.digest(key, b"blake2b tags", "sha256")
+        self._small_base = hashlib.blake2b(key=self._small, digest_size=TAG)  # copied per tag
         self._large = hmac.digest(key, b"poly1305 one-time keys", "sha256")
 
     def __repr__(self) -> str:
@@ -78,7 +79,8 @@ class Sealer:
         return nonce + Poly1305.generate_tag(self._one_time(ctx, nonce), payload)
 
     def _small_tag(self, ctx: bytes, payload: bytes | memoryview) -> bytes:
-        mac = hashlib.blake2b(ctx, key=self._small, digest_size=TAG)
+        mac = self._small_base.copy()
+        mac.update(ctx)
         mac.update(payload)
         return mac.digest()
 

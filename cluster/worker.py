@@ -30,13 +30,14 @@ from typing import Any
 import redis
 
 from . import codec
-from .broker import Broker
+from .broker import BLOB_THRESHOLD, Broker
 from .capture import Capture, is_ours
-from .context import running_job, running_unit
+from .context import enter_unit, leave_unit, running_job
 from .credentials import Credentials
-from .entries import Commit, LogRecord, Outcome, Work
+from .entries import PACKED, Commit, LogRecord, Outcome, Work, pack_results
 from .errors import ClusterError, CodecError, RedisFull, RedisUnavailable
 from .jobfile import load_source
+from .packing import unpack
 from .proc import RECYCLE, die_with_parent
 from .signing import TAG, Forged, WorkerKeys
 from .spool import DIRECT, DIRECT_THRESHOLD, Spool
@@ -49,6 +50,17 @@ DEFAULT_MAX_RESULT = 256_000_000  # bytes of an encoded result, unless the job s
 
 class CommitAgain(Exception):
     """The commit did not go through as a whole (a large result was missing): retry it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """A unit of a delivery: its index and, as it was queued, its sealed encoding (checked),
+    or for a packed entry its decoded value; ``error`` when the packed units do not decode."""
+
+    index: int
+    sealed: bytes
+    value: Any = None
+    error: str = ""
 
 
 class LoadedJob:
@@ -77,7 +89,8 @@ class Worker:
         self.broker = broker
         self.spool = spool  # the host's spool of large results (``dataserver``), if any
         # the outcomes of the commit under way, and how they were sealed (``seal_once``)
-        self.sealed_for: tuple[tuple[str, list[Outcome]], list[Outcome]] | None = None
+        self.sealed_for: tuple[tuple[str, list[Outcome]], tuple[list[Outcome], bytes]] | None \
+            = None
         self.capture = capture
         self.cache = cache or Cache(default_cache_dir())
         self.workspace: Workspace | None = None  # the job directory units now run in
@@ -94,6 +107,7 @@ class Worker:
         self.full_since: float | None = None  # Redis refused our commit for lack of memory
         self.successes = 0  # Redis calls that went through (resets the reconnect backoff)
         self.recycle = False
+        self.fresh: tuple[str, dict[int, Any]] | None = None  # a packed entry, decoded afresh
 
     def run(self) -> None:
         if self.unrecorded is not None:  # computed before Redis went away: commit it now
@@ -114,7 +128,7 @@ class Worker:
                 self.handle(work)
 
     def handle(self, work: Work) -> None:
-        if not work.started:
+        if not work.started and not work.split:
             self.broker.started(self.wid, work)
         job = self.job(work.jid)
         if job is not None:
@@ -123,25 +137,72 @@ class Worker:
         if job is None or not self.current(work, job):
             outcomes = []  # the job is gone, or this entry replays one of its past
         elif work.attempt > job.max_attempts:  # each attempt killed its worker: not again
-            outcomes = [self.failure(work, i, b, "fatal", "it was computing when its worker "
+            outcomes = [self.failure(work, u, "fatal", "it was computing when its worker "
                                      f"died, {work.attempt - 1} times (last: {work.reason})",
-                                     "") for i, b in self.genuine(work)]
+                                     "") for u in self.genuine(work)]
+        elif work.split and self.split(work):
+            return
         else:
-            outcomes = [self.run_unit(job, work, i, b) for i, b in self.genuine(work)]
+            with running_job(work.jid, self.keys.verify_code):
+                outcomes = [self.run_unit(job, work, u) for u in self.genuine(work)]
         self.commit(work, time.perf_counter() - started, outcomes)
 
-    def genuine(self, work: Work) -> list[tuple[int, bytes]]:
-        """The entry's units that its job's coordinator signed for that unit of that job; any
+    def genuine(self, work: Work) -> list[Unit]:
+        """The entry's units that its job's coordinator signed for that job (and unit); any
         other is left out (its entry is acknowledged all the same)."""
+        if work.packed:
+            return self.unpacked(work)
         units = []
         for index, sealed in work.units:
             try:
                 self.sealer.open(sealed, "unit", work.jid, index)
-                units.append((index, sealed))
+                units.append(Unit(index, sealed))
             except Forged:
                 log.warning("unit=%d job=%s entry %s is not signed by this cluster's key: "
                             "dropped", index, work.jid, work.msgid)
         return units
+
+    def unpacked(self, work: Work) -> list[Unit]:
+        """The units of a packed entry, decoded (``packing``)."""
+        try:
+            values = unpack(self.sealer, work)
+        except Forged:
+            log.warning("job=%s entry %s: its units are not signed by this cluster's key: "
+                        "dropped", work.jid, work.msgid)
+            return []
+        except CodecError as exc:
+            return [Unit(i, b"", error=f"unit cannot be decoded: {exc}") for i, _ in work.units]
+        units = []
+        for index, _ in work.units:
+            if index in values:
+                units.append(Unit(index, b"", values[index]))
+            else:
+                log.warning("unit=%d job=%s entry %s is not among its signed units: dropped",
+                            index, work.jid, work.msgid)
+        return units
+
+    def unit_blob(self, work: Work, index: int) -> bytes:
+        """A unit encoded and sealed on its own, as queued again (a retry, a split, a result
+        lost with its host): a packed one is decoded afresh (job code may have changed the
+        value it computed on) and encoded alone."""
+        if not work.packed:
+            return dict(work.units).get(index, b"")
+        if self.fresh is None or self.fresh[0] != work.msgid:
+            self.fresh = (work.msgid, unpack(self.sealer, work))
+        return self.sealer.seal(codec.encode(self.fresh[1][index]), "unit", work.jid, index)
+
+    def split(self, work: Work) -> bool:
+        """Replace a packed entry whose last worker died computing it with one entry per unit
+        (``packing``); False when its units cannot be split (they are then failed as they
+        are)."""
+        units = self.genuine(work)
+        if any(u.error for u in units):
+            return False
+        queued = self.broker.split(work, self.wid, [(u.index, self.unit_blob(work, u.index))
+                                                   for u in units])
+        log.info("job=%s entry %s (attempt %d) split into %d entries, one per unit", work.jid,
+                 work.msgid, work.attempt, queued)
+        return True
 
     def current(self, work: Work, job: LoadedJob) -> bool:
         """The entry was queued (Redis server time) while its job's signature held; the
@@ -166,9 +227,9 @@ class Worker:
         self.unrecorded = (work, seconds, outcomes)
         try:
             job = self.jobs.get(work.jid)
-            sealed = self.seal_once(work, outcomes)
+            sealed, packed = self.seal_once(work, outcomes)
             answer = self.broker.record(work, self.wid, seconds, sealed,
-                                        log_bound=job.max_log if job else 0)
+                                        log_bound=job.max_log if job else 0, packed=packed)
         except RedisFull:
             self.unrecorded = (work, seconds, self.when_full(work, outcomes))
             raise
@@ -188,18 +249,30 @@ class Worker:
         log.debug("← job=%s units=%d %s recorded=%d duplicates=%d %.3fs", work.jid,
                   len(work.units), answer.status, answer.done, answer.dups, seconds)
 
-    def seal_once(self, work: Work, outcomes: list[Outcome]) -> list[Outcome]:
-        """The outcomes sealed; a retried commit of the same outcomes sends what the first try
-        sent (a result spooled once is not written again: the coordinator may have taken it).
-        Outcomes replaced (failed for a full Redis) drop what their first sealing spooled."""
+    def seal_once(self, work: Work, outcomes: list[Outcome]) -> tuple[list[Outcome], bytes]:
+        """The outcomes sealed, and the commit's small results packed and sealed together
+        (``entries.pack_results``); a retried commit of the same outcomes sends what the
+        first try sent (a result spooled once is not written again: the coordinator may have
+        taken it). Outcomes replaced (failed for a full Redis) drop what their first sealing
+        spooled."""
         if self.sealed_for is not None:
-            (msgid, first), sealed = self.sealed_for
+            (msgid, first), done = self.sealed_for
             if msgid == work.msgid and first is outcomes:
-                return sealed
-            self.drop_spooled(Commit("STALE"), sealed)
-        sealed = [self.sealed(work, o) for o in outcomes]
-        self.sealed_for = ((work.msgid, outcomes), sealed)
-        return sealed
+                return done
+            self.drop_spooled(Commit("STALE"), done[0])
+        small = [o for o in outcomes if o.kind == "ok" and len(o.payload) < BLOB_THRESHOLD]
+        packed = b""
+        if len(small) > 1:
+            packed = self.sealer.seal(pack_results([(o.index, o.digest, o.payload)
+                                                    for o in small]),
+                                      "results", work.jid, self.wid)
+            outcomes_in = {id(o) for o in small}
+            sealed = [dataclasses.replace(o, payload=PACKED, digest=b"")
+                      if id(o) in outcomes_in else self.sealed(work, o) for o in outcomes]
+        else:
+            sealed = [self.sealed(work, o) for o in outcomes]
+        self.sealed_for = ((work.msgid, outcomes), (sealed, packed))
+        return sealed, packed
 
     def sealed(self, work: Work, outcome: Outcome) -> Outcome:
         """The outcome with its result and digest, or its error, signed for its job and unit
@@ -218,7 +291,7 @@ class Worker:
                 ref = self.spool.put(jid, index, token, [outcome.payload, tag])
                 if ref is not None:
                     return dataclasses.replace(outcome, payload=ref, digest=digest,
-                                               unit=dict(work.units).get(index, b""))
+                                               unit=self.unit_blob(work, index))
             return dataclasses.replace(
                 outcome, payload=self.sealer.seal(outcome.payload, *context), digest=digest)
         return dataclasses.replace(outcome,
@@ -246,9 +319,8 @@ class Worker:
             return outcomes
         log.error("job=%s: Redis has been out of memory for %.0f s: failing the batch",
                   work.jid, now - self.full_since)
-        blobs = dict(work.units)
         return [o if o.kind != "ok" else self.failure(
-            work, o.index, blobs.get(o.index, b""), "err",
+            work, Unit(o.index, b""), "err",
             f"Redis is out of memory: it refused the result ({len(o.payload)} bytes) for "
             f"{wait:g} s", "") for o in outcomes]
 
@@ -338,54 +410,62 @@ class Worker:
             log.info("job=%s directory %s unpacked (%d bytes)", jid, digest[:12], len(data))
         return Workspace(path)
 
-    def run_unit(self, job: LoadedJob, work: Work, index: int, blob: bytes) -> Outcome:
+    def run_unit(self, job: LoadedJob, work: Work, unit: Unit) -> Outcome:
         """Compute one unit; what its code wrote (and, if it failed, why) goes with it."""
-        outcome = self.compute(job, work, index, blob)
+        outcome = self.compute(job, work, unit)
         streams = self.capture.take() if self.capture else {}
         if job.imported:
             streams, job.imported = {"import": "".join(job.imported.values()), **streams}, {}
         if not streams and outcome.kind == "ok":
             return outcome
         error: dict[str, Any] = {} if outcome.kind == "ok" else json.loads(outcome.payload)
-        record = LogRecord(index, work.attempt, self.wid, time.time(), outcome.kind, streams,
-                           error.get("error", ""), error.get("traceback", ""))
+        record = LogRecord(unit.index, work.attempt, self.wid, time.time(), outcome.kind,
+                           streams, error.get("error", ""), error.get("traceback", ""))
         payload = outcome.payload if outcome.kind == "ok" else json.dumps(
             {**error, "output": streams}).encode()
         return dataclasses.replace(outcome, payload=payload, log=record.to_json())
 
-    def compute(self, job: LoadedJob, work: Work, index: int, blob: bytes) -> Outcome:
+    def compute(self, job: LoadedJob, work: Work, unit: Unit) -> Outcome:
+        index = unit.index
         if job.module is None:
-            return self.failure(work, index, blob, "err", job.error, "")
-        try:
-            unit = codec.decode(blob[:-TAG])  # its tag was checked (``genuine``)
+            return self.failure(work, unit, "err", job.error, "")
+        if unit.error:
+            return self.failure(work, unit, "fatal", unit.error, "")
+        try:  # a unit's tag was checked (``genuine``)
+            value = codec.decode(unit.sealed[:-TAG]) if unit.sealed else unit.value
         except CodecError as exc:
-            return self.failure(work, index, blob, "fatal", f"unit cannot be decoded: {exc}", "")
+            return self.failure(work, unit, "fatal", f"unit cannot be decoded: {exc}", "")
+        token = enter_unit(job.seed, index)
         try:
-            with running_unit(job.seed, index), running_job(work.jid, self.keys.verify_code):
-                result = job.module.compute(unit)
+            result = job.module.compute(value)
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - the job's own failure
             tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next
                                                     if exc.__traceback__ else None))
             log.warning("unit=%d job=%s attempt=%d raised %s: %s", index, work.jid,
                         work.attempt, type(exc).__name__, exc)
-            return self.failure(work, index, blob, "err", f"{type(exc).__name__}: {exc}", tb)
+            return self.failure(work, unit, "err", f"{type(exc).__name__}: {exc}", tb)
+        finally:
+            leave_unit(token)
         try:
             payload = codec.encode(result)
         except CodecError as exc:
-            return self.failure(work, index, blob, "fatal",
+            return self.failure(work, unit, "fatal",
                                 f"compute() returned a result that {exc}", "")
         if len(payload) > job.max_result:
-            return self.failure(work, index, blob, "fatal",
+            return self.failure(work, unit, "fatal",
                                 f"its result is {len(payload) / 1e6:.1f} MB encoded, more than "
                                 f"the limit of {job.max_result / 1e6:g} MB (--max-result-size)",
                                 "")
         return Outcome(index, "ok", payload, digest=codec.digest(payload))
 
-    def failure(self, work: Work, index: int, blob: bytes, kind: str, error: str, tb: str
-                ) -> Outcome:
+    def failure(self, work: Work, unit: Unit, kind: str, error: str, tb: str) -> Outcome:
+        """A unit that failed; a retryable one (``err``) carries its unit, to be queued
+        again."""
         payload = json.dumps({"error": error, "traceback": tb, "worker": self.wid,
                               "attempts": work.attempt}).encode()
-        return Outcome(index, kind, payload, blob)
+        return Outcome(unit.index, kind, payload,
+                       unit.sealed or (self.unit_blob(work, unit.index) if kind == "err"
+                                       else b""))
 
 
 def main() -> int:

@@ -9,8 +9,19 @@ from waiting import wait_for
 
 from cluster import codec
 from cluster.broker import Broker
-from cluster.entries import LogRecord, Outcome, Unrecorded, Work, parse_result
+from cluster.entries import (
+    PACKED,
+    Batch,
+    LogRecord,
+    Outcome,
+    Recorded,
+    Unrecorded,
+    Work,
+    pack_results,
+    parse_result,
+)
 from cluster.errors import Fenced
+from cluster.packing import Packer
 from cluster.signing import Keyring
 
 JID, OWNER = "j1", "owner-token"
@@ -181,6 +192,103 @@ def test_an_error_is_retried_then_recorded_as_failed(job: Broker):
     results = job.read_results(JID, "0-0", 10, 0)
     assert [int(f[b"f"]) for _, f in results] == [0]
     assert job.job_stats(JID) == {"retried": 1, "failed": 1}
+
+
+def packed(indices: list[int]) -> Batch:
+    """A packed batch as the coordinator makes it (``Packer``) of units equal to their index."""
+    sealer = Keyring(b"k" * 32).sealer
+    packer = Packer(sealer, 1 << 20, lambda i, u: sealer.seal(codec.encode(u), "unit", JID, i))
+    batch, left = packer.batch(JID, [(i, i) for i in indices])
+    assert batch.packed and left == []
+    return batch
+
+
+def test_a_death_queues_a_packed_entry_once_to_be_split_by_a_worker(job: Broker):
+    job.add_units(JID, OWNER, [packed([0, 1, 2, 3])])
+    assert int(job.client.hget(job.keys.job(JID), "scattered")) == 4
+    work = job.read_work("w1", 0)
+    assert work is not None and work.packed and [i for i, _ in work.units] == [0, 1, 2, 3]
+    job.add_units(JID, OWNER, [[(1, codec.encode(1))]])
+    rec(job, job.read_work("w2", 0), "w2", 0.0, [ok(1, "b")])  # unit 1 recorded elsewhere
+    assert job.reissue("w1", charge=True, reason="worker w1 killed") == 3
+    split = job.read_work("w2", 0)
+    assert split is not None and split.split and split.attempt == 2
+    assert split.packed == work.packed and [i for i, _ in split.units] == [0, 2, 3]
+    # taking an entry to split does not mark it started: a death while splitting is free
+    assert job.client.hget(job.keys.worker("w2"), "entry") is None
+    singles = [(i, codec.encode(i)) for i in (0, 2, 3)]
+    assert job.split(split, "w2", singles) == 3
+    assert job.split(split, "w2", singles) == 0  # a retry after a lost reply: already done
+    again = [job.read_work("w1", 0) for _ in range(3)]
+    assert [(w.units, w.attempt, w.packed, w.split) for w in again if w] == [
+        ([u], 2, b"", False) for u in singles]
+    assert job.client.xlen(job.keys.units) == 3 and pending(job) == 3
+
+
+def test_an_uncharged_packed_entry_is_queued_again_packed(job: Broker):
+    job.add_units(JID, OWNER, [packed([0, 1, 2])])
+    work = job.read_work("w1", 0)
+    assert job.reissue("w1", charge=False, reason="lease lost") == 3
+    again = job.read_work("w2", 0)
+    assert again is not None and (again.attempt, again.split) == (1, False)
+    assert again.packed == work.packed and again.units == work.units
+
+
+def test_a_packed_entry_past_its_last_attempt_is_queued_to_fail_not_to_split(job: Broker):
+    job.client.hset(job.keys.job(JID), "max_attempts", 1)
+    job.add_units(JID, OWNER, [packed([0, 1])])
+    job.started("w1", job.read_work("w1", 0))
+    job.reissue("w1", charge=True, reason="worker w1 killed")
+    last = job.read_work("w2", 0)
+    assert last is not None and (last.attempt, last.reason, last.split) == (
+        2, "worker w1 killed", False)
+    assert last.packed and [i for i, _ in last.units] == [0, 1]
+
+
+def test_a_packed_entry_of_one_unit_left_is_computed_not_split_and_a_death_charged(
+        job: Broker):
+    job.add_units(JID, OWNER, [packed([0, 1])])
+    work = job.read_work("w1", 0)
+    job.add_units(JID, OWNER, [[(1, codec.encode(1))]])
+    rec(job, job.read_work("w2", 0), "w2", 0.0, [ok(1, "b")])
+    job.started("w1", work)
+    job.reissue("w1", charge=True, reason="worker w1 killed")
+    again = job.read_work("w2", 0)
+    assert again is not None and (again.attempt, again.split, again.started) == (2, False, True)
+    assert [i for i, _ in again.units] == [0]
+    assert job.client.hget(job.keys.worker("w2"), "entry") == again.msgid.encode()
+
+
+def test_a_speculative_copy_of_a_packed_entry_keeps_its_units_not_yet_recorded(job: Broker):
+    job.add_units(JID, OWNER, [packed([0, 1, 2])])
+    work = job.read_work("w1", 0)
+    job.add_units(JID, OWNER, [[(2, codec.encode(2))]])
+    rec(job, job.read_work("w2", 0), "w2", 0.0, [ok(2, "c")])
+    assert job.copy_entry(JID, OWNER, work.msgid) == 2
+    copy = job.read_work("w2", 0)
+    assert copy is not None and copy.packed == work.packed
+    assert [i for i, _ in copy.units] == [0, 1]
+
+
+def test_small_results_of_a_commit_are_packed_and_a_duplicate_compared_from_the_pack(
+        job: Broker):
+    job.add_units(JID, OWNER, [[(0, codec.encode(0)), (1, codec.encode(1))],
+                               [(1, codec.encode(1))]])
+    first, second = job.read_work("w1", 0), job.read_work("w2", 0)
+    results = [(i, codec.digest(codec.encode(v)), codec.encode(v)) for i, v in ((0, "a"),
+                                                                              (1, "b"))]
+    sealed = SEALER.seal(pack_results(results), "results", JID, "w1")
+    packed_outcomes = [Outcome(i, "ok", PACKED) for i in (0, 1)]
+    assert job.record(first, "w1", 0.01, packed_outcomes, packed=sealed).status == "RECORDED"
+    dup = SEALER.seal(pack_results([(1, digest(9), codec.encode(9))]), "results", JID, "w2")
+    assert job.record(second, "w2", 0.01, [Outcome(1, "ok", PACKED)], packed=dup).done == 0
+    entries = [parse_result(f, SEALER, JID) for _, f in job.read_results(JID, "0-0", 10, 0)]
+    assert entries[0] == Recorded("w1", 0.01, 2, [(0, PACKED), (1, PACKED)], sealed)
+    assert entries[1] == Unrecorded("w2", [(1, digest(9))])
+    # a pack that does not verify (another key, another worker) gives no digest
+    other = Keyring(b"x" * 32).sealer.seal(pack_results(results), "results", JID, "w2")
+    fields = {b"d": b"w2", b"p": other, b"1": PACKED}
+    assert parse_result(fields, SEALER, JID) == Unrecorded("w2", [], 1)
 
 
 def test_a_fenced_coordinator_cannot_add_units(job: Broker):

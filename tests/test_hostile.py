@@ -17,6 +17,7 @@ from waiting import wait_for
 
 from cluster import codec
 from cluster.broker import Broker
+from cluster.entries import PACKED, pack_results
 from cluster.signing import Keyring
 
 
@@ -101,10 +102,13 @@ def test_forged_results_and_failures_change_nothing(creds_file: Path, broker: Br
             (2, {"w": "forger", "t": "0.1", "2": other.seal(codec.encode(666), "result", jid, 2,
                                                             "forger")}),
             (1, {"f": "1", "e": json.dumps({"error": "PWNED", "traceback": "PWNED"})}),
+            (0, {"w": "forger", "t": "0.1", "p": other.seal(pack_results(
+                [(0, codec.digest(codec.encode(666)), codec.encode(666))]), "results", jid,
+                "forger"), "0": PACKED}),
         ):
             broker.client.setbit(recorded, index, 1)
             broker.client.xadd(results, fields)
-        wait_for(lambda: not any(broker.client.getbit(recorded, i) for i in (1, 2, 3)), 30,
+        wait_for(lambda: not any(broker.client.getbit(recorded, i) for i in range(4)), 30,
                  "the coordinator to reject them and clear their units' bits")
         gate.touch()
         out, err = submit.communicate(timeout=60)
@@ -112,8 +116,9 @@ def test_forged_results_and_failures_change_nothing(creds_file: Path, broker: Br
         submit.kill()
     assert submit.returncode == 0, err
     assert json.loads(out) == 6  # 0 + 1 + 2 + 3, each computed by a worker
-    assert "3 results entries rejected" in err, err
+    assert "4 results entries rejected" in err, err
     assert "the result of unit 3 is not signed by this cluster's key" in err
+    assert "the packed results of units 0 to 0 are not signed by this cluster's key" in err
     assert "PWNED" not in err
 
 

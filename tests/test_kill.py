@@ -14,6 +14,8 @@ import pytest
 from conftest import ROOT, SAMPLES, tagged_processes
 from waiting import wait_for
 
+from cluster.errors import ExitCode
+
 pytestmark = pytest.mark.slow
 
 
@@ -83,3 +85,26 @@ def test_a_killed_submit_takes_its_local_cluster_along(tmp_path):
     proc.kill()  # no chance to clean up: Redis, agent and workers must go on their own
     proc.communicate(timeout=30)
     wait_until_gone(tag)
+
+
+def test_a_unit_that_kills_its_worker_from_a_packed_batch_fails_alone(creds_file, agent,
+                                                                      tmp_path):
+    # tiny units travel packed, many to an entry; the one that SIGKILLs its worker on every
+    # attempt takes the entry down with it once: the entry is split, one unit per entry, and
+    # only that unit fails (the others of its batch, charged one attempt, are recorded)
+    log, out, units, poison = tmp_path / "units.log", tmp_path / "r.json", 3000, 2500
+    run = subprocess.run(
+        [sys.executable, "-m", "cluster", "submit", str(SAMPLES / "chaos_units.py"),
+         "--credentials", str(creds_file), "--param", f"units={units}", "--param", "sleep=0",
+         "--param", f"log={log}", "--param", f"die_index={poison}", "--max-attempts", "2",
+         "--max-failed", "1", "--output", str(out), "--progress", "none", "--no-speculate"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == ExitCode.PARTIAL, run.stderr
+    assert json.loads(out.read_text()) == [None if i == poison else [i, i * i]
+                                           for i in range(units)]
+    starts = [int(line.split()[1]) for line in log.read_text().splitlines()
+              if line.startswith("start")]
+    assert starts.count(poison) == 2
+    assert re.search(r"\b1 failed", run.stderr), run.stderr
+    agent_log = agent.stop()
+    assert re.search(r"entry \S+ \(attempt 2\) split into \d+ entries", agent_log), agent_log
