@@ -4,8 +4,8 @@ from typing import Any
 
 from .context import unit_index, unit_rng
 from .errors import ClusterError, ExitCode
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["ClusterError", "Executor", "ExitCode", "__version__", "run", "unit_index",
            "unit_rng"]
 

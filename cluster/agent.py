@@ -16,16 +16,13 @@ Signals (deploy/ follows these):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
-import pwd
 import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,16 +31,16 @@ from pathlib import Path
 import psutil
 import redis
 
-from . import __version__
 from .broker import Broker
 from .credentials import Credentials
 from .datapath import DataPath
 from .errors import ExitCode, RedisUnavailable, UsageError
-from .proc import RECYCLE, die_with_parent
+from .proc import RECYCLE
 from .requirements import Installed
-from .settings import parse_cpus
 from .signing import Keyring, WorkerKeys
+from .spawn import WorkerUser, describe_exit, is_running, spawn_worker
 from .spool import machine_id
+from .version import __version__
 
 log = logging.getLogger("cluster.agent")
 
@@ -67,35 +64,6 @@ class AgentSettings:
     data_address: str | None = None  # where coordinators reach this host: serve large results
     spool_dir: str | None = None  # where its workers put them (default: in /dev/shm)
     spares: bool = True  # keep a started worker process per CPU, to replace one at once
-
-
-@dataclass(frozen=True)
-class WorkerUser:
-    """The user that workers run as (``accounts``): they cannot read the agent's credentials
-    file or memory. The agent makes the job cache theirs."""
-
-    name: str
-    uid: int
-    gid: int
-    home: str  # their HOME: the cache directory, the one place of theirs
-
-    @classmethod
-    def prepare(cls, name: str, cache_dir: str | None) -> WorkerUser:
-        if os.geteuid() != 0:
-            raise UsageError(f"--worker-user {name}: only an agent run as root starts workers "
-                             "as another user")
-        if not cache_dir:
-            raise UsageError(f"--worker-user {name} needs --cache-dir (a directory for them)")
-        try:
-            entry = pwd.getpwnam(name)
-        except KeyError:
-            raise UsageError(f"--worker-user {name}: no such user on this host") from None
-        cache = Path(cache_dir)
-        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if cache.stat().st_uid != entry.pw_uid:  # e.g. unpacked by workers that ran as root
-            for path in (cache, *cache.rglob("*")):
-                os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
-        return cls(name, entry.pw_uid, entry.pw_gid, str(cache))
 
 
 @dataclass
@@ -123,13 +91,6 @@ SPARE_AFTER_S = 1.0  # a spare starts once its CPU's worker is this old
 EXIT_POLL_S = 0.05  # between heartbeats, how often the agent looks for workers that exited
 
 
-def available_cpus() -> tuple[int, ...]:
-    try:
-        return tuple(psutil.Process().cpu_affinity())
-    except (AttributeError, psutil.Error):
-        return tuple(range(os.cpu_count() or 1))
-
-
 def worker_keys(creds: Credentials) -> WorkerKeys:
     """The workers' keys: as `up` ships them to hosts (no cluster key there), or derived from
     the cluster key (a local cluster, an agent given the key by hand)."""
@@ -138,38 +99,6 @@ def worker_keys(creds: Credentials) -> WorkerKeys:
     if not creds.key:
         raise UsageError("the credentials hold neither the cluster key nor workers' keys")
     return Keyring(creds.key).for_workers()
-
-
-def choose_cpus(cpus: str | None, cores: int | None) -> tuple[int, ...]:
-    if cpus:
-        return parse_cpus(cpus)
-    everything = available_cpus()
-    if cores is not None:
-        if not 1 <= cores <= len(everything):
-            raise UsageError(f"--cores {cores}: this host has {len(everything)} usable CPUs")
-        return everything[:cores]
-    return everything
-
-
-def pin(pid: int, cpu: int) -> bool:
-    """Pin a process to one CPU; False (and a warning) where the OS cannot."""
-    try:
-        psutil.Process(pid).cpu_affinity([cpu])
-        return True
-    except AttributeError:
-        log.warning("CPU affinity is not supported on this OS: workers run unpinned")
-    except (psutil.Error, ValueError, OSError) as exc:
-        log.warning("cannot pin pid %d to CPU %d (%s): it runs unpinned", pid, cpu, exc)
-    return False
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
 
 
 class Agent:
@@ -379,10 +308,7 @@ class Agent:
         env.update({name: str(self.settings.threads) for name in THREAD_VARIABLES})
         if self.user is not None:
             env.update(HOME=self.user.home, USER=self.user.name, LOGNAME=self.user.name)
-        if self.settings.pin:
-            return spawn_worker(env, slot.cpu, self.user, idle)
-        return _popen([sys.executable, "-m", "cluster.worker"], env,
-                      functools.partial(_die_with_agent, idle), self.user)
+        return spawn_worker(env, slot.cpu, self.user, idle, pinned=self.settings.pin)
 
     def promote(self, proc: subprocess.Popen[bytes]) -> bool:
         """A spare about to become a worker runs at normal priority. False if it cannot."""
@@ -412,7 +338,7 @@ class Agent:
             log.debug("could not publish usage: %s", exc)
 
     def renew(self) -> None:
-        live = [s.wid for s in self.slots if s.proc is not None and _running(s.proc.pid)]
+        live = [s.wid for s in self.slots if s.proc is not None and is_running(s.proc.pid)]
         renewal = self.broker.renew(self.aid, live)
         if not renewal.registered:
             log.warning("agent %s was unknown to Redis (restarted empty?): registering again",
@@ -470,63 +396,3 @@ class Agent:
             for proc in (slot.proc, slot.spare):
                 if proc is not None and proc.poll() is None:
                     proc.kill()
-
-
-def spawn_worker(env: dict[str, str], cpu: int, user: WorkerUser | None = None,
-                 idle: bool = False) -> subprocess.Popen[bytes]:
-    """Start a worker process pinned to ``cpu``, where the OS has affinity (Linux): the child
-    pins itself between fork and exec, so the worker program never runs unpinned. Elsewhere
-    (macOS) it is pinned after the start where psutil can, else it warns.
-
-    ``preexec_fn`` is unsafe in a process with threads (the child may inherit a held lock). The
-    agent is single-threaded: its loop, redis-py and psutil start no threads, and ``cluster
-    agent`` always runs it in a process of its own."""
-    args = [sys.executable, "-m", "cluster.worker"]
-    if not hasattr(os, "sched_setaffinity"):
-        proc = _popen(args, env, _die_with_agent, user)
-        pin(proc.pid, cpu)
-        return proc
-    try:
-        return _popen(args, env, functools.partial(_pinned_to, cpu, idle), user)
-    except subprocess.SubprocessError:  # the child could not pin itself: it did not run
-        cpus = sorted(os.sched_getaffinity(0))
-        log.warning("cannot pin a worker to CPU %d (this agent may use CPUs %s): it runs "
-                    "unpinned", cpu, ",".join(map(str, cpus)))
-        return _popen(args, env, functools.partial(_die_with_agent, idle), user)
-
-
-def _popen(args: list[str], env: dict[str, str], preexec: Callable[[], None],
-           user: WorkerUser | None = None) -> subprocess.Popen[bytes]:
-    """The child changes user (and drops every other group) before ``preexec`` runs, so the
-    parent-death signal it sets is not cleared by that change."""
-    if user is None:
-        return subprocess.Popen(args, stdin=subprocess.PIPE, env=env, close_fds=True,
-                                preexec_fn=preexec)
-    return subprocess.Popen(args, stdin=subprocess.PIPE, env=env, close_fds=True,
-                            preexec_fn=preexec, user=user.uid, group=user.gid, extra_groups=[],
-                            cwd=user.home)
-
-
-def _pinned_to(cpu: int, idle: bool = False) -> None:
-    """In the worker, between fork and exec: run on ``cpu`` only, and die with the agent.
-    Raising here makes ``Popen`` raise SubprocessError in the agent, before anything runs."""
-    os.sched_setaffinity(0, {cpu})
-    _die_with_agent(idle)
-
-
-def _die_with_agent(idle: bool = False) -> None:
-    """A worker dies at once with its agent: whatever it held is reissued through its lease.
-    With ``idle``, a spare: it runs only when its CPU has nothing else to do."""
-    die_with_parent(signal.SIGKILL)
-    if idle:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-
-
-def _running(pid: int) -> bool:
-    """True unless the process is gone, a zombie or stopped (SIGSTOP): those lose their lease."""
-    try:
-        status = psutil.Process(pid).status()
-    except psutil.Error:
-        return False
-    return status not in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD,
-                          getattr(psutil, "STATUS_TRACING_STOP", "tracing-stop"))

@@ -7,11 +7,12 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from . import __version__, control, settings, workdir
+from . import control, settings, workdir
 from .config import ClusterConfig
 from .console import STDERR
 from .credentials import Credentials, named
 from .errors import ExitCode
+from .version import __version__
 
 
 class Parser(argparse.ArgumentParser):

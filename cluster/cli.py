@@ -17,13 +17,14 @@ from contextlib import contextmanager
 import redis
 
 from . import control, history, joblogs, jobs, settings, status
-from .agent import Agent, AgentSettings, choose_cpus
+from .agent import Agent, AgentSettings
 from .arguments import build_parser, named_cluster, tls_flags
 from .broker import Broker
 from .console import say
 from .credentials import resolve
 from .entries import LogRecord
 from .errors import ClusterError, ExitCode, UsageError
+from .spawn import choose_cpus
 
 EXIT_INTERNAL = 70
 

@@ -29,10 +29,13 @@ from . import progress, tasks, workdir
 from .broker import Broker
 from .coordinator import WAIT, Coordinator, RunOptions
 from .credentials import Credentials, named
-from .errors import ClusterError, UsageError
+from .errors import UsageError
 from .jobfile import Job, load_source
 from .local import LocalCluster
 from .signing import Keyring
+from .tasks import RemoteTraceback, TaskFailed
+
+__all__ = ["BrokenCluster", "Executor", "RemoteTraceback", "TaskFailed"]
 
 log = logging.getLogger("cluster.executor")
 
@@ -45,21 +48,6 @@ IDLE_WAIT_S = 0.25  # an idle coordinator's wait for a call, between its upkeep 
 class BrokenCluster(BrokenExecutor):
     """The Executor's job stopped (no workers, Redis gone, a timeout...): every call not done
     fails with this, and no new call is accepted."""
-
-
-class TaskFailed(ClusterError):
-    """A call the cluster gave up on: it killed its worker each time (``max_attempts``)."""
-
-
-class RemoteTraceback(Exception):
-    """The traceback of a call's exception on its worker (the exception's ``__cause__``)."""
-
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return f'\n"""\n{self.tb}"""'
 
 
 Calls = list[tuple[tuple[Any, ...], dict[str, Any]]]
@@ -184,7 +172,7 @@ class Executor(BaseExecutor):
                     window.popleft()
                     refill()
                     for item in outcomes:
-                        yield _value(item)  # a call's exception is raised here
+                        yield tasks.value_of(item)  # a call's exception is raised here
             finally:
                 for chunk in window:
                     chunk.future.cancel()
@@ -262,9 +250,9 @@ class Executor(BaseExecutor):
         try:
             found = self._signed.get(fn)
         except TypeError:  # an unhashable callable: signed each time
-            return self._sign(_pickle(fn, "the function"))
+            return self._sign(tasks.pickled(fn, "the function"))
         if found is None:
-            found = self._signed[fn] = self._sign(_pickle(fn, "the function"))
+            found = self._signed[fn] = self._sign(tasks.pickled(fn, "the function"))
             while len(self._signed) > SIGNED_KEPT:
                 self._signed.popitem(last=False)
         else:
@@ -275,7 +263,7 @@ class Executor(BaseExecutor):
         try:  # what pack gives, the codec carries
             return {"a": tasks.pack(args), "k": tasks.pack(kwargs)}
         except (tasks.Unpackable, RecursionError):
-            return {"p": self._sign(_pickle((args, kwargs), "the arguments"))}
+            return {"p": self._sign(tasks.pickled((args, kwargs), "the arguments"))}
 
     def _sign(self, blob: bytes) -> list[Any]:
         return [tasks.as_array(blob),
@@ -296,7 +284,7 @@ class Executor(BaseExecutor):
             chunk.future.set_result(value)
         else:
             try:
-                result = _value(value[0])
+                result = tasks.value_of(value[0])
             except BaseException as exc:  # noqa: BLE001 - the call's own exception
                 chunk.future.set_exception(exc)
             else:
@@ -373,37 +361,3 @@ def _directory(directory: str | Path | bool | None) -> Path | None:
 
     main = getattr(__main__, "__file__", None)
     return Path(main).resolve().parent if main else None
-
-
-def _pickle(value: Any, what: str) -> bytes:
-    import cloudpickle
-
-    try:
-        data: bytes = cloudpickle.dumps(value)
-    except Exception as exc:  # noqa: BLE001 - whatever pickling raises
-        raise TypeError(f"{what} cannot be sent to the workers: {type(exc).__name__}: {exc}"
-                        ) from None
-    return data
-
-
-def _value(item: Any) -> Any:
-    """A call's outcome as its caller sees it: the value, or its exception raised."""
-    if "v" in item:
-        return tasks.unpack(item["v"])
-    if "p" in item:
-        import cloudpickle
-
-        return cloudpickle.loads(tasks.as_bytes(item["p"]))
-    error = item["x"]
-    exc: BaseException | None = None
-    if "p" in error:
-        import cloudpickle
-
-        try:
-            exc = cloudpickle.loads(tasks.as_bytes(error["p"]))
-        except Exception:  # noqa: BLE001 - its class may not exist here
-            exc = None
-    if not isinstance(exc, BaseException):
-        exc = TaskFailed(f"{error.get('type', 'Exception')}: {error.get('message', '')}")
-    exc.__cause__ = RemoteTraceback(str(error.get("traceback", "")))
-    raise exc

@@ -32,7 +32,7 @@ import shlex
 import time
 from pathlib import Path
 
-from . import __version__, accounts, redisconf, tls
+from . import accounts, redisconf, tls
 from .acl import Users
 from .broker import Broker
 from .config import ClusterConfig, HostConfig
@@ -43,6 +43,7 @@ from .remote import HostReport, Remote, check_disk, check_python, fan_out
 from .requirements import Installed, parse, unmet
 from .signing import Keyring, WorkerKeys
 from .ssh import HostError, connect
+from .version import __version__
 from .wheelhouse import Wheelhouse
 
 HEARTBEAT_WAIT_S = 60.0

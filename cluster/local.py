@@ -26,7 +26,6 @@ import redis
 
 from . import redisconf, spool
 from .acl import Users
-from .agent import available_cpus, choose_cpus
 from .broker import Broker
 from .credentials import DEFAULT_PREFIX, Credentials, write_private
 from .errors import InfraError
@@ -34,6 +33,7 @@ from .neighbours import share_cpus
 from .proc import die_with_parent
 from .redisconf import quoted
 from .settings import Memory
+from .spawn import available_cpus, choose_cpus
 
 log = logging.getLogger("cluster.local")
 

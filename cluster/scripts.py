@@ -9,7 +9,7 @@ may be retried after a lost reply and recognises its own earlier success.
   A work entry's fields: ``j`` job id, ``a`` attempt, then any of ``r`` (the reason its last
   worker died, when past its last attempt), ``n`` (no result of it to the host's spool), ``s``
   (split it first), ``p`` (its units packed: one sealed blob for the batch), then unit index
-  -> sealed unit (empty when packed). ``HEAD`` reads these fields in Lua, ``broker._work`` in
+  -> sealed unit (empty when packed). ``HEAD`` reads these fields in Lua, ``delivery._work`` in
   Python.
 - ``RECORD``: a worker commits a batch: for each unit, the first result wins (a bit in the job's
   ``recorded`` bitmap); a duplicate is discarded and counted, and its digest goes to the results

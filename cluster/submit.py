@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from . import output, progress, settings, workdir
-from .agent import choose_cpus
 from .arguments import named_cluster
 from .broker import Broker
 from .config import ClusterConfig
@@ -28,6 +27,7 @@ from .recorder import Recorder
 from .requirements import Installed, check_hosts
 from .results import RunResult
 from .resume import identity
+from .spawn import choose_cpus
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

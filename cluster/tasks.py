@@ -26,6 +26,7 @@ import hashlib
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,21 @@ PATH = "cluster-executor.py"
 TUPLE, DICT, SET, FROZENSET, BYTES = "\x00t", "\x00d", "\x00s", "\x00f", "\x00b"
 TAGS = (TUPLE, DICT, SET, FROZENSET, BYTES)
 FUNCTIONS_KEPT = 256  # functions a worker keeps loaded (verified once each)
+
+
+class TaskFailed(ClusterError):
+    """A call the cluster gave up on: it killed its worker each time (``max_attempts``)."""
+
+
+class RemoteTraceback(Exception):
+    """The traceback of a call's exception on its worker (the exception's ``__cause__``)."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
 
 
 class Unpackable(Exception):
@@ -105,6 +121,46 @@ def as_array(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8)
 
 
+def _cloudpickle() -> ModuleType:
+    """cloudpickle, imported the first time it is needed (a worker of a job file never is)."""
+    import cloudpickle
+
+    module: ModuleType = cloudpickle
+    return module
+
+
+# -- in the caller's process -----------------------------------------------------------------
+
+
+def pickled(value: Any, what: str) -> bytes:
+    """``value`` pickled to go to the workers; ``TypeError`` naming ``what`` when it cannot."""
+    try:
+        data: bytes = _cloudpickle().dumps(value)
+    except Exception as exc:  # noqa: BLE001 - whatever pickling raises
+        raise TypeError(f"{what} cannot be sent to the workers: {type(exc).__name__}: {exc}"
+                        ) from None
+    return data
+
+
+def value_of(item: Any) -> Any:
+    """A call's outcome as its caller sees it: the value, or its exception raised."""
+    if "v" in item:
+        return unpack(item["v"])
+    if "p" in item:
+        return _cloudpickle().loads(as_bytes(item["p"]))
+    error = item["x"]
+    exc: BaseException | None = None
+    if "p" in error:
+        try:
+            exc = _cloudpickle().loads(as_bytes(error["p"]))
+        except Exception:  # noqa: BLE001 - its class may not exist here
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = TaskFailed(f"{error.get('type', 'Exception')}: {error.get('message', '')}")
+    exc.__cause__ = RemoteTraceback(str(error.get("traceback", "")))
+    raise exc
+
+
 # -- on the workers ---------------------------------------------------------------------------
 
 _functions: OrderedDict[tuple[str, bytes], Callable[..., Any]] = OrderedDict()
@@ -112,14 +168,12 @@ _functions: OrderedDict[tuple[str, bytes], Callable[..., Any]] = OrderedDict()
 
 def load_signed(signed: Any) -> Any:
     """Unpickle ``[pickle, signature]`` once the signature verifies for the running job."""
-    import cloudpickle
-
     blob, signature = as_bytes(signed[0]), as_bytes(signed[1])
     jid, verify = current_job()
     if not verify(jid, blob, signature):
         raise Refused(f"a pickle in a unit of job {jid} is not signed with this cluster's key: "
                       "not loaded")
-    return cloudpickle.loads(blob)
+    return _cloudpickle().loads(blob)
 
 
 def function(signed: Any) -> Callable[..., Any]:
@@ -143,22 +197,18 @@ def outcome(value: Any) -> dict[str, Any]:
     try:
         return {"v": pack(value)}
     except (Unpackable, RecursionError):
-        import cloudpickle
-
-        return {"p": as_array(cloudpickle.dumps(value))}
+        return {"p": as_array(_cloudpickle().dumps(value))}
 
 
 def raised(exc: BaseException) -> dict[str, Any]:
     """A call's exception: its type, message and traceback as text, and the exception itself
     pickled where it can be."""
-    import cloudpickle
-
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next
                                             if exc.__traceback__ else None))
     error: dict[str, Any] = {"type": type(exc).__qualname__, "message": str(exc)[:10_000],
                              "traceback": tb[-50_000:]}
     try:
-        error["p"] = as_array(cloudpickle.dumps(exc))
+        error["p"] = as_array(_cloudpickle().dumps(exc))
     except Exception:  # noqa: BLE001 - an exception that does not pickle: its text will do
         pass
     return {"x": error}

@@ -23,29 +23,28 @@ import signal
 import sys
 import time
 import traceback
-import types
 from pathlib import Path
 from typing import Any
 
 import redis
 
 from . import codec
-from .broker import BLOB_THRESHOLD, Broker
+from .broker import Broker
 from .capture import Capture, is_ours
 from .context import enter_unit, leave_unit, running_job
 from .credentials import Credentials
+from .delivery import BLOB_THRESHOLD
 from .entries import PACKED, Commit, LogRecord, Outcome, Work, pack_results
-from .errors import ClusterError, CodecError, RedisFull, RedisUnavailable
-from .jobfile import load_source
+from .errors import CodecError, RedisFull, RedisUnavailable
+from .loading import LoadedJob, load_job
 from .packing import unpack
 from .proc import RECYCLE, die_with_parent
 from .signing import TAG, Forged, WorkerKeys
 from .spool import DIRECT, DIRECT_THRESHOLD, Spool
-from .workdir import ArchiveError, Cache, Workspace, default_cache_dir
+from .workdir import Cache, Workspace, default_cache_dir
 
 log = logging.getLogger("cluster.worker")
 
-DEFAULT_MAX_RESULT = 256_000_000  # bytes of an encoded result, unless the job says otherwise
 
 
 class CommitAgain(Exception):
@@ -61,25 +60,6 @@ class Unit:
     sealed: bytes
     value: Any = None
     error: str = ""
-
-
-class LoadedJob:
-    """Job code as a worker runs it, or the reason it cannot run here."""
-
-    def __init__(self, module: types.ModuleType | None, seed: int, error: str = "",
-                 max_result: int = DEFAULT_MAX_RESULT, full_wait: float = 60.0,
-                 workspace: Workspace | None = None, max_log: int = 0, max_attempts: int = 3,
-                 expires: int = 0) -> None:
-        self.module = module
-        self.max_attempts = max_attempts
-        self.expires = expires  # Redis server ms after which its signature no longer holds
-        self.workspace = workspace
-        self.max_log = max_log  # bytes of log records the job keeps in Redis
-        self.imported: dict[str, str] = {}  # what its code wrote while being imported
-        self.seed = seed
-        self.error = error
-        self.max_result = max_result
-        self.full_wait = full_wait  # how long a commit refused by a full Redis is retried
 
 
 class Worker:
@@ -359,56 +339,10 @@ class Worker:
         return True
 
     def load(self, jid: str) -> LoadedJob | None:
-        info = self.broker.job_info(jid)
-        if info is None:
-            return None
-        fields = self.keys.job(jid, info)
-        if fields is None:  # its entries are dropped, as if it were gone
-            log.error("job=%s: not signed by this cluster's key (forged, or a copy of another "
-                      "job); refusing to run it", jid)
-            return None
-        seed, code = int(fields["seed"] or 0), fields["code"]
-
-        def loaded_job(module: types.ModuleType | None, error: str = "",
-                       workspace: Workspace | None = None) -> LoadedJob:
-            return LoadedJob(module, seed, error, workspace=workspace,
-                             max_result=int(fields["max_result"] or DEFAULT_MAX_RESULT),
-                             full_wait=float(fields["redis_grace"] or 60.0),
-                             max_log=int(fields["max_log"] or 0),
-                             max_attempts=int(fields["max_attempts"] or 3),
-                             expires=int(fields["expires"] or 0))
-
-        try:
-            workspace = self.workspace_of(jid, fields)
-        except ArchiveError as exc:
-            log.error("job=%s: %s", jid, exc)
-            return loaded_job(None, f"worker {self.wid} refused the job: {exc}")
-        file = str(workspace.path / fields["workdir_job"]) if workspace else None
-        self.enter(workspace)
-        try:
-            module = load_source(code, fields["path"] or "job.py",
-                                 module_name=f"cluster_job_{fields['name']}_{jid}", file=file)
-            loaded = loaded_job(module, workspace=workspace)
-            log.info("job=%s loaded (%s)", jid, fields["name"])
-        except ClusterError as exc:
-            loaded = loaded_job(None, f"on worker {self.wid}: {exc}")
-        loaded.imported = self.capture.take() if self.capture else {}
+        loaded = load_job(self.broker, self.keys, self.cache, jid, self.wid, self.enter)
+        if loaded is not None:  # what its code wrote while being imported
+            loaded.imported = self.capture.take() if self.capture else {}
         return loaded
-
-    def workspace_of(self, jid: str, fields: dict[str, str]) -> Workspace | None:
-        """The job's directory (its digest signed with the job), unpacked on this host once
-        (``workdir.Cache``, which checks the digest)."""
-        digest = fields["workdir_sha"]
-        if not digest:
-            return None
-        path, _held = self.cache.hold(digest)  # held until this process exits
-        if path is None:
-            data = self.broker.workdir(jid)
-            if data is None:
-                raise ArchiveError("the job directory is missing from Redis")
-            path = self.cache.unpack(digest, data)
-            log.info("job=%s directory %s unpacked (%d bytes)", jid, digest[:12], len(data))
-        return Workspace(path)
 
     def run_unit(self, job: LoadedJob, work: Work, unit: Unit) -> Outcome:
         """Compute one unit; what its code wrote (and, if it failed, why) goes with it."""
