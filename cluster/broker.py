@@ -31,6 +31,7 @@ from .redisio import _fields, _status, edge, translate_errors
 
 log = logging.getLogger("cluster.broker")
 QUIET_START_S = 1.0  # Redis may be starting beside us (a local cluster): no warning before
+EXPIRED_MOST = 1000  # dead workers one lease check returns (the rest: at the next one)
 
 
 class Broker(Delivery):
@@ -363,10 +364,15 @@ class Broker(Delivery):
         pipe.execute()
 
     @edge
-    def expired_workers(self, lease_ms: int) -> list[str]:
-        """Consumers of the work stream whose lease is older than ``lease_ms``."""
-        return [w.decode() for w in self._expired(keys=[self.keys.units, self.keys.workers],
-                                                  args=[GROUP, lease_ms])]
+    def expired_workers(self, lease_ms: int, full: bool = True, most: int = EXPIRED_MOST
+                        ) -> list[str]:
+        """Workers whose lease is older than ``lease_ms`` (at most ``most``; the rest at the
+        next call); with ``full``, also consumers of the work stream that hold no lease at
+        all (their leases were forgotten by `cluster down`, or never were): a scan of every
+        consumer, where the rest costs what it finds."""
+        reply: Any = self._expired(keys=[self.keys.units, self.keys.workers],
+                                   args=[GROUP, lease_ms, "1" if full else "0", most])
+        return [w.decode() for w in reply]
 
     @edge
     def agent_fingerprints(self, lease_ms: int) -> dict[str, str | None]:

@@ -66,6 +66,7 @@ log = logging.getLogger("cluster.coordinator")
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, RedisUnavailable)
 NO_UNIT = object()  # scatter has no unit now (``next_unit``)
 GATHERED = object()  # a unit that needs no queueing
+FULL_SCAN_S = 10.0  # how often the lease check also looks for consumers that hold no lease
 # writes the result: (value, job id, why it is not kept in Redis or None); ``OutputFailed``
 Write = Callable[[Any, str, str | None], None]
 # what a scatter yields when it has no unit now but may have more later (cluster.Executor)
@@ -150,6 +151,7 @@ class Coordinator:
         self.copied: set[str] = set()
         self.started = 0.0
         self.next_maintenance = 0.0
+        self.next_full_scan = 0.0  # of every consumer, for those with no lease (``maintain``)
         self.next_expiry = 0.0
         self.no_worker_since: float | None = None
         self.redis_down_since: float | None = None
@@ -437,7 +439,10 @@ class Coordinator:
             raise JobGone(self.jid)
         if owner != self.owner:
             raise Fenced(self.jid)
-        for wid in self.broker.expired_workers(self.lease_ms):
+        full = now >= self.next_full_scan  # consumers with no lease: rare, and a scan of all
+        if full:
+            self.next_full_scan = now + FULL_SCAN_S
+        for wid in self.broker.expired_workers(self.lease_ms, full=full):
             moved = self.broker.reissue(wid, charge=False, reason=f"worker {wid} lost its lease",
                                         lease_ms=self.lease_ms)
             if moved > 0:

@@ -41,7 +41,9 @@ may be retried after a lost reply and recognises its own earlier success.
 - ``RENEW``: an agent renews its heartbeat and the leases of its workers, on Redis server time,
   and learns which of its workers compute a unit of a job that is gone (cancelled, or finished
   while a copy ran): the agent replaces them, charging no attempt.
-- ``EXPIRED``: consumers whose lease is older than the lease time.
+- ``EXPIRED``: workers whose lease is older than the lease time (a range query over renewal
+  times: its cost grows with the expired, not with the cluster); with ``full``, also consumers
+  of the work stream that hold no lease at all (a scan of every consumer, run rarely).
 - ``TAKEOVER``: a resuming coordinator becomes the job's owner; the previous one is fenced. It
   gets a snapshot of the recorded bitmap and of the last results entry, to find the results the
   previous coordinator gathered (and took with it) and have them computed again.
@@ -330,13 +332,15 @@ return now
 EXPIRED = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease = tonumber(ARGV[2])
-local dead = {}
-for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
-  local name
-  for i = 1, #c, 2 do if c[i] == 'name' then name = c[i + 1] end end
-  local seen = redis.call('ZSCORE', KEYS[2], name)
-  if not seen or now - tonumber(seen) > lease then dead[#dead + 1] = name end
+local lease, most = tonumber(ARGV[2]), tonumber(ARGV[4])
+-- leases that lapsed: a range over renewal times, which costs what it finds, not the cluster
+local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. (now - lease), 'LIMIT', 0, most)
+if ARGV[3] == '1' then  -- and consumers with no lease at all (forgotten by `down`, forged)
+  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+    local name
+    for i = 1, #c, 2 do if c[i] == 'name' then name = c[i + 1] end end
+    if #dead < most and not redis.call('ZSCORE', KEYS[2], name) then dead[#dead + 1] = name end
+  end
 end
 return dead
 """

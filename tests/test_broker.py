@@ -138,6 +138,26 @@ def test_an_expired_lease_is_found_and_a_late_renewal_refused(job: Broker):
     assert refused == ["w1"]
 
 
+def test_the_lease_check_finds_lapsed_leases_by_range_and_leaseless_consumers_by_scan(
+        job: Broker):
+    job.add_units(JID, OWNER, [[(0, codec.encode(0))], [(1, codec.encode(1))]])
+    job.read_work("w1", 0)
+    job.register_worker("w3", {"host": "h"})
+    job.read_work("w3", 0)
+    job.client.zadd(job.keys.workers, {"w1": 0})  # lapsed
+    job.client.zrem(job.keys.workers, "w3")  # no lease at all (as after `cluster down`)
+    for n in range(5):  # long dead, never a consumer: found too, and cleaned by its reissue
+        job.client.zadd(job.keys.workers, {f"old{n}": 1})
+    assert sorted(job.expired_workers(1000, full=False)) == ["old0", "old1", "old2", "old3",
+                                                             "old4", "w1"]
+    assert "w3" in job.expired_workers(1000, full=True)
+    assert len(job.expired_workers(1000, full=True, most=2)) == 2  # bounded
+    for wid in job.expired_workers(1000, full=True):
+        job.reissue(wid, charge=False, reason="lost", lease_ms=1000)
+    assert job.expired_workers(1000, full=True) == []
+    assert job.client.xlen(job.keys.units) == 2 and pending(job) == 0  # both queued again
+
+
 def test_a_death_splits_the_batch_and_costs_an_attempt(job: Broker):
     job.add_units(JID, OWNER, [[(0, codec.encode(0)), (1, codec.encode(1)), (2, codec.encode(2))]])
     work = job.read_work("w1", 0)
