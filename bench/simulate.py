@@ -127,8 +127,10 @@ class Hosts:
 
     def failed(self, task: asyncio.Task[None]) -> None:
         """A simulated agent or worker that raised: said at once (the figures would lie)."""
-        if not task.cancelled() and task.exception() is not None:
-            print(f"simulate: a simulated host failed: {task.exception()!r}", file=sys.stderr)
+        if not task.cancelled() and task.exception() is not None and not self.stopping:
+            print(f"simulate: a simulated host failed: {task.exception()!r} (the simulation "
+                  "cannot keep up, or Redis went away): its figures would be wrong",
+                  file=sys.stderr)
             self.stopping = True
 
     def workers(self, aid: str) -> list[str]:
@@ -326,8 +328,8 @@ def run_job(n: int, units: int, args: argparse.Namespace, client: redis.Redis, k
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_before, busy_before = redis_cpu(client), busy()
     started = time.monotonic()
-    submit = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True)
+    errors = out.with_name("stderr.txt").open("w")  # a file, not a pipe: it may say a lot
+    submit = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
     for queue, _ in queues:
         queue.put("go")
     victim = names[len(names) // 2]
@@ -346,7 +348,8 @@ def run_job(n: int, units: int, args: argparse.Namespace, client: redis.Redis, k
         if killed_at is not None and reissued_at is None and stat(client, keys, "reissued"):
             reissued_at = now
     wall = time.monotonic() - started
-    stderr = submit.stderr.read() if submit.stderr else ""
+    errors.close()
+    stderr = out.with_name("stderr.txt").read_text()
     if submit.returncode != 0:
         raise SystemExit(f"simulate: the job failed (exit {submit.returncode}): "
                          f"{stderr[-2000:]}")
@@ -394,10 +397,10 @@ def table(rows: list[Row], args: argparse.Namespace) -> str:
 
 def plot(rows: list[Row], path: str) -> None:
     try:
-        import matplotlib  # type: ignore[import-not-found]
+        import matplotlib  # type: ignore[import-not-found,unused-ignore]
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # type: ignore[import-not-found]
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         print("simulate: matplotlib is not installed (pip install -e '.[bench]'): no plot",
               file=sys.stderr)
