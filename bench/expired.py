@@ -12,16 +12,10 @@ import argparse
 import statistics
 import time
 
+from simulate import RedisOnly
+
 from cluster.broker import Broker
 from cluster.keys import GROUP
-from cluster.local import LocalCluster
-
-
-class RedisOnly(LocalCluster):
-    """A private redis-server set up as the local cluster's, with no agent."""
-
-    def start_agent(self, creds: object) -> None:
-        self.agent = None
 
 
 def check_ms(broker: Broker, full: bool, runs: int) -> float:

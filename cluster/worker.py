@@ -178,8 +178,9 @@ class Worker:
         units = self.genuine(work)
         if any(u.error for u in units):
             return False
-        queued = self.broker.split(work, self.wid, [(u.index, self.unit_blob(work, u.index))
-                                                   for u in units])
+        queued = self.broker.split(work, self.wid, [  # values just decoded: nothing ran on them
+            (u.index, self.sealer.seal(codec.encode(u.value), "unit", work.jid, u.index))
+            for u in units])
         log.info("job=%s entry %s (attempt %d) split into %d entries, one per unit", work.jid,
                  work.msgid, work.attempt, queued)
         return True
@@ -240,17 +241,14 @@ class Worker:
             if msgid == work.msgid and first is outcomes:
                 return done
             self.drop_spooled(Commit("STALE"), done[0])
-        small = [o for o in outcomes if o.kind == "ok" and len(o.payload) < BLOB_THRESHOLD]
+        small = [o.kind == "ok" and len(o.payload) < BLOB_THRESHOLD for o in outcomes]
         packed = b""
-        if len(small) > 1:
-            packed = self.sealer.seal(pack_results([(o.index, o.digest, o.payload)
-                                                    for o in small]),
-                                      "results", work.jid, self.wid)
-            outcomes_in = {id(o) for o in small}
-            sealed = [dataclasses.replace(o, payload=PACKED, digest=b"")
-                      if id(o) in outcomes_in else self.sealed(work, o) for o in outcomes]
-        else:
-            sealed = [self.sealed(work, o) for o in outcomes]
+        if sum(small) > 1:
+            packed = self.sealer.seal(pack_results([
+                (o.index, o.digest, o.payload) for o, p in zip(outcomes, small, strict=True) if p]),
+                "results", work.jid, self.wid)
+        sealed = [dataclasses.replace(o, payload=PACKED, digest=b"") if packed and p
+                  else self.sealed(work, o) for o, p in zip(outcomes, small, strict=True)]
         self.sealed_for = ((work.msgid, outcomes), (sealed, packed))
         return sealed, packed
 
