@@ -3,7 +3,7 @@ workers against a real redis-server and a real coordinator (``cluster submit``).
 
 Run from the repository root:  python bench/simulate.py [--workers 100,1000,10000]
 
-Simulated agents and workers speak the real protocol with the real Lua scripts (``scripts.py``)
+Simulated agents and workers speak the real protocol with the real Lua scripts (``workscripts.py``)
 and key names (``keys.py``), from a few processes (asyncio, ``redis.asyncio``): each agent
 registers like a real one and renews its workers' leases every heartbeat (``RENEW``); each
 worker takes an entry (``TAKE``), "computes" each unit by sleeping ``--unit-s``, and records the
@@ -57,7 +57,7 @@ import psutil
 import redis
 import redis.asyncio
 
-from cluster import codec, scripts
+from cluster import codec, workscripts
 from cluster.broker import Broker
 from cluster.credentials import Credentials
 from cluster.delivery import _work
@@ -143,9 +143,9 @@ class Hosts:
             url, username=self.creds.username, password=self.creds.password,
             max_connections=self.plan.connections)
         self.client = redis.asyncio.Redis(connection_pool=pool)
-        self.take = self.client.register_script(scripts.TAKE)
-        self.record = self.client.register_script(scripts.RECORD)
-        self.renew = self.client.register_script(scripts.RENEW)
+        self.take = self.client.register_script(workscripts.TAKE)
+        self.record = self.client.register_script(workscripts.RECORD)
+        self.renew = self.client.register_script(workscripts.RENEW)
         tasks = [asyncio.create_task(self.agent(aid)) for aid in self.plan.agents]
         tasks += [asyncio.create_task(self.worker(aid, wid)) for aid in self.plan.agents
                   for wid in self.workers(aid)]

@@ -2,7 +2,8 @@
 coordinator's steps here, the workers' and agents' in ``delivery.py``, the cluster's bookkeeping
 in ``fleet.py``, on a shared connection (``redisio.py``).
 
-The protocol's atomic steps are Lua scripts, in ``scripts.py``, registered here.
+The protocol's atomic steps are Lua scripts, in ``scripts.py`` and ``workscripts.py``,
+registered here.
 
 Redis errors are translated at the edge (``redisio.translate_errors``): callers see
 ``RedisUnavailable`` (unreachable, refusing writes, or ``RedisFull``), ``JobGone`` and
@@ -21,7 +22,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import scripts
+from . import scripts, workscripts
 from .credentials import Credentials, redact
 from .delivery import Delivery, by_sha
 from .entries import Batch, Snapshot
@@ -48,11 +49,11 @@ class Broker(Delivery):
             return self.scripts[-1]
 
         self._add = reg(scripts.ADD)
-        self._record = reg(scripts.RECORD)
+        self._record = reg(workscripts.RECORD)
         self._save_run = reg(scripts.SAVE_RUN)
-        self._reissue = reg(scripts.REISSUE)
-        self._renew = reg(scripts.RENEW)
-        self._register_worker = reg(scripts.REGISTER_WORKER)
+        self._reissue = reg(workscripts.REISSUE)
+        self._renew = reg(workscripts.RENEW)
+        self._register_worker = reg(workscripts.REGISTER_WORKER)
         self._expired = reg(scripts.EXPIRED)
         self._purge = reg(scripts.PURGE)
         self._takeover = reg(scripts.TAKEOVER)
@@ -60,14 +61,14 @@ class Broker(Delivery):
         self._consume = reg(scripts.CONSUME)
         self._reclaim = reg(scripts.RECLAIM)
         self._requeue = reg(scripts.REQUEUE)
-        self._log = reg(scripts.LOG)
+        self._log = reg(workscripts.LOG)
         self._beat = reg(scripts.BEAT)
         self._resign = reg(scripts.RESIGN)
         self._cancel = reg(scripts.CANCEL)
         self._claim = reg(scripts.CLAIM)
         self._release = reg(scripts.RELEASE)
-        self._take = reg(scripts.TAKE)
-        self._split = reg(scripts.SPLIT)
+        self._take = reg(workscripts.TAKE)
+        self._split = reg(workscripts.SPLIT)
 
     @classmethod
     def of(cls, creds: Credentials, *, timeout: float = 5.0, socket_timeout: float = 60.0,

@@ -1,7 +1,7 @@
 """The protocol's steps that workers and agents take: take work and mark it started, split a
 packed entry, record a batch (``Delivery``); register, renew leases, reissue what a dead worker
 held. ``Broker`` (``broker.py``) adds the coordinator's steps, and registers the Lua scripts
-(``scripts.py``) these call.
+(``workscripts.py``) these call.
 
 A large result does not pass through a script: the worker stores it in the job's ``blobs`` hash
 in the same transaction (MULTI/EXEC: both happen or neither), under a field unique to that
