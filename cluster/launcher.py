@@ -5,7 +5,8 @@ On each host everything lives in its install directory (mode 0700; as root 0711,
 and the workers run as users of their own: ``accounts``)::
 
     wheels/            the wheelhouse shipped from here
-    venv/              the virtualenv the agent runs in
+    venv/              the virtualenv the agent runs in (made without pip: pip runs from its
+                       wheel in wheels/, unless a given wheelhouse has none)
     BUILD              the build id installed in venv
     REQUIREMENTS       the id of hosts.ini's requirements installed in venv
     credentials.json   Redis URL, the agents' Redis user and password, the cluster key (0600;
@@ -56,6 +57,7 @@ class Launcher:
         self.creds = creds
         self.accept_new = accept_new
         self.wheelhouse = wheelhouse
+        self.prepared: set[str] = set()  # hosts made ready in this up (``prepare``)
 
     @property
     def worker_keys(self) -> WorkerKeys:
@@ -72,25 +74,36 @@ class Launcher:
     # -- up ---------------------------------------------------------------------------------
 
     def up(self) -> list[HostReport]:
-        redis_report = None
+        """Every host installed at once while Redis's host starts Redis, then every agent."""
+        redis_report, early = None, {}
         if self.config.redis_host and self.config.tls:  # the CA, before any host gets it
             tls.ensure(self.config.tls_dir, self.config.name,
                        self.config.host(self.config.redis_host).address)
         if self.config.redis_host:
             host = self.config.host(self.config.redis_host)
-            redis_report = fan_out((host,), self.up_redis)[0]
+            first = fan_out(self.config.hosts, lambda h: self.up_redis(h) if h.name == host.name
+                            else self.prepare_host(h))
+            early = {r.host: r for r in first if not r.ok}
+            redis_report = next(r for r in first if r.host == host.name)
             if not redis_report.ok:
-                failed = [HostReport(h.name, ok=False, state="failed",
-                                     problems=[f"Redis on {host.name} did not start: "
-                                               f"{'; '.join(redis_report.problems)}"])
-                          for h in self.config.hosts if h.name != host.name]
+                failed = [early.get(h.name) or HostReport(
+                    h.name, ok=False, state="failed", problems=[
+                        f"Redis on {host.name} did not start: {'; '.join(redis_report.problems)}"])
+                    for h in self.config.hosts if h.name != host.name]
                 return [redis_report, *failed]
         broker = self.broker()
         broker.cancel_shutdown()
-        reports = fan_out(self.config.hosts, lambda host: self.up_host(host, broker))
+        reports = fan_out(self.config.hosts, lambda host: early.get(host.name)
+                          or self.up_host(host, broker))
         if redis_report is not None:
             self.fit_redis(broker, redis_report, reports)
         return reports
+
+    def prepare_host(self, host: HostConfig) -> HostReport:
+        remote = self.remote(host)
+        with remote.conn:
+            self.prepare(remote)
+        return HostReport(host.name, state="prepared")
 
     def up_redis(self, host: HostConfig) -> HostReport:
         try:
@@ -220,7 +233,10 @@ class Launcher:
                 time.sleep(0.2)
 
     def prepare(self, remote: Remote) -> None:
-        """Python checked, wheels shipped, virtualenv up to date, credentials in place."""
+        """Python checked, wheels shipped, virtualenv up to date, credentials in place (once
+        per ``up``)."""
+        if remote.host.name in self.prepared:
+            return
         wheelhouse = self.wheelhouse
         assert wheelhouse is not None
         check_python(remote)
@@ -240,6 +256,7 @@ class Launcher:
         if apart:
             accounts.check_reach(remote, self.config.worker_user, remote.path("venv/bin/python"),
                                  "worker_user")
+        self.prepared.add(remote.host.name)
 
     @staticmethod
     def ship_wheels(remote: Remote, wheelhouse: Wheelhouse) -> list[str]:
@@ -257,10 +274,16 @@ class Launcher:
         """Send the wheels and install them: cluster again when its build is new (its version
         stays), a local package's wheel when it changed, else only what is missing."""
         sent = self.ship_wheels(remote, wheelhouse)
-        python = shlex.quote(remote.host.python)
-        remote.sh(f"test -x {remote.q('venv/bin/python')} || {python} -m venv {remote.q('venv')}")
-        pip = f"{remote.q('venv/bin/python')} -m pip install --quiet --no-index " \
-              f"--find-links {remote.q('wheels')}"
+        python, venv = shlex.quote(remote.host.python), remote.q("venv/bin/python")
+        if wheelhouse.pip is not None:  # pip runs from its wheel: the venv needs none
+            remote.sh(f"test -x {venv} || {python} -m venv --without-pip {remote.q('venv')}")
+            pip = f"{venv} {remote.q('wheels/' + wheelhouse.pip)}/pip"
+        else:  # a given wheelhouse without pip: the venv's own (one made without gets it)
+            remote.sh(f"test -x {venv} || {python} -m venv {remote.q('venv')}")
+            remote.sh(f"{venv} -m pip --version >/dev/null 2>&1 || "
+                      f"{venv} -m ensurepip --default-pip")
+            pip = f"{venv} -m pip"
+        pip += f" install --quiet --no-index --find-links {remote.q('wheels')}"
         ours = f"{remote.q('wheels')}/cluster-*.whl"
         again = [remote.q(f"wheels/{name}") for name in wheelhouse.local if name in sent]
         again += [ours] if new_build else []

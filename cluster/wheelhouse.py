@@ -6,6 +6,10 @@ wheels too: pip resolves them together with cluster, from the wheels at hand (th
 wheelhouse, local packages built here) before it asks an index. Both are cached under
 ``~/.cache/cluster/wheelhouse``: the project's by its sources, the requirements' by the
 project's build, the requirement strings and the content of the local packages.
+
+A wheelhouse also carries pip's own wheel, from this Python's ``ensurepip``: hosts create their
+virtualenv without pip (installing pip into it is most of the time ``venv`` takes) and run pip
+from that wheel, as pip allows (``python pip-*.whl/pip install ...``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,6 +48,12 @@ class Wheelhouse:
     @property
     def wheels(self) -> list[Path]:
         return sorted(self.path.glob("*.whl"))
+
+    @property
+    def pip(self) -> str | None:
+        """The name of pip's wheel in this wheelhouse, if it holds one (the newest)."""
+        found = [name for name in self.hashes if name.startswith("pip-")]
+        return max(found, key=lambda name: parse_wheel_filename(name)[1], default=None)
 
     @property
     def requirements_id(self) -> str:
@@ -112,6 +123,9 @@ def _project(given: Path | None, cache: Path) -> Wheelhouse:
         if problem:
             shutil.rmtree(staging, ignore_errors=True)
             raise UsageError(f"building the wheelhouse failed: {problem}")
+        pip = bundled_pip()
+        if pip is not None:
+            shutil.copy2(pip, staging / pip.name)
         _complete(staging, target)
     return Wheelhouse(target, build, hashes(target))
 
@@ -148,15 +162,26 @@ def _build_requirements(project: Wheelhouse, staging: Path, requirements: tuple[
         problem = _pip("wheel", "--no-index", *args) and _pip("wheel", *args)
         if problem:
             raise UsageError(f"building the requirements of hosts.ini failed: {problem}")
-    for wheel in project.path.glob("*.whl"):  # what pip left out here: hosts may need it
-        name = parse_wheel_filename(wheel.name)[0]
-        if any(canonicalize_name(parse(extra).name) == name for extra in FOR_OLDER_PATCHES):
+    kept = {"pip", *(canonicalize_name(parse(extra).name) for extra in FOR_OLDER_PATCHES)}
+    for wheel in project.path.glob("*.whl"):  # what pip left out here: hosts need it
+        if parse_wheel_filename(wheel.name)[0] in kept:
             shutil.copy2(wheel, staging / wheel.name)
     names = [parse_wheel_filename(wheel.name)[:2] for wheel in local]
     manifest = {"installs": [*map(_for_hosts, requirements),
                              *(f"{name}=={version}" for name, version in names)],
                 "local": [wheel.name for wheel in local]}
     (staging / "requirements.json").write_text(json.dumps(manifest, indent=1))
+
+
+def bundled_pip() -> Path | None:
+    """pip's wheel as this Python's ``ensurepip`` holds it (Debian keeps it apart, in
+    ``WHEEL_PKG_DIR``); None if this Python has none."""
+    import ensurepip
+
+    places = [sysconfig.get_config_var("WHEEL_PKG_DIR"),
+              Path(ensurepip.__file__).parent / "_bundled"]
+    found = [wheel for place in places if place for wheel in Path(place).glob("pip-*.whl")]
+    return max(found, key=lambda wheel: parse_wheel_filename(wheel.name)[1], default=None)
 
 
 def _build_local(path: Path, out: Path) -> Path:

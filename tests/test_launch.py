@@ -1,6 +1,6 @@
 """`up` and `doctor` details on real hosts (namespace hosts, tests/netns.py): the Redis that
 `up` sizes to the cluster, a host whose sshd has no SFTP, wheels that changed but kept their size,
-and a host that lost power and came back.
+virtualenvs without pip, and a host that lost power and came back.
 
 The tests of this module run in order on one set of hosts: node1 (Redis) and node2, brought up
 by the first test; node3, whose sshd has no SFTP subsystem, is only in ``no-sftp.ini``.
@@ -165,6 +165,28 @@ def test_a_wheel_that_kept_its_size_is_shipped_again(site: Site, tmp_path: Path)
             == [wheel.name]
     assert shipped.read_bytes() == b"B" * 4096
     shipped.unlink()
+
+
+def test_hosts_run_pip_from_its_wheel_and_a_wheelhouse_without_pip_still_installs(
+        site: Site, tmp_path: Path):
+    install = site.net.hosts[1].install_dir
+    venv = install / "venv"
+    assert list((install / "wheels").glob("pip-*.whl"))  # shipped with the project's wheels
+    assert not list(venv.glob("lib/python*/site-packages/pip"))  # the venv was made without
+    # a given wheelhouse without pip's wheel: the venv gets pip of its own, then installs
+    cfg = config.load(site.ini)
+    launcher = Launcher(cfg, credentials.for_cluster(cfg, create=False))
+    house = tmp_path / "house"
+    house.mkdir()
+    kept = {name: (install / name).read_text() for name in ("BUILD", "REQUIREMENTS")}
+    remote = launcher.remote(cfg.host("node2"))
+    try:
+        with remote.conn:
+            launcher.ship(remote, Wheelhouse(house, "nopip", {}), new_build=False)
+    finally:
+        for name, text in kept.items():  # what up installed stays what the host records
+            (install / name).write_text(text)
+    assert list(venv.glob("lib/python*/site-packages/pip"))
 
 
 def test_after_a_power_cut_the_new_agent_replaces_the_lost_one(site: Site):
