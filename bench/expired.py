@@ -41,9 +41,12 @@ def main() -> int:
             broker.ensure_group()
             pipe = broker.client.pipeline(transaction=False)
             now = broker.server_time_ms()
-            for i in range(n):  # alive, and each a consumer of the stream
-                pipe.zadd(broker.keys.workers, {f"h{i // 64}/1/cpu{i % 64}.0": now})
-                pipe.xgroup_createconsumer(broker.keys.units, GROUP, f"h{i // 64}/1/cpu{i % 64}.0")
+            for i in range(n):  # alive, each a consumer of the stream, 64 to an agent
+                aid, wid = f"h{i // 64}/1", f"h{i // 64}/1/cpu{i % 64}.0"
+                pipe.zadd(broker.keys.workers, {wid: now})
+                pipe.sadd(broker.keys.agent_workers(aid), wid)
+                pipe.zadd(broker.keys.leases, {aid: now})
+                pipe.xgroup_createconsumer(broker.keys.units, GROUP, wid)
                 if len(pipe) >= 2000:
                     pipe.execute()
             pipe.execute()

@@ -320,7 +320,8 @@ class Bench:
         self.net.kill_host(victim)
         t_kill = time.time()
         time.sleep(0.2)  # a renewal already sent when the agent died is applied by now
-        last = b.client.zscore(b.keys.workers, wid)
+        agent = b.client.hget(b.keys.worker(wid), "agent")  # a worker's lease is its agent's
+        last = b.client.zscore(b.keys.leases, agent.decode()) if agent else None
         if last is None:
             raise RuntimeError(f"{wid} has no lease in Redis right after the kill")
         return t_first, t_kill, float(last) / 1000

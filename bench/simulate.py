@@ -58,6 +58,7 @@ import redis
 import redis.asyncio
 
 from cluster import codec, workscripts
+from cluster.agent import JOBS_CHECK_S
 from cluster.broker import Broker
 from cluster.credentials import Credentials
 from cluster.delivery import _work
@@ -121,7 +122,7 @@ class Hosts:
                                             "cpus": self.plan.sizes[aid], "key": fingerprint,
                                             "started": broker.server_time_ms(), **installed})
                 for wid in self.workers(aid):
-                    broker.register_worker(wid, {"host": aid, "agent": aid, "cpu": wid})
+                    broker.register_worker(wid, aid, {"host": aid, "cpu": wid})
         finally:
             broker.close()
 
@@ -188,11 +189,17 @@ class Hosts:
 
     async def agent(self, aid: str) -> None:
         wids = self.workers(aid)
-        keys = [self.keys.workers, self.keys.agents, self.keys.shutdown, self.keys.agent(aid)]
-        args = [aid, self.keys.worker_template(), self.keys.job(JOB_ID), *wids]
-        await asyncio.sleep(random.uniform(0, self.plan.heartbeat_s))
+        k = self.keys
+        keys = [k.agents, k.shutdown, k.agent(aid), k.leases, k.agent_workers(aid), k.orphans,
+                k.ended]
+        ended, next_look = "", 0.0  # as a real agent: workers of ended jobs looked for when
+        await asyncio.sleep(random.uniform(0, self.plan.heartbeat_s))  # one ended, or 30 s on
         while aid not in self.dead:
-            await self.renew(keys=keys, args=args)
+            if time.monotonic() >= next_look:
+                ended, next_look = "", time.monotonic() + JOBS_CHECK_S
+            reply = await self.renew(keys=keys, args=[aid, k.worker_template(), k.job(JOB_ID),
+                                                      ended, *wids])
+            ended = reply[5].decode()
             await asyncio.sleep(self.plan.heartbeat_s)
 
     async def worker(self, aid: str, wid: str) -> None:
@@ -302,6 +309,8 @@ def measure(n: int, args: argparse.Namespace) -> Row:
             before = redis_cpu(client)
             time.sleep(args.idle_s)
             housekeeping = (redis_cpu(client) - before) / args.idle_s
+            if args.idle_only:  # housekeeping alone: no job
+                return Row(n, 0, 0.0, 0.0, housekeeping, 0.0, 0.0, None, 0, 0.0, True)
             units = max(n, int(n * args.work_s / args.unit_s))
             row = run_job(n, units, args, client, keys, creds_file, queues, names)
             return Row(n, units, row[0], n / args.unit_s, housekeeping,
@@ -442,13 +451,23 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--plot", default="", help="a PNG file to draw the figures in")
+    parser.add_argument("--idle-only", action="store_true",
+                        help="measure housekeeping alone (agents renewing, no job): a cluster "
+                             "larger than the simulation can run a job on")
     args = parser.parse_args()
     rows = []
     for n in (int(x) for x in args.workers.split(",")):
         print(f"simulate: {n:,} workers...", file=sys.stderr, flush=True)
         rows.append(measure(n, args))
-        print(table(rows, args), flush=True)
-    if args.plot:
+        if args.idle_only:
+            print("| workers | agents | renewals/s | Redis housekeeping |\n|---:|---:|---:|---:|")
+            for r in rows:
+                agents = -(-r.workers // args.per_agent)
+                print(f"| {r.workers:,} | {agents:,} | {agents / args.heartbeat_s:,.0f} | "
+                      f"{r.housekeeping:.1%} |", flush=True)
+        else:
+            print(table(rows, args), flush=True)
+    if args.plot and not args.idle_only:
         plot(rows, args.plot)
     return 0
 

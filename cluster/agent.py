@@ -89,6 +89,8 @@ SECRET = re.compile(r"^CLUSTER_(REDIS_|KEY|TLS_)")  # where the agent may have f
 HEALTHY_S = 30.0  # a worker up this long resets its slot's restart backoff
 SPARE_AFTER_S = 1.0  # a spare starts once its CPU's worker is this old
 EXIT_POLL_S = 0.05  # between heartbeats, how often the agent looks for workers that exited
+JOBS_CHECK_S = 30.0  # how often workers of a job that is gone are looked for, whether or not
+# a job ended (a job's keys may also expire)
 
 
 def worker_keys(creds: Credentials) -> WorkerKeys:
@@ -117,6 +119,8 @@ class Agent:
         self.immediate = False
         self.redis_down_since: float | None = None
         self.registered = False
+        self.ended = ""  # the count of ended jobs last seen (``Renewal.ended``)
+        self.next_jobs_check = 0.0
         self.data = DataPath.start(settings, self.worker_keys.message, self.user) \
             if settings.data_address else None
         # as root, spares start at idle priority (taking no CPU from the workers) and are
@@ -279,8 +283,8 @@ class Agent:
     def start_worker(self, slot: Slot) -> None:
         slot.gen += 1
         slot.wid = f"{self.aid}/cpu{slot.cpu}.{slot.gen}"
-        self.broker.register_worker(slot.wid, {"host": self.settings.host, "agent": self.aid,
-                                               "cpu": slot.cpu})
+        self.broker.register_worker(slot.wid, self.aid, {"host": self.settings.host,
+                                                         "cpu": slot.cpu})
         proc, slot.spare = slot.spare, None
         if proc is not None and not self.promote(proc):
             proc.kill()
@@ -339,7 +343,11 @@ class Agent:
 
     def renew(self) -> None:
         live = [s.wid for s in self.slots if s.proc is not None and is_running(s.proc.pid)]
-        renewal = self.broker.renew(self.aid, live)
+        if self.clock() >= self.next_jobs_check:
+            self.next_jobs_check = self.clock() + JOBS_CHECK_S
+            self.ended = ""
+        renewal = self.broker.renew(self.aid, live, self.ended)
+        self.ended = renewal.ended
         if not renewal.registered:
             log.warning("agent %s was unknown to Redis (restarted empty?): registering again",
                         self.aid)

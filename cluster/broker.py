@@ -51,6 +51,7 @@ class Broker(Delivery):
         self._add = reg(scripts.ADD)
         self._record = reg(workscripts.RECORD)
         self._save_run = reg(scripts.SAVE_RUN)
+        self._retire = reg(scripts.RETIRE)
         self._reissue = reg(workscripts.REISSUE)
         self._renew = reg(workscripts.RENEW)
         self._register_worker = reg(workscripts.REGISTER_WORKER)
@@ -284,7 +285,7 @@ class Broker(Delivery):
         ``Fenced`` for a stale coordinator. Idempotent: purging a job that is gone already
         succeeds."""
         k = self.keys
-        reply = self._purge(keys=[k.units, k.jobs, k.logs(jid), *k.job_keys(jid)],
+        reply = self._purge(keys=[k.units, k.jobs, k.logs(jid), k.ended, *k.job_keys(jid)],
                             args=[GROUP, jid, owner, max(1, keep_logs_s) * 1000])
         self._owned(jid, _status(reply))
         if identity:
@@ -371,8 +372,10 @@ class Broker(Delivery):
         next call); with ``full``, also consumers of the work stream that hold no lease at
         all (their leases were forgotten by `cluster down`, or never were): a scan of every
         consumer, where the rest costs what it finds."""
-        reply: Any = self._expired(keys=[self.keys.units, self.keys.workers],
-                                   args=[GROUP, lease_ms, "1" if full else "0", most])
+        k = self.keys
+        reply: Any = self._expired(keys=[k.units, k.workers, k.leases, k.orphans],
+                                   args=[GROUP, lease_ms, "1" if full else "0", most,
+                                         k.agent_workers_template()])
         return [w.decode() for w in reply]
 
     @edge

@@ -55,7 +55,7 @@ from .heartbeat import Heartbeat
 from .jobfile import Job, user_traceback
 from .joblogs import Follower, save_local
 from .packing import Packer, Units
-from .plan import Batcher, Tally, host_of, speculation_threshold_ms
+from .plan import Batcher, Tally, speculation_threshold_ms
 from .progress import NoReporter, Reporter
 from .results import Deliver, Results, RunResult
 from .resume import Limits, Overlap, note, open_job, signed
@@ -292,7 +292,7 @@ class Coordinator:
                 and Path(a["spool"]).is_dir()}
 
     def count_workers(self) -> None:
-        self.workers = len(self.broker.live_workers(self.lease_ms))
+        self.workers = self.broker.live_capacity(self.lease_ms)[0]
         self.check_keys()
 
     def check_keys(self) -> None:
@@ -368,7 +368,7 @@ class Coordinator:
         """Queue whole batches while the window has room for one: a batch finishing frees
         room for a whole batch to follow it, not for a sliver of one (batches would shrink
         to the room each result frees, and per-batch costs be paid that much more often)."""
-        batch = self.batcher.size()
+        batch = self.batcher.size(self.workers)
         batches = self.tally.whole_batches(self.workers, batch,
                                            batch * self.batcher.result_bytes)
         building = not self.unsent  # batches left over from an outage go first
@@ -447,9 +447,8 @@ class Coordinator:
                                         lease_ms=self.lease_ms)
             if moved > 0:
                 log.warning("worker %s lost its lease; %d units reissued", wid, moved)
-        live = self.broker.live_workers(self.lease_ms)
-        self.workers = len(live)
-        self.hosts_seen.update(host_of(w) for w in live)
+        self.workers, alive = self.broker.live_capacity(self.lease_ms)
+        self.hosts_seen.update(alive)
         self.stats = self.broker.job_stats(self.jid)
         if now >= self.next_expiry:
             self.next_expiry = now + min(30.0, self.options.keep_s / 3)
@@ -458,7 +457,7 @@ class Coordinator:
             self.broker.resign(self.jid, self.owner,
                                signed(self.keyring, self.jid, self.description, expires))
         self.speculate()
-        self.check_workers(now, {host_of(w) for w in live})
+        self.check_workers(now, alive)
         self.check_memory(now)
 
     def check_workers(self, now: float, alive: set[str]) -> None:

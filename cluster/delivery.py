@@ -257,20 +257,27 @@ class Delivery(Fleet):
         self.client.hset(self.keys.worker(wid), mapping=_fields(info))
 
     @edge
-    def register_worker(self, wid: str, info: dict[str, Any]) -> None:
-        args: list[Any] = [wid]
+    def register_worker(self, wid: str, aid: str, info: dict[str, Any]) -> None:
+        """``wid`` holds a lease, which its agent ``aid`` renews (with its own)."""
+        args: list[Any] = [wid, aid]
         for key, value in info.items():
             args += (key, value)
-        self._register_worker(keys=[self.keys.workers, self.keys.worker(wid)], args=args)
+        k = self.keys
+        self._register_worker(keys=[k.workers, k.worker(wid), k.leases, k.agent_workers(aid),
+                                    k.agent(aid)], args=args)
 
     @edge
-    def renew(self, aid: str, wids: Sequence[str]) -> Renewal:
-        """Heartbeat of an agent and lease renewal of its workers (see ``Renewal``)."""
-        _, shutdown, refused, registered, abandoned = self._renew(
-            keys=[self.keys.workers, self.keys.agents, self.keys.shutdown, self.keys.agent(aid)],
-            args=[aid, self.keys.worker_template(), self.keys.job(JOB_ID), *wids])
+    def renew(self, aid: str, wids: Sequence[str], ended: str = "") -> Renewal:
+        """Heartbeat of an agent and the lease of its workers, one renewal whatever their
+        number (see ``Renewal``). Workers computing a unit of a job that is gone are looked
+        for when jobs ended since the count ``ended`` a previous renewal returned ("": now)."""
+        k = self.keys
+        _, shutdown, refused, registered, abandoned, count = self._renew(
+            keys=[k.agents, k.shutdown, k.agent(aid), k.leases, k.agent_workers(aid),
+                  k.orphans, k.ended],
+            args=[aid, k.worker_template(), k.job(JOB_ID), ended, *wids])
         return Renewal(bool(shutdown), [w.decode() for w in refused], bool(registered),
-                       [w.decode() for w in abandoned])
+                       [w.decode() for w in abandoned], count.decode())
 
     @edge
     def reissue(self, wid: str, *, charge: bool, reason: str, lease_ms: int = 0) -> int:
@@ -287,9 +294,11 @@ class Delivery(Fleet):
         self._queue_again(wid, "back", "given back", 0)
 
     def _queue_again(self, wid: str, mode: str, reason: str, lease_ms: int) -> int:
+        k = self.keys
         moved = self._reissue(
-            keys=[self.keys.units, self.keys.workers, self.keys.worker(wid)],
-            args=[GROUP, wid, mode, reason, lease_ms, *self.keys.job_templates()])
+            keys=[k.units, k.workers, k.worker(wid), k.leases, k.orphans],
+            args=[GROUP, wid, mode, reason, lease_ms, *k.job_templates(),
+                  k.agent_workers_template()])
         return int(moved)
 
     @edge

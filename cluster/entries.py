@@ -62,12 +62,14 @@ class Renewal:
     """RENEW's answer to an agent: ``shutdown`` requested (``cluster down``); ``refused``,
     workers whose lease had lapsed and whose units went to others; ``registered``, whether the
     agent's own registration is there; ``abandoned``, workers computing a unit of a job that is
-    gone."""
+    gone; ``ended``, the count of jobs ended that this answer saw (the next renewal passes it
+    on: the workers are looked at again only when it changed)."""
 
     shutdown: bool
     refused: list[str]
     registered: bool
     abandoned: list[str]
+    ended: str = ""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from .redisio import Connected, edge
 
 
 class Fleet(Connected):
-    _save_run: Any  # the SAVE_RUN script, registered by ``Broker``
+    _save_run: Any  # the SAVE_RUN and RETIRE scripts, registered by ``Broker``
+    _retire: Any
 
     # -- history -----------------------------------------------------------------------------
 
@@ -71,10 +72,11 @@ class Fleet(Connected):
 
     @edge
     def unregister_agent(self, aid: str) -> None:
-        pipe = self.client.pipeline()
-        pipe.zrem(self.keys.agents, aid)
-        pipe.delete(self.keys.agent(aid))
-        pipe.execute()
+        """``aid`` is gone: the workers it still renewed hold leases of their own, which lapse
+        (``RETIRE``)."""
+        k = self.keys
+        self._retire(keys=[k.agents, k.agent(aid), k.leases, k.agent_workers(aid), k.orphans],
+                     args=[aid])
 
     # -- launcher / status ------------------------------------------------------------------
     # Every call here translates Redis errors (``_translated``): `up`, `down`, `status` and
@@ -140,7 +142,13 @@ class Fleet(Connected):
     def forget_agents(self) -> None:
         """Drop every agent's heartbeat and worker's lease (after ``cluster down``)."""
         with self._translated():
-            self.client.delete(self.keys.agents, self.keys.workers)
+            k = self.keys
+            reply: Any = self.client.zrange(k.agents, 0, -1)
+            aids = {a.decode() for a in reply}
+            reply = self.client.zrange(k.leases, 0, -1)
+            aids |= {a.decode() for a in reply}
+            self.client.delete(k.agents, k.workers, k.leases, k.orphans,
+                               *(k.agent_workers(aid) for aid in sorted(aids)))
 
     def shutdown_server(self) -> None:
         """Stop Redis itself, saving first (its AOF is flushed)."""

@@ -17,13 +17,27 @@ key                            type    meaning
                                        packed entry whose worker died has ``s``: the worker
                                        that reads it splits it, one unit per entry; ``n``: its
                                        results go through Redis (their host lost one once)
-{p}workers                     ZSET    worker id -> last lease renewal (ms), written by agents
+{p}workers                     ZSET    worker id -> when it registered (ms): the workers that
+                                       hold a lease. A worker's lease is its agent's (below):
+                                       one renewal per agent, whatever its number of workers
+{p}leases                      ZSET    agent id -> its last renewal (ms), while it holds the
+                                       lease of a worker: the coordinator's lease check is a
+                                       range query over these (``EXPIRED``)
+{p}agent:{aid}:workers         SET     the workers whose lease agent ``aid`` renews
+{p}orphans                     ZSET    worker id -> its last renewal (ms), for workers whose
+                                       agent renews them no more (stopped, exited, or the agent
+                                       was replaced): their own lease; listed again in time, a
+                                       worker is its agent's again
+{p}ended                       HASH    ``jobs``: a count of the jobs that ended (``PURGE``):
+                                       an agent checks which of its workers compute a unit of a
+                                       job that is gone when it changed (and every 30 s)
 {p}worker:{wid}                HASH    host, agent, pid, cpu of one worker; ``job``, ``unit``,
                                        ``entry`` while it computes an entry (a death is charged
                                        to that entry only); ``committed``: the entry it last
                                        committed (a retried commit is recognised)
 {p}agents                      ZSET    agent id -> last heartbeat (ms)
 {p}agent:{aid}                 HASH    host, pid, version, cpus, key fingerprint, started;
+                                       ``leased``: how many workers it renews;
                                        ``packages``: JSON, every distribution installed where
                                        it runs -> its version; ``environment``: JSON, the values
                                        of PEP 508 markers there (``cluster submit`` checks a
@@ -121,6 +135,25 @@ class Keys:
 
     def agent(self, aid: str) -> str:
         return f"{self.prefix}agent:{aid}"
+
+    def agent_workers(self, aid: str) -> str:
+        return f"{self.prefix}agent:{aid}:workers"
+
+    def agent_workers_template(self) -> str:
+        """The agent's workers key with ``{aid}`` left in, for Lua."""
+        return self.agent_workers("{aid}")
+
+    @property
+    def leases(self) -> str:
+        return f"{self.prefix}leases"
+
+    @property
+    def orphans(self) -> str:
+        return f"{self.prefix}orphans"
+
+    @property
+    def ended(self) -> str:
+        return f"{self.prefix}ended"
 
     @property
     def shutdown(self) -> str:

@@ -16,9 +16,16 @@ from dataclasses import dataclass, field
 @dataclass
 class Batcher:
     """Batch size from the measured compute time and result size per unit (EWMA): a batch holds
-    about ``target_s`` of compute and at most ``max_bytes`` of units or of results."""
+    about ``target_s`` of compute and at most ``max_bytes`` of units or of results.
+
+    The more workers, the longer a batch: every batch costs Redis and the coordinator a fixed
+    few hundred microseconds, so ``workers`` computing batches of ``workers / batches_per_s``
+    seconds each keep the control plane at ``batches_per_s`` whatever the cluster's size (up
+    to batches of ``most_s``: beyond, a job's last batches would straggle too long)."""
 
     target_s: float = 0.05
+    batches_per_s: float = 1000.0
+    most_s: float = 30.0
     max_units: int = 1024
     max_bytes: int = 1 << 20
     unit_s: float | None = None
@@ -35,10 +42,12 @@ class Batcher:
             self.unit_s = 0.7 * self.unit_s + 0.3 * per_unit
             self.result_bytes = 0.7 * self.result_bytes + 0.3 * size
 
-    def size(self) -> int:
+    def size(self, workers: int = 0) -> int:
+        """Units in a batch when ``workers`` compute them."""
         if self.unit_s is None:
             return 1
-        by_time = int(self.target_s / self.unit_s)
+        target = max(self.target_s, min(self.most_s, workers / self.batches_per_s))
+        by_time = int(target / self.unit_s)
         by_bytes = int(self.max_bytes / max(self.result_bytes, 1.0))
         return max(1, min(self.max_units, by_time, by_bytes))
 
@@ -108,5 +117,5 @@ def speculation_threshold_ms(tally: Tally, batcher: Batcher, workers: int) -> fl
     room for copies (scatter not done, or fewer than half the workers idle)."""
     if not (tally.exhausted and 0 < tally.outstanding and tally.outstanding * 2 <= workers):
         return None
-    expected_ms = 1000 * (batcher.unit_s or 0.0) * batcher.size()
+    expected_ms = 1000 * (batcher.unit_s or 0.0) * batcher.size(workers)
     return max(2000.0, 4 * expected_ms)

@@ -89,8 +89,30 @@ class Connected:
         members: list[bytes] = reply
         return [m.decode() for m in members]
 
+    @edge
     def live_workers(self, lease_ms: int) -> list[str]:
-        return self._alive(self.keys.workers, lease_ms)
+        """Every worker whose lease is younger than ``lease_ms``: its agent's, or its own
+        (``keys``). A listing of the whole cluster: `status` and tests, not a hot path."""
+        agents = self._alive(self.keys.leases, lease_ms)
+        pipe = self.client.pipeline(transaction=False)
+        for aid in agents:
+            pipe.smembers(self.keys.agent_workers(aid))
+        members = [w for found in (pipe.execute() if agents else []) for w in found]
+        return sorted({w.decode() for w in members} | set(self._alive(self.keys.orphans,
+                                                                      lease_ms)))
+
+    @edge
+    def live_capacity(self, lease_ms: int) -> tuple[int, set[str]]:
+        """How many workers hold a lease younger than ``lease_ms``, and on which hosts: one
+        read per live agent, not per worker."""
+        agents = self._alive(self.keys.leases, lease_ms)
+        orphans = self._alive(self.keys.orphans, lease_ms)
+        pipe = self.client.pipeline(transaction=False)
+        for aid in agents:
+            pipe.hget(self.keys.agent(aid), "leased")
+        counts = pipe.execute() if agents else []
+        hosts = {aid.split("/", 1)[0] for aid in agents} | {w.split("/", 1)[0] for w in orphans}
+        return sum(int(c or 0) for c in counts) + len(orphans), hosts
 
     def live_agents(self, lease_ms: int) -> list[str]:
         return self._alive(self.keys.agents, lease_ms)

@@ -13,9 +13,10 @@ may be retried after a lost reply and recognises its own earlier success.
   (split it first), ``p`` (its units packed: one sealed blob for the batch), then unit index
   -> sealed unit (empty when packed). ``HEAD`` reads these fields in Lua, ``delivery._work`` in
   Python.
-- ``EXPIRED``: workers whose lease is older than the lease time (a range query over renewal
-  times: its cost grows with the expired, not with the cluster); with ``full``, also consumers
-  of the work stream that hold no lease at all (a scan of every consumer, run rarely).
+- ``EXPIRED``: workers whose lease is older than the lease time: the workers of agents whose
+  renewal is that old (a range query over renewal times: its cost grows with the expired, not
+  with the cluster) and workers no agent renews (orphans); with ``full``, also consumers of the
+  work stream that hold no lease at all (a scan of every consumer, run rarely).
 - ``TAKEOVER``: a resuming coordinator becomes the job's owner; the previous one is fenced. It
   gets a snapshot of the recorded bitmap and of the last results entry, to find the results the
   previous coordinator gathered (and took with it) and have them computed again.
@@ -33,6 +34,8 @@ may be retried after a lost reply and recognises its own earlier success.
   claim that went through is recognised. ``RELEASE`` drops a name that points at a job gone.
 - ``PURGE``: a finished job's keys and any of its entries still queued are removed (fenced);
   its logs stream is kept for a while.
+- ``RETIRE``: an agent leaves (it stopped, or `up` replaced it): the workers it still renewed
+  keep their lease from its last renewal on, each its own (``orphans``).
 - ``SAVE_RUN``: the record of a run that ended joins the cluster's history, and the jobs whose
   last run is older than the history's time, or beyond its count, leave it.
 
@@ -88,16 +91,26 @@ return {'OK', redis.call('XADD', KEYS[1], '*', unpack(fields))}
 """
 
 EXPIRED = """
+local units, workers, leases, orphans = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease, most = tonumber(ARGV[2]), tonumber(ARGV[4])
--- leases that lapsed: a range over renewal times, which costs what it finds, not the cluster
-local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. (now - lease), 'LIMIT', 0, most)
+-- leases that lapsed: ranges over renewal times, which cost what they find, not the cluster:
+-- workers whose agent stopped renewing them (stopped, exited, agent replaced), and agents
+local limit = '(' .. (now - lease)
+local dead = redis.call('ZRANGEBYSCORE', orphans, '-inf', limit, 'LIMIT', 0, most)
+for _, aid in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', limit, 'LIMIT', 0, most)) do
+  local members = redis.call('SMEMBERS', (string.gsub(ARGV[5], '{aid}', aid)))
+  if #members == 0 then redis.call('ZREM', leases, aid) end  -- all reissued: it holds none
+  for _, w in ipairs(members) do
+    if #dead < most then dead[#dead + 1] = w end
+  end
+end
 if ARGV[3] == '1' then  -- and consumers with no lease at all (forgotten by `down`, forged)
-  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', units, ARGV[1])) do
     local name
     for i = 1, #c, 2 do if c[i] == 'name' then name = c[i + 1] end end
-    if #dead < most and not redis.call('ZSCORE', KEYS[2], name) then dead[#dead + 1] = name end
+    if #dead < most and not redis.call('ZSCORE', workers, name) then dead[#dead + 1] = name end
   end
 end
 return dead
@@ -105,8 +118,9 @@ return dead
 
 PURGE = """
 local units, group, jid = KEYS[1], ARGV[1], ARGV[2]
-local owner = redis.call('HGET', KEYS[4], 'owner')
+local owner = redis.call('HGET', KEYS[5], 'owner')
 if owner and owner ~= ARGV[3] then return {'FENCED'} end
+if owner then redis.call('HINCRBY', KEYS[4], 'jobs', 1) end  -- agents: who still computes it
 if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('PEXPIRE', KEYS[3], ARGV[4]) end
 for _, e in ipairs(redis.call('XRANGE', units, '-', '+')) do
   if e[2][2] == jid then
@@ -115,7 +129,17 @@ for _, e in ipairs(redis.call('XRANGE', units, '-', '+')) do
   end
 end
 redis.call('SREM', KEYS[2], jid)
-for i = 4, #KEYS do redis.call('DEL', KEYS[i]) end
+for i = 5, #KEYS do redis.call('DEL', KEYS[i]) end
+return {'OK'}
+"""
+
+RETIRE = """
+local agents, agent, leases, mine, orphans = unpack(KEYS)
+local seen = redis.call('ZSCORE', leases, ARGV[1]) or 0
+for _, w in ipairs(redis.call('SMEMBERS', mine)) do redis.call('ZADD', orphans, seen, w) end
+redis.call('DEL', mine, agent)
+redis.call('ZREM', leases, ARGV[1])
+redis.call('ZREM', agents, ARGV[1])
 return {'OK'}
 """
 

@@ -143,12 +143,17 @@ return {'RECORDED', done, dups, unpack(dropped)}
 """
 
 REISSUE = JOBKEYS + INHERIT + HEAD + """
-local units, workers = KEYS[1], KEYS[2]
+local units, workers, leases, orphans = KEYS[1], KEYS[2], KEYS[4], KEYS[5]
 local group, wid, charge, reason = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4]
 local counted = ARGV[3] ~= 'back'  -- 'back': a worker gives back what it did not start
 local lease = tonumber(ARGV[5])
-if lease > 0 then
-  local seen = redis.call('ZSCORE', workers, wid)
+local agent = redis.call('HGET', KEYS[3], 'agent')
+local mine = agent and (string.gsub(ARGV[#ARGV], '{aid}', agent))  -- its agent's workers
+if lease > 0 then  -- its agent's lease, or its own since its agent stopped renewing it
+  local seen = redis.call('ZSCORE', orphans, wid)
+  for _, w in ipairs(mine and redis.call('SMEMBERS', mine) or {}) do  -- a few: its cores
+    if w == wid then seen = redis.call('ZSCORE', leases, agent) end
+  end
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   if seen and now - tonumber(seen) <= lease then return -1 end
@@ -218,34 +223,65 @@ end
 if counted then  -- a worker giving back is still alive: its agent cleans up after it
   redis.call('XGROUP', 'DELCONSUMER', units, group, wid)
   redis.call('ZREM', workers, wid)
+  redis.call('ZREM', orphans, wid)
+  if mine then redis.call('SREM', mine, wid) end
   redis.call('DEL', KEYS[3])
 end
 return moved
 """
 
 RENEW = JOBKEYS + """
+local agents, shutdown, agent, leases, mine, orphans, ended = unpack(KEYS)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[2], now, ARGV[1])
-local refused, abandoned = {}, {}
-for i = 4, #ARGV do
-  if redis.call('ZADD', KEYS[1], 'XX', 'CH', now, ARGV[i]) == 0
-     and not redis.call('ZSCORE', KEYS[1], ARGV[i]) then
-    refused[#refused + 1] = ARGV[i]
-  end
-  local jid = redis.call('HGET', (string.gsub(ARGV[2], '{wid}', ARGV[i])), 'job')
-  if jid and redis.call('EXISTS', jobkey(ARGV[3], jid)) == 0 then
-    abandoned[#abandoned + 1] = ARGV[i]  -- computing a unit of a job that is gone
+redis.call('ZADD', agents, now, ARGV[1])
+local before = redis.call('ZSCORE', leases, ARGV[1]) or now  -- its workers' last renewal
+local members, held, running = redis.call('SMEMBERS', mine), {}, {}
+for _, w in ipairs(members) do held[w] = true end
+local listed, refused, abandoned = 0, {}, {}
+for i = 5, #ARGV do
+  local w = ARGV[i]
+  running[w] = true
+  if held[w] then
+    listed = listed + 1
+  elseif redis.call('ZREM', orphans, w) == 1 then  -- unlisted a while (stopped), not lapsed
+    redis.call('SADD', mine, w)
+    listed = listed + 1
+  else
+    refused[#refused + 1] = w  -- lapsed: its units went to others
   end
 end
-return {now, redis.call('EXISTS', KEYS[3]), refused, redis.call('EXISTS', KEYS[4]), abandoned}
+for _, w in ipairs(members) do  -- workers it renews no more (stopped, exited): their own
+  if not running[w] then        -- lease, from their last renewal on
+    redis.call('SREM', mine, w)
+    redis.call('ZADD', orphans, before, w)
+  end
+end
+if listed > 0 then redis.call('ZADD', leases, now, ARGV[1]) end  -- every worker's, in one
+if redis.call('EXISTS', agent) == 1 then redis.call('HSET', agent, 'leased', listed) end
+local count = redis.call('HGET', ended, 'jobs') or '0'
+if count ~= ARGV[4] then  -- a job ended since the agent last looked: who computes a unit of it
+  for i = 5, #ARGV do
+    local jid = redis.call('HGET', (string.gsub(ARGV[2], '{wid}', ARGV[i])), 'job')
+    if jid and redis.call('EXISTS', jobkey(ARGV[3], jid)) == 0 then
+      abandoned[#abandoned + 1] = ARGV[i]
+    end
+  end
+end
+return {now, redis.call('EXISTS', shutdown), refused, redis.call('EXISTS', agent), abandoned,
+        count}
 """
 
 REGISTER_WORKER = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('HSET', KEYS[2], unpack(ARGV, 2))
+redis.call('HSET', KEYS[2], 'agent', ARGV[2], unpack(ARGV, 3))
+redis.call('SADD', KEYS[4], ARGV[1])
+redis.call('ZADD', KEYS[3], now, ARGV[2])
+if redis.call('EXISTS', KEYS[5]) == 1 then  -- how many workers it renews, for coordinators
+  redis.call('HSET', KEYS[5], 'leased', #redis.call('SMEMBERS', KEYS[4]))
+end
 return now
 """
 

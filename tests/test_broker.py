@@ -31,8 +31,9 @@ JID, OWNER = "j1", "owner-token"
 def job(broker: Broker) -> Broker:
     broker.create_job(JID, {"name": "t", "code": b"", "sig": "", "seed": 0,
                             "max_attempts": 2, "owner": OWNER})
-    for wid in ("w1", "w2"):
-        broker.register_worker(wid, {"host": "h"})
+    for wid, aid in (("w1", "a1"), ("w2", "a2")):  # each its own agent
+        broker.register_agent(aid, {"host": "h"})
+        broker.register_worker(wid, aid, {"host": "h"})
     return broker
 
 
@@ -122,32 +123,89 @@ def test_a_late_commit_after_reissue_is_discarded(job: Broker):
 def test_a_fresh_lease_is_not_reissued(job: Broker):
     job.add_units(JID, OWNER, [[(0, codec.encode(0))]])
     job.read_work("w1", 0)
-    job.renew("agent", ["w1"])
+    job.renew("a1", ["w1"])
     assert job.reissue("w1", charge=False, reason="x", lease_ms=60_000) == -1
     assert pending(job) == 1
     assert job.expired_workers(60_000) == []
 
 
+def lapse(broker: Broker, aid: str) -> None:
+    broker.client.zadd(broker.keys.leases, {aid: 0})  # its agent last renewed long ago
+
+
 def test_an_expired_lease_is_found_and_a_late_renewal_refused(job: Broker):
     job.add_units(JID, OWNER, [[(0, codec.encode(0))]])
     job.read_work("w1", 0)
-    job.client.zadd(job.keys.workers, {"w1": 0})  # last renewed long ago
+    lapse(job, "a1")
     assert job.expired_workers(1000) == ["w1"]
     assert job.reissue("w1", charge=False, reason="lost", lease_ms=1000) == 1
-    refused = job.renew("agent", ["w1", "w2"]).refused
-    assert refused == ["w1"]
+    assert job.renew("a1", ["w1"]).refused == ["w1"]
+    assert job.expired_workers(1000) == []  # the agent holds no lease now: it left the range
+    assert job.client.zscore(job.keys.leases, "a1") is None
+
+
+def test_one_renewal_holds_the_leases_of_all_an_agents_workers(job: Broker):
+    job.register_worker("w3", "a1", {"host": "h"})
+    job.renew("a1", ["w1", "w3"])
+    assert job.live_capacity(60_000) == (3, {"a1", "a2"})
+    assert job.live_workers(60_000) == ["w1", "w2", "w3"]
+    lapse(job, "a1")
+    assert sorted(job.expired_workers(1000)) == ["w1", "w3"]
+    assert job.live_workers(1000) == ["w2"] and job.live_capacity(1000)[0] == 1
+
+
+def test_a_worker_its_agent_renews_no_more_keeps_its_own_lease_until_it_lapses(job: Broker):
+    job.register_worker("w3", "a1", {"host": "h"})
+    job.renew("a1", ["w1", "w3"])
+    job.renew("a1", ["w1"])  # w3 stopped (SIGSTOP) or exited: not renewed from now on
+    assert job.expired_workers(60_000) == []  # its last renewal is recent
+    assert job.live_workers(60_000) == ["w1", "w2", "w3"]
+    assert job.renew("a1", ["w1", "w3"]).refused == []  # listed again in time: its agent's again
+    assert job.client.zscore(job.keys.orphans, "w3") is None
+    job.renew("a1", ["w1"])
+    job.client.zadd(job.keys.orphans, {"w3": 0})  # ... and now long ago
+    assert job.expired_workers(1000) == ["w3"]
+    assert job.reissue("w3", charge=False, reason="lost", lease_ms=1000) == 0
+    assert job.renew("a1", ["w1", "w3"]).refused == ["w3"]  # too late
+    assert job.live_workers(60_000) == ["w1", "w2"]
+
+
+def test_a_retired_agents_workers_keep_its_last_renewal_as_their_own_lease(job: Broker):
+    job.renew("a1", ["w1"])
+    renewed = job.client.zscore(job.keys.leases, "a1")
+    job.unregister_agent("a1")  # `up` replaced it: its host lost power
+    assert job.client.zscore(job.keys.orphans, "w1") == renewed
+    assert job.client.zscore(job.keys.leases, "a1") is None
+    assert job.expired_workers(60_000) == []
+    job.client.zadd(job.keys.orphans, {"w1": 0})
+    assert job.expired_workers(1000) == ["w1"]
+
+
+def test_renewals_look_for_workers_of_an_ended_job_only_when_a_job_ended(job: Broker):
+    job.add_units(JID, OWNER, [[(0, codec.encode(0))]])
+    job.started("w1", job.read_work("w1", 0))
+    first = job.renew("a1", ["w1"])  # "": look now
+    assert first.abandoned == [] and first.ended == "0"
+    job.purge_job(JID, OWNER)
+    seen = job.renew("a1", ["w1"], first.ended)
+    assert seen.abandoned == ["w1"] and seen.ended == "1"
+    assert job.renew("a1", ["w1"], seen.ended).abandoned == []  # nothing ended since
+    assert job.renew("a1", ["w1"]).abandoned == ["w1"]  # an agent's periodic look
+    job.purge_job(JID, OWNER)  # a retried purge: the job was gone already, nothing counted
+    assert job.renew("a1", ["w1"], seen.ended).abandoned == []
 
 
 def test_the_lease_check_finds_lapsed_leases_by_range_and_leaseless_consumers_by_scan(
         job: Broker):
     job.add_units(JID, OWNER, [[(0, codec.encode(0))], [(1, codec.encode(1))]])
     job.read_work("w1", 0)
-    job.register_worker("w3", {"host": "h"})
+    job.register_worker("w3", "a3", {"host": "h"})
     job.read_work("w3", 0)
-    job.client.zadd(job.keys.workers, {"w1": 0})  # lapsed
+    lapse(job, "a1")
     job.client.zrem(job.keys.workers, "w3")  # no lease at all (as after `cluster down`)
+    job.client.srem(job.keys.agent_workers("a3"), "w3")
     for n in range(5):  # long dead, never a consumer: found too, and cleaned by its reissue
-        job.client.zadd(job.keys.workers, {f"old{n}": 1})
+        job.client.zadd(job.keys.orphans, {f"old{n}": 1})
     assert sorted(job.expired_workers(1000, full=False)) == ["old0", "old1", "old2", "old3",
                                                              "old4", "w1"]
     assert "w3" in job.expired_workers(1000, full=True)
@@ -185,7 +243,7 @@ def test_a_unit_that_keeps_killing_workers_is_queued_once_more_to_fail(job: Brok
     job.add_units(JID, OWNER, [[(0, codec.encode(0))]])
     job.started("w1", job.read_work("w1", 0))
     job.reissue("w1", charge=True, reason="worker w1 killed by SIGKILL")  # attempt 2 of 2
-    job.register_worker("w3", {"host": "h"})
+    job.register_worker("w3", "a3", {"host": "h"})
     job.started("w3", job.read_work("w3", 0))
     job.reissue("w3", charge=True, reason="worker w3 killed by SIGKILL")
     assert job.read_results(JID, "0-0", 10, None) == []  # a script cannot sign a failure:
@@ -503,7 +561,7 @@ def test_a_commit_refused_for_lack_of_memory_records_nothing(small_redis: Broker
     job = small_redis
     job.create_job(JID, {"name": "t", "code": b"", "sig": "", "seed": 0, "max_attempts": 2,
                          "owner": OWNER})
-    job.register_worker("w1", {"host": "h"})
+    job.register_worker("w1", "a1", {"host": "h"})
     job.add_units(JID, OWNER, [[(0, codec.encode(0))]])
     work = job.read_work("w1", 0)
     used, _ = job.memory()

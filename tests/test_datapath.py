@@ -270,7 +270,7 @@ def test_requeue_queues_a_lost_spooled_result_once_and_through_redis(broker: Bro
     jid, owner = "j1", "owner"
     broker.create_job(jid, {"name": "t", "code": b"", "sig": "", "seed": 0,
                             "max_attempts": 2, "owner": owner})
-    broker.register_worker("w1", {"host": "h"})
+    broker.register_worker("w1", "a1", {"host": "h"})
     unit = codec.encode({"i": 0})
     broker.add_units(jid, owner, [[(0, unit)]])
     work = broker.read_work("w1", 0)

@@ -13,10 +13,22 @@ def test_batches_start_at_one_unit_then_follow_measured_time():
     assert b2.size() == 1024
 
 
-def test_slow_units_are_never_batched():
+def test_slow_units_are_never_batched_on_a_small_cluster():
     b = Batcher()
     b.observe(1, 3.0)
     assert b.size() == 1
+    assert b.size(workers=64) == 1
+
+
+def test_batches_grow_with_the_cluster_to_keep_the_control_plane_bounded():
+    b = Batcher()  # 1,000 batches a second at most, whatever the number of workers
+    b.observe(1, 1.0)  # 1 s units
+    assert [b.size(workers=w) for w in (100, 1_000, 4_000, 64_000)] == [1, 1, 4, 30]
+    assert 4_000 / b.size(workers=4_000) <= b.batches_per_s  # batches a second asked for
+    assert b.size(workers=10**6) == 30  # batches of 30 s at most (a job's tail)
+    fast = Batcher()
+    fast.observe(100, 0.1)  # 1 ms units: already batched by time alone
+    assert fast.size(workers=10) == fast.size(workers=50) == 50
 
 
 def test_window_bounds_what_scatter_may_run_ahead():

@@ -32,8 +32,10 @@ def server(tmp_path: Path):
 
 
 def live_workers(server: SmallRedis) -> int:
+    """Workers whose agent renewed their leases within 2 s."""
     now = int(server.client.time()[0] * 1000)
-    return len(server.client.zrangebyscore("b:workers", now - 2000, "+inf"))
+    return sum(server.client.scard(f"b:agent:{aid.decode()}:workers")
+               for aid in server.client.zrangebyscore("b:leases", now - 2000, "+inf"))
 
 
 def test_an_agent_rides_out_redis_refusing_writes(server: SmallRedis):

@@ -1,0 +1,91 @@
+"""What lease renewals cost Redis as the cluster grows (issue 13): N workers on agents of 64
+cores each, every agent renewing every heartbeat (0.5 s) through the real ``RENEW`` script, as
+real agents do. Redis's own account of the script's time (``INFO commandstats``) gives the
+microseconds per renewal; times the renewals per second of N workers, the share of one Redis
+core that renewals take, whether or not work runs.
+
+Two kinds of renewal: the steady one, and the one that also looks at every worker for units of
+jobs that are gone (an agent does it when a job ended since it last looked, and every 30 s).
+
+Run from the repository root:  python bench/renewals.py [--workers 1000,10000,64000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import statistics
+from typing import Any
+
+from simulate import RedisOnly
+
+from cluster.broker import Broker
+
+PER_AGENT = 64
+HEARTBEAT_S = 0.5
+LOOK_EVERY_S = 30.0
+
+
+def script_us(broker: Broker) -> tuple[int, float]:
+    """Calls and microseconds of EVALSHA so far (Redis's account)."""
+    stats = broker.client.info("commandstats").get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0)), float(stats.get("usec", 0))
+
+
+def per_renewal_us(broker: Broker, agents: dict[str, list[str]], look: bool) -> float:
+    new_protocol = "ended" in inspect.signature(broker.renew).parameters
+    calls0, us0 = script_us(broker)
+    for aid, wids in agents.items():
+        if new_protocol:
+            broker.renew(aid, wids, "" if look else "0")
+        else:  # before issue 13's leases per agent: every renewal looked at every worker
+            broker.renew(aid, wids)
+    calls1, us1 = script_us(broker)
+    return (us1 - us0) / max(1, calls1 - calls0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", default="1000,10000,64000")
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    print("| workers | renewals/s | us per renewal | us per renewal that looks at jobs | "
+          "share of a Redis core |")
+    print("|---:|---:|---:|---:|---:|")
+    for n in (int(x) for x in args.workers.split(",")):
+        with RedisOnly(cores=2) as creds:
+            broker = Broker.of(creds.as_role("admin"))
+            broker.create_job("J1", {"name": "t", "code": b"", "sig": "", "seed": 0,
+                                     "max_attempts": 2, "owner": "o"})
+            agents = {f"h{a}/1": [f"h{a}/1/cpu{c}.0" for c in range(PER_AGENT)]
+                      for a in range(n // PER_AGENT)}
+            new_protocol = "ended" in inspect.signature(broker.renew).parameters
+            pipe = broker.client.pipeline(transaction=False)
+            for aid, wids in agents.items():
+                broker.register_agent(aid, {"host": aid.split("/")[0], "cpus": PER_AGENT})
+                for wid in wids:  # each computing a unit of a job that is there
+                    pipe.hset(broker.keys.worker(wid), mapping={"job": "J1", "agent": aid})
+                pipe.execute()
+                for wid in wids:
+                    if new_protocol:
+                        broker.register_worker(wid, aid, {"host": aid.split("/")[0]})
+                    else:
+                        old: Any = broker.register_worker  # (wid, info)
+                        old(wid, {"host": aid.split("/")[0], "agent": aid})
+            steady = statistics.median(per_renewal_us(broker, agents, False)
+                                       for _ in range(args.runs))
+            look = statistics.median(per_renewal_us(broker, agents, True)
+                                     for _ in range(args.runs))
+            rate = len(agents) / HEARTBEAT_S
+            if new_protocol:  # one renewal in LOOK_EVERY_S / HEARTBEAT_S looks at jobs
+                share = rate * (steady + (look - steady) * HEARTBEAT_S / LOOK_EVERY_S) / 1e4
+            else:
+                share = rate * steady / 1e4
+            print(f"| {n:,} | {rate:,.0f} | {steady:.1f} | {look:.1f} | {share:.2f} % |",
+                  flush=True)
+            broker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
