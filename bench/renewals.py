@@ -4,8 +4,10 @@ real agents do. Redis's own account of the script's time (``INFO commandstats``)
 microseconds per renewal; times the renewals per second of N workers, the share of one Redis
 core that renewals take, whether or not work runs.
 
-Two kinds of renewal: the steady one, and the one that also looks at every worker for units of
-jobs that are gone (an agent does it when a job ended since it last looked, and every 30 s).
+Three kinds of renewal: the steady one (the agent's workers are those of its last renewal:
+not even named), one that lists them (a worker changed), and one that also looks at every
+worker for units of jobs that are gone (when a job ended since the agent last looked, and
+every 30 s). The share assumes steady renewals, and one that looks every 30 s.
 
 Run from the repository root:  python bench/renewals.py [--workers 1000,10000,64000]
 """
@@ -32,13 +34,15 @@ def script_us(broker: Broker) -> tuple[int, float]:
     return int(stats.get("calls", 0)), float(stats.get("usec", 0))
 
 
-def per_renewal_us(broker: Broker, agents: dict[str, list[str]], look: bool) -> float:
-    new_protocol = "ended" in inspect.signature(broker.renew).parameters
+def per_renewal_us(broker: Broker, agents: dict[str, list[str]], kind: str) -> float:
+    """``steady``: the same workers as last time; ``list``: they are listed (a worker
+    changed); ``look``: listed, and each looked at for a job that is gone."""
+    new_protocol = "same" in inspect.signature(broker.renew).parameters
     calls0, us0 = script_us(broker)
     for aid, wids in agents.items():
         if new_protocol:
-            broker.renew(aid, wids, "" if look else "0")
-        else:  # before issue 13's leases per agent: every renewal looked at every worker
+            broker.renew(aid, wids, "" if kind == "look" else "0", same=kind == "steady")
+        else:  # before issue 13's leases per agent: every renewal listed and looked at all
             broker.renew(aid, wids)
     calls1, us1 = script_us(broker)
     return (us1 - us0) / max(1, calls1 - calls0)
@@ -49,9 +53,9 @@ def main() -> int:
     parser.add_argument("--workers", default="1000,10000,64000")
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    print("| workers | renewals/s | us per renewal | us per renewal that looks at jobs | "
-          "share of a Redis core |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| workers | renewals/s | us per renewal: steady | listing its workers | "
+          "looking at jobs | share of a Redis core |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for n in (int(x) for x in args.workers.split(",")):
         with RedisOnly(cores=2) as creds:
             broker = Broker.of(creds.as_role("admin"))
@@ -59,7 +63,7 @@ def main() -> int:
                                      "max_attempts": 2, "owner": "o"})
             agents = {f"h{a}/1": [f"h{a}/1/cpu{c}.0" for c in range(PER_AGENT)]
                       for a in range(n // PER_AGENT)}
-            new_protocol = "ended" in inspect.signature(broker.renew).parameters
+            new_protocol = "same" in inspect.signature(broker.renew).parameters
             pipe = broker.client.pipeline(transaction=False)
             for aid, wids in agents.items():
                 broker.register_agent(aid, {"host": aid.split("/")[0], "cpus": PER_AGENT})
@@ -72,17 +76,16 @@ def main() -> int:
                     else:
                         old: Any = broker.register_worker  # (wid, info)
                         old(wid, {"host": aid.split("/")[0], "agent": aid})
-            steady = statistics.median(per_renewal_us(broker, agents, False)
-                                       for _ in range(args.runs))
-            look = statistics.median(per_renewal_us(broker, agents, True)
-                                     for _ in range(args.runs))
+            us = {kind: statistics.median(per_renewal_us(broker, agents, kind)
+                                          for _ in range(args.runs))
+                  for kind in ("steady", "list", "look")}
             rate = len(agents) / HEARTBEAT_S
             if new_protocol:  # one renewal in LOOK_EVERY_S / HEARTBEAT_S looks at jobs
-                share = rate * (steady + (look - steady) * HEARTBEAT_S / LOOK_EVERY_S) / 1e4
+                mean = us["steady"] + (us["look"] - us["steady"]) * HEARTBEAT_S / LOOK_EVERY_S
             else:
-                share = rate * steady / 1e4
-            print(f"| {n:,} | {rate:,.0f} | {steady:.1f} | {look:.1f} | {share:.2f} % |",
-                  flush=True)
+                mean = us["steady"]
+            print(f"| {n:,} | {rate:,.0f} | {us['steady']:.1f} | {us['list']:.1f} | "
+                  f"{us['look']:.1f} | {rate * mean / 1e4:.2f} % |", flush=True)
             broker.close()
     return 0
 

@@ -61,7 +61,7 @@ from cluster import codec, workscripts
 from cluster.agent import JOBS_CHECK_S
 from cluster.broker import Broker
 from cluster.credentials import Credentials
-from cluster.delivery import _work
+from cluster.delivery import USAGE_MS, _work
 from cluster.entries import PACKED, pack_results
 from cluster.keys import GROUP, JOB_ID, Keys
 from cluster.local import LocalCluster
@@ -147,6 +147,7 @@ class Hosts:
         self.take = self.client.register_script(workscripts.TAKE)
         self.record = self.client.register_script(workscripts.RECORD)
         self.renew = self.client.register_script(workscripts.RENEW)
+        self.renew_same = self.client.register_script(workscripts.RENEW_SAME)
         tasks = [asyncio.create_task(self.agent(aid)) for aid in self.plan.agents]
         tasks += [asyncio.create_task(self.worker(aid, wid)) for aid in self.plan.agents
                   for wid in self.workers(aid)]
@@ -192,14 +193,22 @@ class Hosts:
         k = self.keys
         keys = [k.agents, k.shutdown, k.agent(aid), k.leases, k.agent_workers(aid), k.orphans,
                 k.ended]
+        usage = json.dumps({w: {"load": 100.0, "rss": 60 << 20} for w in wids})
+        beats = 0
         ended, next_look = "", 0.0  # as a real agent: workers of ended jobs looked for when
         await asyncio.sleep(random.uniform(0, self.plan.heartbeat_s))  # one ended, or 30 s on
         while aid not in self.dead:
             if time.monotonic() >= next_look:
                 ended, next_look = "", time.monotonic() + JOBS_CHECK_S
-            reply = await self.renew(keys=keys, args=[aid, k.worker_template(), k.job(JOB_ID),
-                                                      ended, *wids])
-            ended = reply[5].decode()
+            reply = await self.renew_same(keys=keys, args=[aid, len(wids), ended]) \
+                if ended else None
+            if reply is None or reply[0] == b"LIST":  # as ``Delivery.renew``
+                reply = await self.renew(keys=keys, args=[aid, k.worker_template(),
+                                                          k.job(JOB_ID), ended, *wids])
+            ended = reply[6].decode()
+            beats += 1
+            if beats % max(1, int(2 / self.plan.heartbeat_s)) == 0:  # as a real agent does
+                await self.client.set(k.agent_usage(aid), usage, px=USAGE_MS)
             await asyncio.sleep(self.plan.heartbeat_s)
 
     async def worker(self, aid: str, wid: str) -> None:

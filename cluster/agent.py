@@ -120,6 +120,7 @@ class Agent:
         self.redis_down_since: float | None = None
         self.registered = False
         self.ended = ""  # the count of ended jobs last seen (``Renewal.ended``)
+        self.listed: list[str] | None = None  # the workers its last renewal listed
         self.next_jobs_check = 0.0
         self.data = DataPath.start(settings, self.worker_keys.message, self.user) \
             if settings.data_address else None
@@ -337,7 +338,7 @@ class Agent:
             except psutil.Error:
                 continue
         try:
-            self.broker.publish_usage(usage)
+            self.broker.publish_usage(self.aid, usage)
         except (redis.RedisError, RedisUnavailable) as exc:
             log.debug("could not publish usage: %s", exc)
 
@@ -346,8 +347,9 @@ class Agent:
         if self.clock() >= self.next_jobs_check:
             self.next_jobs_check = self.clock() + JOBS_CHECK_S
             self.ended = ""
-        renewal = self.broker.renew(self.aid, live, self.ended)
+        renewal = self.broker.renew(self.aid, live, self.ended, same=live == self.listed)
         self.ended = renewal.ended
+        self.listed = live if renewal.registered and not renewal.refused else None
         if not renewal.registered:
             log.warning("agent %s was unknown to Redis (restarted empty?): registering again",
                         self.aid)

@@ -54,6 +54,7 @@ class Broker(Delivery):
         self._retire = reg(scripts.RETIRE)
         self._reissue = reg(workscripts.REISSUE)
         self._renew = reg(workscripts.RENEW)
+        self._renew_same = reg(workscripts.RENEW_SAME)
         self._register_worker = reg(workscripts.REGISTER_WORKER)
         self._expired = reg(scripts.EXPIRED)
         self._purge = reg(scripts.PURGE)

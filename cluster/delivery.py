@@ -12,6 +12,7 @@ duplicate or stale).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import secrets
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ BLOB_THRESHOLD = 32 * 1024  # results at least this large travel beside the RECO
 
 
 HEAD_FIELDS = (b"r", b"n", b"s", b"p")
+USAGE_MS = 30_000  # an agent's published usage of its workers is kept this long
 
 
 def _work(msgid: str, fields: dict[bytes, bytes], started: bool = False) -> Work | None:
@@ -66,6 +68,7 @@ class Delivery(Fleet):
     _record: Any
     _log: Any
     _renew: Any
+    _renew_same: Any
     _register_worker: Any
     _reissue: Any
 
@@ -267,15 +270,22 @@ class Delivery(Fleet):
                                     k.agent(aid)], args=args)
 
     @edge
-    def renew(self, aid: str, wids: Sequence[str], ended: str = "") -> Renewal:
+    def renew(self, aid: str, wids: Sequence[str], ended: str = "", same: bool = False
+              ) -> Renewal:
         """Heartbeat of an agent and the lease of its workers, one renewal whatever their
-        number (see ``Renewal``). Workers computing a unit of a job that is gone are looked
-        for when jobs ended since the count ``ended`` a previous renewal returned ("": now)."""
+        number (see ``Renewal``). With ``same``, ``wids`` are those of the agent's previous
+        renewal and are not sent, unless Redis asks for them (one was taken from the agent, or
+        a job ended). Workers computing a unit of a job that is gone are looked for when jobs
+        ended since the count ``ended`` a previous renewal returned ("": now)."""
         k = self.keys
-        _, shutdown, refused, registered, abandoned, count = self._renew(
-            keys=[k.agents, k.shutdown, k.agent(aid), k.leases, k.agent_workers(aid),
-                  k.orphans, k.ended],
-            args=[aid, k.worker_template(), k.job(JOB_ID), ended, *wids])
+        keys = [k.agents, k.shutdown, k.agent(aid), k.leases, k.agent_workers(aid), k.orphans,
+                k.ended]
+        reply = self._renew_same(keys=keys, args=[aid, len(wids), ended]) \
+            if same and ended else None
+        if reply is None or _status(reply) == "LIST":
+            reply = self._renew(keys=keys, args=[aid, k.worker_template(), k.job(JOB_ID),
+                                                 ended, *wids])
+        _, _, shutdown, refused, registered, abandoned, count = reply
         return Renewal(bool(shutdown), [w.decode() for w in refused], bool(registered),
                        [w.decode() for w in abandoned], count.decode())
 
@@ -302,12 +312,10 @@ class Delivery(Fleet):
         return int(moved)
 
     @edge
-    def publish_usage(self, usage: dict[str, dict[str, float]]) -> None:
-        """CPU load and memory of workers, for ``cluster status`` (one round trip)."""
-        pipe = self.client.pipeline(transaction=False)
-        for wid, values in usage.items():
-            pipe.hset(self.keys.worker(wid), mapping=_fields(values))
-        pipe.execute()
+    def publish_usage(self, aid: str, usage: dict[str, dict[str, float]]) -> None:
+        """CPU load and memory of an agent's workers, for ``cluster status``: one write per
+        agent, whatever its number of workers, which expires (``USAGE_MS``)."""
+        self.client.set(self.keys.agent_usage(aid), json.dumps(usage), px=USAGE_MS)
 
 
 def by_sha(pipe: redis.client.Pipeline, script: Any, keys: list[str], args: list[Any]) -> None:

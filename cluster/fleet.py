@@ -4,6 +4,8 @@ the history of runs (`cluster jobs`, `show`), the agents and workers registered 
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -95,11 +97,22 @@ class Fleet(Connected):
                 for (aid, score), info in zip(members, infos, strict=True)]
 
     def workers_seen(self) -> list[tuple[str, dict[str, str]]]:
-        """Every registered worker, and what its agent published of it."""
+        """Every registered worker, and what its agent published of it (its usage too)."""
         with self._translated():
             reply: Any = self.client.zrange(self.keys.workers, 0, -1)
             wids = [m.decode() for m in reply]
-            return list(zip(wids, self._hashes([self.keys.worker(w) for w in wids]), strict=True))
+            infos = self._hashes([self.keys.worker(w) for w in wids])
+            aids = sorted({info["agent"] for info in infos if info.get("agent")})
+            pipe = self.client.pipeline(transaction=False)
+            for aid in aids:
+                pipe.get(self.keys.agent_usage(aid))
+            usage: dict[str, dict[str, float]] = {}
+            for raw in pipe.execute() if aids else []:
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    usage.update({str(w): dict(v) for w, v in json.loads(raw).items()})
+        for wid, info in zip(wids, infos, strict=True):
+            info.update({k: str(v) for k, v in usage.get(wid, {}).items()})
+        return list(zip(wids, infos, strict=True))
 
     def live_agent(self, aid: str, lease_ms: int = AGENT_LEASE_MS) -> dict[str, str] | None:
         """What agent ``aid`` registered, if its heartbeat is younger than ``lease_ms``."""

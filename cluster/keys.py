@@ -23,7 +23,10 @@ key                            type    meaning
 {p}leases                      ZSET    agent id -> its last renewal (ms), while it holds the
                                        lease of a worker: the coordinator's lease check is a
                                        range query over these (``EXPIRED``)
-{p}agent:{aid}:workers         SET     the workers whose lease agent ``aid`` renews
+{p}agent:{aid}:workers         ZSET    the workers whose lease agent ``aid`` renews -> when
+                                       they became its
+{p}agent:{aid}:usage           STRING  JSON: worker id -> its CPU load and memory, published by
+                                       its agent every 2 s (expires after 30 s)
 {p}orphans                     ZSET    worker id -> its last renewal (ms), for workers whose
                                        agent renews them no more (stopped, exited, or the agent
                                        was replaced): their own lease; listed again in time, a
@@ -138,6 +141,9 @@ class Keys:
 
     def agent_workers(self, aid: str) -> str:
         return f"{self.prefix}agent:{aid}:workers"
+
+    def agent_usage(self, aid: str) -> str:
+        return f"{self.prefix}agent:{aid}:usage"
 
     def agent_workers_template(self) -> str:
         """The agent's workers key with ``{aid}`` left in, for Lua."""

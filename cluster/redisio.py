@@ -96,7 +96,7 @@ class Connected:
         agents = self._alive(self.keys.leases, lease_ms)
         pipe = self.client.pipeline(transaction=False)
         for aid in agents:
-            pipe.smembers(self.keys.agent_workers(aid))
+            pipe.zrange(self.keys.agent_workers(aid), 0, -1)
         members = [w for found in (pipe.execute() if agents else []) for w in found]
         return sorted({w.decode() for w in members} | set(self._alive(self.keys.orphans,
                                                                       lease_ms)))

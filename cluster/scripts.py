@@ -100,7 +100,7 @@ local lease, most = tonumber(ARGV[2]), tonumber(ARGV[4])
 local limit = '(' .. (now - lease)
 local dead = redis.call('ZRANGEBYSCORE', orphans, '-inf', limit, 'LIMIT', 0, most)
 for _, aid in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', limit, 'LIMIT', 0, most)) do
-  local members = redis.call('SMEMBERS', (string.gsub(ARGV[5], '{aid}', aid)))
+  local members = redis.call('ZRANGE', (string.gsub(ARGV[5], '{aid}', aid)), 0, -1)
   if #members == 0 then redis.call('ZREM', leases, aid) end  -- all reissued: it holds none
   for _, w in ipairs(members) do
     if #dead < most then dead[#dead + 1] = w end
@@ -136,7 +136,7 @@ return {'OK'}
 RETIRE = """
 local agents, agent, leases, mine, orphans = unpack(KEYS)
 local seen = redis.call('ZSCORE', leases, ARGV[1]) or 0
-for _, w in ipairs(redis.call('SMEMBERS', mine)) do redis.call('ZADD', orphans, seen, w) end
+for _, w in ipairs(redis.call('ZRANGE', mine, 0, -1)) do redis.call('ZADD', orphans, seen, w) end
 redis.call('DEL', mine, agent)
 redis.call('ZREM', leases, ARGV[1])
 redis.call('ZREM', agents, ARGV[1])

@@ -28,9 +28,12 @@ the conventions all of them follow, are in ``scripts.py``.
 - ``SPLIT``: a worker replaces a packed entry marked ``s`` (only ever one with more than one
   unit) with one entry per unit, each unit
   sealed on its own (a retry after a lost reply finds the entry gone: ``DONE``).
-- ``RENEW``: an agent renews its heartbeat and the leases of its workers, on Redis server time,
-  and learns which of its workers compute a unit of a job that is gone (cancelled, or finished
-  while a copy ran): the agent replaces them, charging no attempt.
+- ``RENEW``: an agent renews its heartbeat and, with one write, the lease of all its workers,
+  on Redis server time, and learns which of its workers lost their lease and, when a job
+  ended since it last looked, which compute a unit of a job that is gone (cancelled, or
+  finished while a copy ran): the agent replaces them, charging no attempt. ``RENEW_SAME``:
+  the same, when its workers are those of its last renewal (nothing named, nothing looked
+  at: the answer ``LIST`` asks for ``RENEW`` when one was taken from it or a job ended).
 - ``LOG``: a worker appends records of what job code wrote, within the job's byte bound (the
   records over it are dropped and counted); nothing for a job that is gone.
 """
@@ -151,9 +154,7 @@ local agent = redis.call('HGET', KEYS[3], 'agent')
 local mine = agent and (string.gsub(ARGV[#ARGV], '{aid}', agent))  -- its agent's workers
 if lease > 0 then  -- its agent's lease, or its own since its agent stopped renewing it
   local seen = redis.call('ZSCORE', orphans, wid)
-  for _, w in ipairs(mine and redis.call('SMEMBERS', mine) or {}) do  -- a few: its cores
-    if w == wid then seen = redis.call('ZSCORE', leases, agent) end
-  end
+  if mine and redis.call('ZSCORE', mine, wid) then seen = redis.call('ZSCORE', leases, agent) end
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   if seen and now - tonumber(seen) <= lease then return -1 end
@@ -224,19 +225,35 @@ if counted then  -- a worker giving back is still alive: its agent cleans up aft
   redis.call('XGROUP', 'DELCONSUMER', units, group, wid)
   redis.call('ZREM', workers, wid)
   redis.call('ZREM', orphans, wid)
-  if mine then redis.call('SREM', mine, wid) end
+  if mine then redis.call('ZREM', mine, wid) end
   redis.call('DEL', KEYS[3])
 end
 return moved
 """
 
-RENEW = JOBKEYS + """
+RENEWAL = """
 local agents, shutdown, agent, leases, mine, orphans, ended = unpack(KEYS)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', agents, now, ARGV[1])
+local count = redis.call('HGET', ended, 'jobs') or '0'
+local function answer(status, refused, abandoned)
+  return {status, now, redis.call('EXISTS', shutdown), refused, redis.call('EXISTS', agent),
+          abandoned, count}
+end
+"""
+
+RENEW_SAME = RENEWAL + """
+if redis.call('ZCARD', mine) ~= tonumber(ARGV[2]) or count ~= ARGV[3] then  -- one was taken
+  return answer('LIST', {}, {})                                             -- or a job ended
+end
+if ARGV[2] ~= '0' then redis.call('ZADD', leases, now, ARGV[1]) end  -- every worker's, in one
+return answer('OK', {}, {})
+"""
+
+RENEW = JOBKEYS + RENEWAL + """
 local before = redis.call('ZSCORE', leases, ARGV[1]) or now  -- its workers' last renewal
-local members, held, running = redis.call('SMEMBERS', mine), {}, {}
+local members, held, running = redis.call('ZRANGE', mine, 0, -1), {}, {}
 for _, w in ipairs(members) do held[w] = true end
 local listed, refused, abandoned = 0, {}, {}
 for i = 5, #ARGV do
@@ -245,7 +262,7 @@ for i = 5, #ARGV do
   if held[w] then
     listed = listed + 1
   elseif redis.call('ZREM', orphans, w) == 1 then  -- unlisted a while (stopped), not lapsed
-    redis.call('SADD', mine, w)
+    redis.call('ZADD', mine, now, w)
     listed = listed + 1
   else
     refused[#refused + 1] = w  -- lapsed: its units went to others
@@ -253,13 +270,12 @@ for i = 5, #ARGV do
 end
 for _, w in ipairs(members) do  -- workers it renews no more (stopped, exited): their own
   if not running[w] then        -- lease, from their last renewal on
-    redis.call('SREM', mine, w)
+    redis.call('ZREM', mine, w)
     redis.call('ZADD', orphans, before, w)
   end
 end
-if listed > 0 then redis.call('ZADD', leases, now, ARGV[1]) end  -- every worker's, in one
+if listed > 0 then redis.call('ZADD', leases, now, ARGV[1]) end
 if redis.call('EXISTS', agent) == 1 then redis.call('HSET', agent, 'leased', listed) end
-local count = redis.call('HGET', ended, 'jobs') or '0'
 if count ~= ARGV[4] then  -- a job ended since the agent last looked: who computes a unit of it
   for i = 5, #ARGV do
     local jid = redis.call('HGET', (string.gsub(ARGV[2], '{wid}', ARGV[i])), 'job')
@@ -268,8 +284,7 @@ if count ~= ARGV[4] then  -- a job ended since the agent last looked: who comput
     end
   end
 end
-return {now, redis.call('EXISTS', shutdown), refused, redis.call('EXISTS', agent), abandoned,
-        count}
+return answer('OK', refused, abandoned)
 """
 
 REGISTER_WORKER = """
@@ -277,10 +292,10 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('HSET', KEYS[2], 'agent', ARGV[2], unpack(ARGV, 3))
-redis.call('SADD', KEYS[4], ARGV[1])
+redis.call('ZADD', KEYS[4], now, ARGV[1])
 redis.call('ZADD', KEYS[3], now, ARGV[2])
 if redis.call('EXISTS', KEYS[5]) == 1 then  -- how many workers it renews, for coordinators
-  redis.call('HSET', KEYS[5], 'leased', #redis.call('SMEMBERS', KEYS[4]))
+  redis.call('HSET', KEYS[5], 'leased', redis.call('ZCARD', KEYS[4]))
 end
 return now
 """

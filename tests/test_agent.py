@@ -69,6 +69,21 @@ def test_every_worker_is_pinned_to_its_own_cpu_from_its_first_moment(agent, brok
     assert len(broker.live_agents(2000)) == 1
 
 
+def test_status_shows_each_workers_load_and_memory_from_one_write_per_agent(agent, broker):
+    from cluster import status
+
+    count = min(2, os.cpu_count() or 1)
+    pids = {p.pid for p in workers_of(agent, count)}
+
+    def measured():
+        rows = [w for a in status.collect(broker, 60_000) for w in a.workers if w.pid in pids]
+        return rows if len(rows) == count and all(w.rss_mb for w in rows) else None
+
+    rows = wait_for(measured, 20, "every worker's usage published")  # every 2 s
+    assert all(w.load is not None for w in rows)
+    assert all(broker.client.hget(broker.keys.worker(w.id), "rss") is None for w in rows)
+
+
 def test_a_dead_worker_is_replaced_by_a_pinned_one(agent, broker):
     count = min(2, os.cpu_count() or 1)
     victim = workers_of(agent, count)[0]

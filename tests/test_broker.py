@@ -154,6 +154,32 @@ def test_one_renewal_holds_the_leases_of_all_an_agents_workers(job: Broker):
     assert job.live_workers(1000) == ["w2"] and job.live_capacity(1000)[0] == 1
 
 
+def test_a_renewal_of_the_same_workers_does_not_list_them_unless_redis_asks(job: Broker):
+    job.register_worker("w3", "a1", {"host": "h"})
+    assert job.renew("a1", ["w1", "w3"]).refused == []
+    sent = []  # the scripts called
+
+    def spy(name: str) -> None:
+        script = getattr(job, name)
+        setattr(job, name, lambda keys, args: sent.append(name) or script(keys=keys, args=args))
+
+    spy("_renew")
+    spy("_renew_same")
+    assert job.renew("a1", ["w1", "w3"], "0", same=True).refused == []
+    assert sent == ["_renew_same"]  # one call, no worker named
+    job.create_job("j2", {"name": "t", "code": b"", "sig": "", "seed": 0, "max_attempts": 2,
+                          "owner": OWNER})
+    job.purge_job("j2", OWNER)  # a job ended: Redis asks for the list, to look at the workers
+    assert job.renew("a1", ["w1", "w3"], "0", same=True).ended == "1"
+    assert sent == ["_renew_same", "_renew_same", "_renew"]
+    lapse(job, "a1")
+    assert job.reissue("w3", charge=False, reason="lost", lease_ms=1000) == 0
+    job.renew("a1", ["w1"])  # (a renewal of w1 alone: w3 is not its agent's any more)
+    assert job.expired_workers(1000) == []
+    # the agent still runs w3 and believes nothing changed: Redis asks for the list
+    assert job.renew("a1", ["w1", "w3"], "0", same=True).refused == ["w3"]
+
+
 def test_a_worker_its_agent_renews_no_more_keeps_its_own_lease_until_it_lapses(job: Broker):
     job.register_worker("w3", "a1", {"host": "h"})
     job.renew("a1", ["w1", "w3"])
@@ -203,7 +229,7 @@ def test_the_lease_check_finds_lapsed_leases_by_range_and_leaseless_consumers_by
     job.read_work("w3", 0)
     lapse(job, "a1")
     job.client.zrem(job.keys.workers, "w3")  # no lease at all (as after `cluster down`)
-    job.client.srem(job.keys.agent_workers("a3"), "w3")
+    job.client.zrem(job.keys.agent_workers("a3"), "w3")
     for n in range(5):  # long dead, never a consumer: found too, and cleaned by its reissue
         job.client.zadd(job.keys.orphans, {f"old{n}": 1})
     assert sorted(job.expired_workers(1000, full=False)) == ["old0", "old1", "old2", "old3",
