@@ -67,6 +67,7 @@ from cluster.keys import GROUP, JOB_ID, Keys
 from cluster.local import LocalCluster
 from cluster.packing import unpack
 from cluster.requirements import Installed
+from cluster.settings import renewal_interval
 from cluster.signing import Keyring, Sealer
 from cluster.version import __version__
 
@@ -206,10 +207,11 @@ class Hosts:
                 reply = await self.renew(keys=keys, args=[aid, k.worker_template(),
                                                           k.job(JOB_ID), ended, *wids])
             ended = reply[6].decode()
+            interval = renewal_interval(self.plan.heartbeat_s, int(reply[7]))
             beats += 1
-            if beats % max(1, int(2 / self.plan.heartbeat_s)) == 0:  # as a real agent does
+            if beats % max(1, int(2 / interval)) == 0:  # as a real agent does
                 await self.client.set(k.agent_usage(aid), usage, px=USAGE_MS)
-            await asyncio.sleep(self.plan.heartbeat_s)
+            await asyncio.sleep(interval)
 
     async def worker(self, aid: str, wid: str) -> None:
         take_keys = [self.keys.units, self.keys.worker(wid)]
@@ -472,7 +474,8 @@ def main() -> int:
             print("| workers | agents | renewals/s | Redis housekeeping |\n|---:|---:|---:|---:|")
             for r in rows:
                 agents = -(-r.workers // args.per_agent)
-                print(f"| {r.workers:,} | {agents:,} | {agents / args.heartbeat_s:,.0f} | "
+                rate = agents / renewal_interval(args.heartbeat_s, agents)
+                print(f"| {r.workers:,} | {agents:,} | {rate:,.0f} | "
                       f"{r.housekeeping:.1%} |", flush=True)
         else:
             print(table(rows, args), flush=True)

@@ -37,6 +37,7 @@ from .datapath import DataPath
 from .errors import ExitCode, RedisUnavailable, UsageError
 from .proc import RECYCLE
 from .requirements import Installed
+from .settings import renewal_interval
 from .signing import Keyring, WorkerKeys
 from .spawn import WorkerUser, describe_exit, is_running, spawn_worker
 from .spool import machine_id
@@ -121,6 +122,7 @@ class Agent:
         self.registered = False
         self.ended = ""  # the count of ended jobs last seen (``Renewal.ended``)
         self.listed: list[str] | None = None  # the workers its last renewal listed
+        self.interval = settings.heartbeat_s  # between renewals (``renewal_interval``)
         self.next_jobs_check = 0.0
         self.data = DataPath.start(settings, self.worker_keys.message, self.user) \
             if settings.data_address else None
@@ -156,9 +158,9 @@ class Agent:
                 code = ExitCode.INFRA
                 break
             beats += 1
-            if beats % max(1, int(2 / self.settings.heartbeat_s)) == 0:
+            if beats % max(1, int(2 / self.interval)) == 0:
                 self.publish_usage()
-            if self.data is not None and beats % max(1, int(10 / self.settings.heartbeat_s)) == 0:
+            if self.data is not None and beats % max(1, int(10 / self.interval)) == 0:
                 self.data.sweep(self.broker)
             self.wait_for_next_beat()
         self.stop_workers()
@@ -167,7 +169,7 @@ class Agent:
     def wait_for_next_beat(self) -> None:
         """Sleep until the next heartbeat, or less: a worker that exits is handled at once
         (its units reissued, or a recycled worker replaced) instead of at the next beat."""
-        deadline = self.clock() + self.settings.heartbeat_s
+        deadline = self.clock() + self.interval
         while not self.stopping:
             left = deadline - self.clock()
             if left <= 0:
@@ -349,6 +351,7 @@ class Agent:
             self.ended = ""
         renewal = self.broker.renew(self.aid, live, self.ended, same=live == self.listed)
         self.ended = renewal.ended
+        self.interval = renewal_interval(self.settings.heartbeat_s, renewal.agents)
         self.listed = live if renewal.registered and not renewal.refused else None
         if not renewal.registered:
             log.warning("agent %s was unknown to Redis (restarted empty?): registering again",

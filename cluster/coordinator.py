@@ -49,6 +49,7 @@ from .errors import (
     NoWorkers,
     OutputFailed,
     RedisUnavailable,
+    UsageError,
 )
 from .gathering import Gatherer
 from .heartbeat import Heartbeat
@@ -59,6 +60,7 @@ from .plan import Batcher, Tally, speculation_threshold_ms
 from .progress import NoReporter, Reporter
 from .results import Deliver, Results, RunResult
 from .resume import Limits, Overlap, note, open_job, signed
+from .settings import renewal_interval
 from .signing import Keyring
 from .spool import machine_id
 
@@ -292,7 +294,12 @@ class Coordinator:
                 and Path(a["spool"]).is_dir()}
 
     def count_workers(self) -> None:
-        self.workers = self.broker.live_capacity(self.lease_ms)[0]
+        self.workers, _, agents = self.broker.live_capacity(self.lease_ms)
+        interval = renewal_interval(0.0, agents)  # (its heartbeat was checked at submit)
+        if self.lease_ms <= 2000 * interval:  # agents of a large cluster renew less often
+            raise UsageError(f"--lease {self.lease_ms / 1000:g} is too short for {agents} "
+                             f"agents, which renew every {interval:g} s: it must be more "
+                             "than twice that")
         self.check_keys()
 
     def check_keys(self) -> None:
@@ -447,7 +454,7 @@ class Coordinator:
                                         lease_ms=self.lease_ms)
             if moved > 0:
                 log.warning("worker %s lost its lease; %d units reissued", wid, moved)
-        self.workers, alive = self.broker.live_capacity(self.lease_ms)
+        self.workers, alive, _ = self.broker.live_capacity(self.lease_ms)
         self.hosts_seen.update(alive)
         self.stats = self.broker.job_stats(self.jid)
         if now >= self.next_expiry:

@@ -285,9 +285,9 @@ class Delivery(Fleet):
         if reply is None or _status(reply) == "LIST":
             reply = self._renew(keys=keys, args=[aid, k.worker_template(), k.job(JOB_ID),
                                                  ended, *wids])
-        _, _, shutdown, refused, registered, abandoned, count = reply
+        _, _, shutdown, refused, registered, abandoned, count, agents = reply
         return Renewal(bool(shutdown), [w.decode() for w in refused], bool(registered),
-                       [w.decode() for w in abandoned], count.decode())
+                       [w.decode() for w in abandoned], count.decode(), int(agents))
 
     @edge
     def reissue(self, wid: str, *, charge: bool, reason: str, lease_ms: int = 0) -> int:

@@ -63,13 +63,15 @@ class Renewal:
     workers whose lease had lapsed and whose units went to others; ``registered``, whether the
     agent's own registration is there; ``abandoned``, workers computing a unit of a job that is
     gone; ``ended``, the count of jobs ended that this answer saw (the next renewal passes it
-    on: the workers are looked at again only when it changed)."""
+    on: the workers are looked at again only when it changed); ``agents``, how many agents
+    hold leases (``settings.renewal_interval``)."""
 
     shutdown: bool
     refused: list[str]
     registered: bool
     abandoned: list[str]
     ended: str = ""
+    agents: int = 0
 
 
 @dataclass(frozen=True)

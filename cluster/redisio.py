@@ -102,9 +102,9 @@ class Connected:
                                                                       lease_ms)))
 
     @edge
-    def live_capacity(self, lease_ms: int) -> tuple[int, set[str]]:
-        """How many workers hold a lease younger than ``lease_ms``, and on which hosts: one
-        read per live agent, not per worker."""
+    def live_capacity(self, lease_ms: int) -> tuple[int, set[str], int]:
+        """How many workers hold a lease younger than ``lease_ms``, on which hosts, and how
+        many agents renew them: one read per live agent, not per worker."""
         agents = self._alive(self.keys.leases, lease_ms)
         orphans = self._alive(self.keys.orphans, lease_ms)
         pipe = self.client.pipeline(transaction=False)
@@ -112,7 +112,7 @@ class Connected:
             pipe.hget(self.keys.agent(aid), "leased")
         counts = pipe.execute() if agents else []
         hosts = {aid.split("/", 1)[0] for aid in agents} | {w.split("/", 1)[0] for w in orphans}
-        return sum(int(c or 0) for c in counts) + len(orphans), hosts
+        return sum(int(c or 0) for c in counts) + len(orphans), hosts, len(agents)
 
     def live_agents(self, lease_ms: int) -> list[str]:
         return self._alive(self.keys.agents, lease_ms)

@@ -80,6 +80,17 @@ HISTORY_DAYS = Range(0, 3650, unit="days", above=True)
 RUNS_SHOWN = Range(1, 10_000, whole=True)
 
 
+RENEWALS_PER_S = 1000.0  # agents on a large cluster renew less often, to keep Redis at this
+RENEWAL_MOST_S = 1.0  # ... up to once a second
+
+
+def renewal_interval(heartbeat_s: float, agents: int) -> float:
+    """How often an agent renews when ``agents`` agents hold leases: every heartbeat, or less
+    often on a cluster so large that renewals would cost Redis more than ``RENEWALS_PER_S`` a
+    second (up to ``RENEWAL_MOST_S``: each renewal is one request, whatever its workers)."""
+    return max(heartbeat_s, min(RENEWAL_MOST_S, agents / RENEWALS_PER_S))
+
+
 def lease_problem(lease_s: float, heartbeat_s: float) -> str | None:
     """Why a lease is too short for this heartbeat, or None: a worker's lease is renewed once
     per heartbeat, so a lease of two heartbeats or less lapses on healthy workers."""

@@ -237,9 +237,9 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', agents, now, ARGV[1])
 local count = redis.call('HGET', ended, 'jobs') or '0'
-local function answer(status, refused, abandoned)
+local function answer(status, refused, abandoned)  -- with the agents holding leases
   return {status, now, redis.call('EXISTS', shutdown), refused, redis.call('EXISTS', agent),
-          abandoned, count}
+          abandoned, count, redis.call('ZCARD', leases)}
 end
 """
 

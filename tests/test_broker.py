@@ -147,7 +147,8 @@ def test_an_expired_lease_is_found_and_a_late_renewal_refused(job: Broker):
 def test_one_renewal_holds_the_leases_of_all_an_agents_workers(job: Broker):
     job.register_worker("w3", "a1", {"host": "h"})
     job.renew("a1", ["w1", "w3"])
-    assert job.live_capacity(60_000) == (3, {"a1", "a2"})
+    assert job.live_capacity(60_000) == (3, {"a1", "a2"}, 2)
+    assert job.renew("a2", ["w2"]).agents == 2  # what sets its renewal interval
     assert job.live_workers(60_000) == ["w1", "w2", "w3"]
     lapse(job, "a1")
     assert sorted(job.expired_workers(1000)) == ["w1", "w3"]

@@ -98,3 +98,12 @@ def test_fewer_batches_of_large_results_are_queued_ahead():
     assert t.room(workers=2, batch=1, batch_bytes=8 << 20) == 3  # 24 MB
     assert t.room(workers=2, batch=1, batch_bytes=1 << 20) == 6
     assert t.room(workers=8, batch=1, batch_bytes=8 << 20) == 9  # a batch per worker and one
+
+
+def test_agents_of_a_large_cluster_renew_less_often_up_to_once_a_second():
+    from cluster.settings import renewal_interval
+
+    assert renewal_interval(0.5, 10) == renewal_interval(0.5, 500) == 0.5  # as configured
+    assert renewal_interval(0.5, 800) == 0.8  # 1,000 renewals a second
+    assert renewal_interval(0.5, 64_000) == 1.0  # at most
+    assert renewal_interval(2.0, 64_000) == 2.0  # a slower heartbeat stays

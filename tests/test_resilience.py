@@ -34,7 +34,7 @@ def server(tmp_path: Path):
 def live_workers(server: SmallRedis) -> int:
     """Workers whose agent renewed their leases within 2 s."""
     now = int(server.client.time()[0] * 1000)
-    return sum(server.client.scard(f"b:agent:{aid.decode()}:workers")
+    return sum(server.client.zcard(f"b:agent:{aid.decode()}:workers")
                for aid in server.client.zrangebyscore("b:leases", now - 2000, "+inf"))
 
 
