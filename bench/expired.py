@@ -44,7 +44,7 @@ def main() -> int:
             for i in range(n):  # alive, each a consumer of the stream, 64 to an agent
                 aid, wid = f"h{i // 64}/1", f"h{i // 64}/1/cpu{i % 64}.0"
                 pipe.zadd(broker.keys.workers, {wid: now})
-                pipe.sadd(broker.keys.agent_workers(aid), wid)
+                pipe.zadd(broker.keys.agent_workers(aid), {wid: now})
                 pipe.zadd(broker.keys.leases, {aid: now})
                 pipe.xgroup_createconsumer(broker.keys.units, GROUP, wid)
                 if len(pipe) >= 2000:
