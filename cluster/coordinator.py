@@ -29,7 +29,6 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 import redis
@@ -49,7 +48,6 @@ from .errors import (
     NoWorkers,
     OutputFailed,
     RedisUnavailable,
-    UsageError,
 )
 from .gathering import Gatherer
 from .heartbeat import Heartbeat
@@ -60,15 +58,13 @@ from .plan import Batcher, Tally, speculation_threshold_ms
 from .progress import NoReporter, Reporter
 from .results import Deliver, Results, RunResult
 from .resume import Limits, Overlap, note, open_job, signed
-from .settings import renewal_interval
 from .signing import Keyring
-from .spool import machine_id
+from .watching import Watch
 
 log = logging.getLogger("cluster.coordinator")
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, RedisUnavailable)
 NO_UNIT = object()  # scatter has no unit now (``next_unit``)
 GATHERED = object()  # a unit that needs no queueing
-FULL_SCAN_S = 10.0  # how often the lease check also looks for consumers that hold no lease
 # writes the result: (value, job id, why it is not kept in Redis or None); ``OutputFailed``
 Write = Callable[[Any, str, str | None], None]
 # what a scatter yields when it has no unit now but may have more later (cluster.Executor)
@@ -115,8 +111,10 @@ class Coordinator:
         self.key = key
         self.keyring = Keyring(key)
         self.sealer = self.keyring.sealer
+        self.watch = Watch(broker, self.keyring, int(options.lease_s * 1000),
+                           options.worker_timeout)
         self.data = dataserver.Client(self.keyring.for_workers().message,
-                                      local=self.local_spools)
+                                      local=self.watch.local_spools)
         self.description: dict[str, Any] = {}  # the job's signed fields (``resume.describe``)
         self.options = options
         self.reporter = reporter or NoReporter()
@@ -147,13 +145,9 @@ class Coordinator:
         self.opened = False
         self.lost = False  # Redis lost the job: rebuild it before anything else
         self.total_saved = False
-        self.workers = 0
-        self.hosts_seen: set[str] = set()
         self.stats: dict[str, int] = {}
-        self.copied: set[str] = set()
         self.started = 0.0
         self.next_maintenance = 0.0
-        self.next_full_scan = 0.0  # of every consumer, for those with no lease (``maintain``)
         self.next_expiry = 0.0
         self.no_worker_since: float | None = None
         self.redis_down_since: float | None = None
@@ -277,41 +271,14 @@ class Coordinator:
     def wait_for_workers(self) -> None:
         deadline = self.clock() + self.options.worker_timeout
         while True:
-            self.guarded(self.count_workers)
-            if self.workers:
+            self.guarded(self.watch.first_count)
+            if self.watch.workers:
                 return
             self.check_deadline()
             if self.clock() > deadline:
                 raise NoWorkers(f"no worker appeared within {self.options.worker_timeout:g} s "
                                 f"(Redis at {self.broker.where})")
             time.sleep(0.05)
-
-    def local_spools(self) -> dict[str, Path]:
-        """The live agents' spools on this machine (``dataserver.Client``): read directly."""
-        here = machine_id()
-        return {a["data"]: Path(a["spool"]) for a in self.broker.live_agents_info(self.lease_ms)
-                if here and a.get("machine") == here and a.get("data") and a.get("spool")
-                and Path(a["spool"]).is_dir()}
-
-    def count_workers(self) -> None:
-        self.workers, _, agents = self.broker.live_capacity(self.lease_ms)
-        interval = renewal_interval(0.0, agents)  # (its heartbeat was checked at submit)
-        if self.lease_ms <= 2000 * interval:  # agents of a large cluster renew less often
-            raise UsageError(f"--lease {self.lease_ms / 1000:g} is too short for {agents} "
-                             f"agents, which renew every {interval:g} s: it must be more "
-                             "than twice that")
-        self.check_keys()
-
-    def check_keys(self) -> None:
-        """Fail fast when agents cannot verify our job (their workers would drop its units)."""
-        mine = self.keyring.for_workers().fingerprint()
-        prints = self.broker.agent_fingerprints(self.lease_ms)
-        others = sorted(a for a, p in prints.items() if p is not None and p != mine)
-        if others:
-            raise InfraError(f"{'every agent' if len(others) == len(prints) else 'agent'} "
-                             f"({', '.join(others)}) has a different cluster key than this "
-                             "coordinator: its workers cannot verify this job; run cluster up "
-                             "again with this coordinator's credentials")
 
     def scatter(self) -> Iterator[Any]:
         """The job's units from the start (``next_unit`` skips those queued already)."""
@@ -375,8 +342,8 @@ class Coordinator:
         """Queue whole batches while the window has room for one: a batch finishing frees
         room for a whole batch to follow it, not for a sliver of one (batches would shrink
         to the room each result frees, and per-batch costs be paid that much more often)."""
-        batch = self.batcher.size(self.workers)
-        batches = self.tally.whole_batches(self.workers, batch,
+        batch = self.batcher.size(self.watch.workers)
+        batches = self.tally.whole_batches(self.watch.workers, batch,
                                            batch * self.batcher.result_bytes)
         building = not self.unsent  # batches left over from an outage go first
         self.waiting = False
@@ -446,16 +413,8 @@ class Coordinator:
             raise JobGone(self.jid)
         if owner != self.owner:
             raise Fenced(self.jid)
-        full = now >= self.next_full_scan  # consumers with no lease: rare, and a scan of all
-        if full:
-            self.next_full_scan = now + FULL_SCAN_S
-        for wid in self.broker.expired_workers(self.lease_ms, full=full):
-            moved = self.broker.reissue(wid, charge=False, reason=f"worker {wid} lost its lease",
-                                        lease_ms=self.lease_ms)
-            if moved > 0:
-                log.warning("worker %s lost its lease; %d units reissued", wid, moved)
-        self.workers, alive, _ = self.broker.live_capacity(self.lease_ms)
-        self.hosts_seen.update(alive)
+        self.watch.reissue_lapsed(now)
+        self.watch.count()
         self.stats = self.broker.job_stats(self.jid)
         if now >= self.next_expiry:
             self.next_expiry = now + min(30.0, self.options.keep_s / 3)
@@ -463,31 +422,11 @@ class Coordinator:
             expires = self.broker.server_time_ms() + self.options.keep_s * 1000
             self.broker.resign(self.jid, self.owner,
                                signed(self.keyring, self.jid, self.description, expires))
-        self.speculate()
-        self.check_workers(now, alive)
+        threshold = speculation_threshold_ms(self.tally, self.batcher, self.watch.workers)
+        if self.options.speculate and threshold is not None:
+            self.watch.speculate(self.jid, self.owner, threshold)
+        self.watch.check_workers(now, self.tally.outstanding)
         self.check_memory(now)
-
-    def check_workers(self, now: float, alive: set[str]) -> None:
-        if self.workers:
-            self.no_worker_since = None
-        elif self.no_worker_since is None:
-            self.no_worker_since = now
-        elif now - self.no_worker_since > self.options.worker_timeout:
-            lost = ", ".join(sorted(self.hosts_seen - alive)) or "none seen"
-            raise NoWorkers(f"no live worker for {self.options.worker_timeout:g} s "
-                            f"(hosts lost: {lost}); {self.tally.outstanding} units still to do")
-
-    def speculate(self) -> None:
-        """When only a few units are left and workers idle, give the slowest a second copy."""
-        threshold = speculation_threshold_ms(self.tally, self.batcher, self.workers)
-        if not self.options.speculate or threshold is None:
-            return
-        for msgid, wid, idle in self.broker.pending():
-            if idle > threshold and msgid not in self.copied:
-                self.copied.add(msgid)
-                self.broker.copy_entry(self.jid, self.owner, msgid)
-                log.info("job=%s: straggling entry %s on %s gets a speculative copy",
-                         self.jid, msgid, wid)
 
     def rebuild(self) -> None:
         """Redis lost the job (restarted without persistence, or flushed): register it again
