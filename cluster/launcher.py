@@ -240,13 +240,14 @@ class Launcher:
         wheelhouse = self.wheelhouse
         assert wheelhouse is not None
         check_python(remote)
-        new_build = remote.read("BUILD") != wheelhouse.build
-        changed = new_build or remote.read("REQUIREMENTS") != wheelhouse.requirements_id
+        build, requirements = remote.read_all("BUILD", "REQUIREMENTS")
+        new_build = build != wheelhouse.build
+        changed = new_build or requirements != wheelhouse.requirements_id
         if changed:
             check_disk(remote)
-        remote.sh(f"mkdir -p -m 700 {shlex.quote(remote.dir)} {remote.q('wheels')}")
-        if remote.root:  # the users of Redis and the workers reach into it (``accounts``)
-            remote.sh(f"chmod 711 {shlex.quote(remote.dir)}")
+        # as root, the users of Redis and the workers reach into it (``accounts``)
+        remote.sh(f"mkdir -p -m 700 {shlex.quote(remote.dir)} {remote.q('wheels')}"
+                  + (f" && chmod 711 {shlex.quote(remote.dir)}" if remote.root else ""))
         if changed:
             self.ship(remote, wheelhouse, new_build)
         apart = accounts.apart(remote, self.config.worker_user)
@@ -300,10 +301,10 @@ class Launcher:
         with remote.conn:
             self.prepare(remote)
             pid = remote.pid_alive("agent.pid")
-            previous = remote.read("agent.pid")
+            previous, agent_build = remote.read_all("agent.pid", "agent.build")
             running = self.agent_of(broker, host, pid) if pid is not None else None
             marker = self.agent_build(remote, build)
-            if running is not None and remote.read("agent.build") == marker \
+            if running is not None and agent_build == marker \
                     and running.get("key") == self.worker_keys.fingerprint():
                 state = "running (unchanged)"
             else:

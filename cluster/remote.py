@@ -72,6 +72,13 @@ class Remote:
     def read(self, name: str) -> str:
         return self.sh(f"cat {self.q(name)} 2>/dev/null || true").strip()
 
+    def read_all(self, *names: str) -> list[str]:
+        """Several small files in one command ("" for a missing one): each SSH command costs
+        a session on the host."""
+        mark = "--cluster-file--"
+        out = self.sh("; ".join(f"cat {self.q(n)} 2>/dev/null; echo; echo {mark}" for n in names))
+        return [part.strip() for part in out.split(mark)[:len(names)]]
+
     def sftp(self) -> paramiko.SFTPClient:
         """The connection's SFTP session; ``HostError`` when the host's sshd offers none."""
         try:
@@ -101,12 +108,11 @@ class Remote:
     def pid_alive(self, name: str) -> int | None:
         """The pid in pidfile ``name`` if that process is still ours: a stale pidfile may name
         a pid that some other program has been given since."""
-        pid = self.read(name)
-        if not pid.isdigit():
-            return None
+        pid, _, args = self.sh(f"pid=$(cat {self.q(name)} 2>/dev/null); echo \"$pid\"; "
+                               "case $pid in ''|*[!0-9]*) ;; *) ps -o args= -p $pid;; esac; "
+                               "true").strip().partition("\n")
         mine = "redis-server" if "redis" in name else "cluster agent"
-        args = self.sh(f"ps -o args= -p {pid} || true").strip()
-        return int(pid) if mine in args else None
+        return int(pid) if pid.isdigit() and mine in args else None
 
     def stop_pid(self, name: str, grace: float = 15.0) -> bool:
         """TERM the process in pidfile ``name``, KILL it after ``grace``; True if it was up."""
