@@ -17,6 +17,7 @@ from redis.typing import EncodableT, FieldT
 
 from .errors import InfraError, RedisFull, RedisRefused, RedisUnavailable
 from .keys import Keys
+from .plan import host_of
 
 REFUSING = ("MISCONF", "LOADING", "READONLY", "MASTERDOWN", "BUSY ", "NOREPLICAS")
 
@@ -111,7 +112,7 @@ class Connected:
         for aid in agents:
             pipe.hget(self.keys.agent(aid), "leased")
         counts = pipe.execute() if agents else []
-        hosts = {aid.split("/", 1)[0] for aid in agents} | {w.split("/", 1)[0] for w in orphans}
+        hosts = {host_of(aid) for aid in agents} | {host_of(w) for w in orphans}
         return sum(int(c or 0) for c in counts) + len(orphans), hosts, len(agents)
 
     def live_agents(self, lease_ms: int) -> list[str]:

@@ -52,8 +52,8 @@ class Wheelhouse:
     @property
     def pip(self) -> str | None:
         """The name of pip's wheel in this wheelhouse, if it holds one (the newest)."""
-        found = [name for name in self.hashes if name.startswith("pip-")]
-        return max(found, key=lambda name: parse_wheel_filename(name)[1], default=None)
+        newest = newest_pip([Path(name) for name in self.hashes])
+        return newest.name if newest is not None else None
 
     @property
     def requirements_id(self) -> str:
@@ -180,7 +180,12 @@ def bundled_pip() -> Path | None:
 
     places = [sysconfig.get_config_var("WHEEL_PKG_DIR"),
               Path(ensurepip.__file__).parent / "_bundled"]
-    found = [wheel for place in places if place for wheel in Path(place).glob("pip-*.whl")]
+    return newest_pip([wheel for place in places if place for wheel in Path(place).glob("*.whl")])
+
+
+def newest_pip(wheels: Sequence[Path]) -> Path | None:
+    """The wheel of pip's newest version among ``wheels``."""
+    found = [wheel for wheel in wheels if wheel.name.startswith("pip-")]
     return max(found, key=lambda wheel: parse_wheel_filename(wheel.name)[1], default=None)
 
 
