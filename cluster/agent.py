@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -35,19 +34,24 @@ from .broker import Broker
 from .credentials import Credentials
 from .datapath import DataPath
 from .errors import ExitCode, RedisUnavailable, UsageError
+from .forkserver import Forked, ForkServer, WorkerProcess
+from .forkserver import available as can_fork
 from .proc import RECYCLE
 from .requirements import Installed
 from .settings import renewal_interval
 from .signing import Keyring, WorkerKeys
-from .spawn import WorkerUser, describe_exit, is_running, spawn_worker
+from .spawn import (
+    WorkerUser,
+    describe_exit,
+    is_running,
+    spawn_worker,
+    start_fork_server,
+    worker_env,
+)
 from .spool import machine_id
 from .version import __version__
 
 log = logging.getLogger("cluster.agent")
-
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                    "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
-
 
 @dataclass(frozen=True)
 class AgentSettings:
@@ -65,6 +69,8 @@ class AgentSettings:
     data_address: str | None = None  # where coordinators reach this host: serve large results
     spool_dir: str | None = None  # where its workers put them (default: in /dev/shm)
     spares: bool = True  # keep a started worker process per CPU, to replace one at once
+    fork_server: bool = True  # fork workers from a process that imported them (``forkserver``)
+    fork_server_fd: int | None = None  # the socket of one started for us (``LocalCluster``)
 
 
 @dataclass
@@ -74,10 +80,10 @@ class Slot:
     cpu: int
     gen: int = 0
     wid: str = ""
-    proc: subprocess.Popen[bytes] | None = None
+    proc: WorkerProcess | None = None
     # a worker process started ahead (imported, waiting for its configuration on stdin): the
     # next worker of this CPU, so a worker recycled after its job is replaced at once
-    spare: subprocess.Popen[bytes] | None = None
+    spare: WorkerProcess | None = None
     usage: psutil.Process | None = None  # for CPU load and memory in `cluster status`
     kill_at: float | None = None  # asked to stop: killed if still there by then
     abandoned: bool = False  # killed because its job is gone: no attempt is charged
@@ -86,7 +92,6 @@ class Slot:
     started_at: float = 0.0
 
 
-SECRET = re.compile(r"^CLUSTER_(REDIS_|KEY|TLS_)")  # where the agent may have found its secrets
 HEALTHY_S = 30.0  # a worker up this long resets its slot's restart backoff
 SPARE_AFTER_S = 1.0  # a spare starts once its CPU's worker is this old
 EXIT_POLL_S = 0.05  # between heartbeats, how often the agent looks for workers that exited
@@ -129,6 +134,7 @@ class Agent:
         # as root, spares start at idle priority (taking no CPU from the workers) and are
         # raised to normal as they become workers; any other user could not raise them again
         self.idle_spares = os.geteuid() == 0 and hasattr(os, "SCHED_IDLE")
+        self.forks: ForkServer | None = None  # started by ``serve``
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -138,6 +144,8 @@ class Agent:
         try:
             return self.serve()
         finally:
+            if self.forks is not None:
+                self.forks.close()
             if self.data is not None:
                 self.data.stop()
             if self.settings.pidfile:
@@ -146,6 +154,7 @@ class Agent:
     def serve(self) -> int:
         log.info("agent %s up: %d workers on CPUs %s", self.aid, len(self.slots),
                  ",".join(map(str, self.settings.cpus)))
+        self.forks = self.start_forks()
         for slot in self.slots:  # their Python and imports run while the agent registers
             try:
                 slot.spare = self.spawn(slot)
@@ -227,8 +236,8 @@ class Agent:
             if slot.kill_at is not None and slot.proc is not None and self.clock() > slot.kill_at \
                     and slot.proc.poll() is None:
                 slot.proc.kill()
-            if slot.proc is not None and slot.proc.poll() is not None:
-                self.worker_died(slot, describe_exit(slot.proc.returncode))
+            if slot.proc is not None and (code := slot.proc.poll()) is not None:
+                self.worker_died(slot, describe_exit(code))
             if slot.proc is None and self.clock() >= slot.restart_at and not self.stopping:
                 self.try_start(slot)
         for slot in self.slots:  # once every worker runs: starting a process takes a while
@@ -239,9 +248,8 @@ class Agent:
         the CPU), and again if the spare died."""
         if not self.settings.spares or self.stopping or slot.proc is None:
             return
-        if slot.spare is not None and slot.spare.poll() is not None:
-            log.warning("spare worker process on CPU %d %s", slot.cpu,
-                        describe_exit(slot.spare.returncode))
+        if slot.spare is not None and (code := slot.spare.poll()) is not None:
+            log.warning("spare worker process on CPU %d %s", slot.cpu, describe_exit(code))
             slot.spare = None
         if slot.spare is None and self.clock() - slot.started_at >= SPARE_AFTER_S:
             try:
@@ -294,7 +302,8 @@ class Agent:
             proc.wait()
         if proc is None or proc.poll() is not None:
             proc = self.spawn(slot)
-        config = {"wid": slot.wid, "agent_pid": os.getpid(), "log_level": self.settings.log_level,
+        parent = proc.parent if isinstance(proc, Forked) else os.getpid()
+        config = {"wid": slot.wid, "agent_pid": parent, "log_level": self.settings.log_level,
                   # never the cluster key: a worker's own keys (``signing``), on stdin
                   "credentials": json.loads(dataclasses.replace(self.creds, key=b"").to_json()),
                   "keys": self.worker_keys.to_json(),
@@ -308,16 +317,35 @@ class Agent:
         slot.usage = psutil.Process(proc.pid)
         log.info("worker %s started (pid %d, CPU %d)", slot.wid, proc.pid, slot.cpu)
 
-    def spawn(self, slot: Slot, idle: bool = False) -> subprocess.Popen[bytes]:
-        """A worker process for ``slot``, pinned, that waits for its configuration on stdin
-        (``start_worker`` sends it); with ``idle``, at idle priority (``promote``)."""
-        env = {k: v for k, v in os.environ.items() if not SECRET.search(k)}
-        env.update({name: str(self.settings.threads) for name in THREAD_VARIABLES})
-        if self.user is not None:
-            env.update(HOME=self.user.home, USER=self.user.name, LOGNAME=self.user.name)
-        return spawn_worker(env, slot.cpu, self.user, idle, pinned=self.settings.pin)
+    def start_forks(self) -> ForkServer | None:
+        if not (self.settings.fork_server and can_fork()):
+            return None
+        if self.settings.fork_server_fd is not None:
+            return ForkServer.adopt(self.settings.fork_server_fd)
+        try:
+            return start_fork_server(worker_env(self.settings.threads, self.user), self.user)
+        except OSError as exc:
+            log.warning("cannot start a fork server (%s): each worker starts a Python", exc)
+            return None
 
-    def promote(self, proc: subprocess.Popen[bytes]) -> bool:
+    def spawn(self, slot: Slot, idle: bool = False) -> WorkerProcess:
+        """A worker process for ``slot``, pinned, that waits for its configuration on stdin
+        (``start_worker`` sends it); with ``idle``, at idle priority (``promote``). Forked by
+        the fork server; started as a process of its own where there is none (or it failed)."""
+        if self.forks is not None:
+            try:
+                proc, pinned = self.forks.fork(slot.cpu if self.settings.pin else None, idle)
+                if not pinned:
+                    log.warning("cannot pin a worker to CPU %d: it runs unpinned", slot.cpu)
+                return proc
+            except OSError as exc:
+                log.warning("%s: each worker starts a Python from now on", exc)
+                self.forks.close()
+                self.forks = None
+        return spawn_worker(worker_env(self.settings.threads, self.user), slot.cpu, self.user,
+                            idle, pinned=self.settings.pin)
+
+    def promote(self, proc: WorkerProcess) -> bool:
         """A spare about to become a worker runs at normal priority. False if it cannot."""
         if not self.idle_spares:
             return True

@@ -191,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--pidfile", help="write the agent's pid to this file while it runs")
     agent.add_argument("--no-pin", dest="pin", action="store_false",
                        help="do not pin workers to CPUs (they share the CPUs chosen)")
+    agent.add_argument("--no-fork-server", dest="fork_server", action="store_false",
+                       help="start each worker as a Python of its own instead of forking it "
+                            "from a process that imported the worker's code once")
+    agent.add_argument("--fork-server-fd", type=int, help=argparse.SUPPRESS)  # LocalCluster's
     agent.add_argument("--no-spares", dest="spares", action="store_false",
                        help="do not keep a started worker process ready per CPU (a worker "
                             "recycled after its job is then replaced by a new process, which "

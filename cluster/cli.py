@@ -175,7 +175,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
                              redis_grace_s=args.redis_grace, log_level=args.log_level.upper(),
                              pidfile=args.pidfile, cache_dir=args.cache_dir, pin=args.pin,
                              worker_user=args.worker_user, data_address=args.data_address,
-                             spool_dir=args.spool, spares=args.spares)
+                             spool_dir=args.spool, spares=args.spares,
+                             fork_server=args.fork_server,
+                             fork_server_fd=args.fork_server_fd)
     # a short socket timeout: a silently cut network must not stall heartbeats past the grace
     broker = Broker.of(creds, socket_timeout=max(1.0, 4 * args.heartbeat),
                        retry_s=min(args.redis_grace, 10.0))

@@ -9,10 +9,12 @@ agent's workers follow it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -24,16 +26,17 @@ from types import TracebackType
 import psutil
 import redis
 
-from . import redisconf, spool
+from . import forkserver, redisconf, spool
 from .acl import Users
 from .broker import Broker
 from .credentials import DEFAULT_PREFIX, Credentials, write_private
 from .errors import InfraError
+from .forkserver import available as can_fork
 from .neighbours import share_cpus
 from .proc import die_with_parent
 from .redisconf import quoted
 from .settings import Memory
-from .spawn import available_cpus, choose_cpus
+from .spawn import available_cpus, choose_cpus, worker_env
 
 log = logging.getLogger("cluster.local")
 
@@ -111,6 +114,7 @@ class LocalCluster:
         self.spool = self.dir / "spool" if shm == self.dir.parent else shm / self.dir.name
         self.redis: subprocess.Popen[bytes] | None = None
         self.agent: subprocess.Popen[bytes] | None = None
+        self.forks: subprocess.Popen[bytes] | None = None  # the agent's fork server
 
     def __enter__(self) -> Credentials:
         try:
@@ -153,9 +157,9 @@ class LocalCluster:
             if self.wait_for_redis(port, users.admin):
                 self.check_limits(creds.as_role("admin"))
                 return creds
-            assert self.agent is not None
-            self.kill(self.agent)
-            self.kill(self.redis)
+            for proc in (self.agent, self.forks, self.redis):
+                if proc is not None:
+                    self.kill(proc)
         raise InfraError(f"could not start {binary}: see {self.dir / 'redis.log'}")
 
     def check_limits(self, creds: Credentials) -> None:
@@ -193,8 +197,21 @@ class LocalCluster:
         others = [p for p in Path(tempfile.gettempdir()).glob(f"{PREFIX}*") if p != self.dir]
         cpus, pin = share_cpus(self.dir, others, choose_cpus(None, self.cores), self.claim_cpus)
         args += ["--cpus", ",".join(map(str, cpus))] + ([] if pin else ["--no-pin"])
-        self.agent = subprocess.Popen(args, stdin=subprocess.DEVNULL,
-                                      preexec_fn=die_with_parent, start_new_session=True)
+        if not can_fork() or {"--threads", "--no-fork-server"} & set(self.agent_args):
+            self.agent = subprocess.Popen(args, stdin=subprocess.DEVNULL,
+                                          preexec_fn=die_with_parent, start_new_session=True)
+            return
+        # the agent's fork server starts now, beside the agent: their imports overlap
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with ours, theirs:
+            self.forks = subprocess.Popen(
+                forkserver.command(theirs.fileno()), stdin=subprocess.DEVNULL,
+                env=worker_env(threads=1), pass_fds=(theirs.fileno(),),
+                preexec_fn=functools.partial(die_with_parent, signal.SIGKILL),
+                start_new_session=True)
+            self.agent = subprocess.Popen(
+                [*args, "--fork-server-fd", str(ours.fileno())], stdin=subprocess.DEVNULL,
+                pass_fds=(ours.fileno(),), preexec_fn=die_with_parent, start_new_session=True)
 
     def stop(self) -> None:
         """Kill the agent with its workers, then Redis, and remove the directory. Nothing of
@@ -205,10 +222,9 @@ class LocalCluster:
         exit hooks of threading, ``cluster.Executor``'s among them)."""
         if os.getpid() != self.owner:
             return
-        if self.agent is not None:
-            self.kill(self.agent)
-        if self.redis is not None:
-            self.kill(self.redis)
+        for proc in (self.agent, self.forks, self.redis):
+            if proc is not None:
+                self.kill(proc)
         shutil.rmtree(self.spool, ignore_errors=True)
         shutil.rmtree(self.dir, ignore_errors=True)
 

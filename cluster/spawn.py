@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import pwd
+import re
 import signal
 import subprocess
 import sys
@@ -18,10 +19,15 @@ from pathlib import Path
 import psutil
 
 from .errors import UsageError
+from .forkserver import ForkServer
 from .proc import die_with_parent
 from .settings import parse_cpus
 
 log = logging.getLogger("cluster.agent")
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                    "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+SECRET = re.compile(r"^CLUSTER_(REDIS_|KEY|TLS_)")  # where the agent may have found its secrets
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,15 @@ class WorkerUser:
             for path in (cache, *cache.rglob("*")):
                 os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
         return cls(name, entry.pw_uid, entry.pw_gid, str(cache))
+
+
+def worker_env(threads: int, user: WorkerUser | None = None) -> dict[str, str]:
+    """Workers' environment: ours without secrets, BLAS threads set, the workers' user's HOME."""
+    env = {k: v for k, v in os.environ.items() if not SECRET.search(k)}
+    env.update({name: str(threads) for name in THREAD_VARIABLES})
+    if user is not None:
+        env.update(HOME=user.home, USER=user.name, LOGNAME=user.name)
+    return env
 
 
 def available_cpus() -> tuple[int, ...]:
@@ -118,15 +133,26 @@ def spawn_worker(env: dict[str, str], cpu: int, user: WorkerUser | None = None,
 
 
 def _popen(args: list[str], env: dict[str, str], preexec: Callable[[], None],
-           user: WorkerUser | None = None) -> subprocess.Popen[bytes]:
+           user: WorkerUser | None = None, pass_fds: tuple[int, ...] = (),
+           stdin: int = subprocess.PIPE) -> subprocess.Popen[bytes]:
     """The child changes user (and drops every other group) before ``preexec`` runs, so the
     parent-death signal it sets is not cleared by that change."""
     if user is None:
-        return subprocess.Popen(args, stdin=subprocess.PIPE, env=env, close_fds=True,
-                                preexec_fn=preexec)
-    return subprocess.Popen(args, stdin=subprocess.PIPE, env=env, close_fds=True,
+        return subprocess.Popen(args, stdin=stdin, env=env, close_fds=True,
+                                preexec_fn=preexec, pass_fds=pass_fds)
+    return subprocess.Popen(args, stdin=stdin, env=env, close_fds=True, pass_fds=pass_fds,
                             preexec_fn=preexec, user=user.uid, group=user.gid, extra_groups=[],
                             cwd=user.home)
+
+
+def start_fork_server(env: dict[str, str], user: WorkerUser | None = None) -> ForkServer:
+    """A fork server (``forkserver``) with the workers' user and environment, dying with us."""
+    def popen(args: list[str], env: dict[str, str],
+              fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
+        return _popen(args, env, functools.partial(die_with_parent, signal.SIGKILL), user, fds,
+                      stdin=subprocess.DEVNULL)
+
+    return ForkServer.start(env, popen)
 
 
 def _pinned_to(cpu: int, idle: bool = False) -> None:

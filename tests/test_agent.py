@@ -18,7 +18,7 @@ def configured(agent):
     it. The others are spares (or not yet configured), waiting to become one."""
     log = agent.log.read_text(errors="replace")
     found = []
-    for child in psutil.Process(agent.proc.pid).children():
+    for child in psutil.Process(agent.proc.pid).children(recursive=True):  # of its fork server
         try:
             if f"(pid {child.pid}," in log and child.status() != psutil.STATUS_ZOMBIE:
                 found.append(child)
@@ -39,9 +39,10 @@ def worker_pins(agent, only_configured=False):
     agent, between fork and exec) is no worker yet."""
     pins = {}
     chosen = {c.pid for c in configured(agent)} if only_configured else None
-    for child in psutil.Process(agent.proc.pid).children():
+    for child in psutil.Process(agent.proc.pid).children(recursive=True):
         try:
-            if "cluster.worker" in child.cmdline() and (chosen is None or child.pid in chosen):
+            named = "cluster.worker" in " ".join(child.cmdline())  # not its fork server
+            if named and (chosen is None or child.pid in chosen):
                 pins[child.pid] = tuple(child.cpu_affinity())
         except psutil.NoSuchProcess:
             continue
@@ -125,6 +126,27 @@ def test_a_spare_process_replaces_a_worker_at_once(agent, broker):
     assert before[successor.pid] == victim_cpus  # the spare of the victim's CPU
     assert os.sched_getscheduler(successor.pid) == os.SCHED_OTHER
     wait_for(lambda: (lambda s: s and successor.pid not in s)(spares()), 10, "a new spare")
+    agent.stop()
+    assert agent.proc.returncode == 0
+
+
+def test_workers_come_from_the_fork_server_and_are_spawned_when_it_died(agent, broker):
+    count = min(2, os.cpu_count() or 1)
+    first = workers_of(agent, count)
+    [forks] = [c for c in psutil.Process(agent.proc.pid).children()
+               if "cluster.forkserver" in c.cmdline()]
+    assert all(w.ppid() == forks.pid for w in first)  # forked, not started as a Python
+    forks.send_signal(signal.SIGKILL)  # its workers die with it
+    psutil.wait_procs(first, timeout=10)
+
+    def spawned():
+        workers = [w for w in configured(agent) if w.pid not in {p.pid for p in first}]
+        return workers if len(workers) == count else None
+
+    again = wait_for(spawned, 30, f"{count} workers started again")
+    assert all(w.ppid() == agent.proc.pid and "cluster.worker" in w.cmdline() for w in again)
+    wait_for(lambda: len(broker.live_workers(2000)) == count, 20, f"{count} live workers")
+    assert "each worker starts a Python from now on" in agent.log.read_text()
     agent.stop()
     assert agent.proc.returncode == 0
 

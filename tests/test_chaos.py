@@ -85,6 +85,8 @@ class Proc:
             return "worker"
         if "cluster.dataserver" in self.cmd:
             return "dataserver"
+        if "cluster.forkserver" in self.cmd:
+            return "forkserver"
         return "other"
 
 
@@ -101,7 +103,9 @@ def processes(host: NsHost) -> list[Proc]:
     # a child the agent is starting (a worker or a spare, between fork and exec) still has the
     # agent's command line: it is not a second agent
     agents = {p.pid for p in found if p.kind == "agent"}
-    return [p for p in found if not (p.kind == "agent" and p.ppid in agents)]
+    forks = {p.pid for p in found if p.kind == "forkserver"}  # the same of a worker it forks
+    return [p for p in found if not (p.kind == "agent" and p.ppid in agents)
+            and not (p.kind == "forkserver" and p.ppid in forks)]
 
 
 def of_kind(host: NsHost, kind: str) -> list[Proc]:
@@ -167,7 +171,7 @@ def health_problems(site: Site) -> list[str]:
     problems = []
     for h in site.net.hosts:
         procs = processes(h)
-        allowed = {"sshd", "agent", "worker", "dataserver"} | (
+        allowed = {"sshd", "agent", "worker", "dataserver", "forkserver"} | (
             {"redis"} if h.name == "node1" else set())
         problems += [f"{h.name}: stray process {p}" for p in procs if p.kind not in allowed]
         problems += [f"{h.name}: not running: {p}" for p in procs if p.state in "TtZX"]
@@ -180,8 +184,11 @@ def health_problems(site: Site) -> list[str]:
                             f"processes: {procs}")
             continue
         agent = mine[0]
-        problems += [f"{h.name}: worker {w} is not a child of agent {agent}"
-                     for w in workers if w.ppid != agent.pid]
+        forks = [p for p in procs if p.kind == "forkserver"]
+        if [p.ppid for p in forks] != [agent.pid]:
+            problems.append(f"{h.name}: fork servers {forks}, not one of agent {agent}")
+        problems += [f"{h.name}: worker {w} is not a child of agent {agent}'s fork server"
+                     for w in workers if w.ppid not in [f.pid for f in forks]]
         servers = [p for p in procs if p.kind == "dataserver"]
         if [p.ppid for p in servers] != [agent.pid]:
             problems.append(f"{h.name}: data servers {servers}, not one of agent {agent}")

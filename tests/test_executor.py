@@ -259,8 +259,11 @@ def test_a_private_local_cluster_is_started_and_stopped(tmp_path: Path):
         local = ex._local
         assert local is not None and local.agent is not None and local.redis is not None
         agent = psutil.Process(local.agent.pid)
-        running = {local.redis.pid, agent.pid, *(c.pid for c in agent.children())}
-        assert len(running) >= 3  # its redis-server, agent and worker
+        assert local.forks is not None
+        forks = psutil.Process(local.forks.pid)
+        running = {local.redis.pid, agent.pid, forks.pid,
+                   *(c.pid for p in (agent, forks) for c in p.children(recursive=True))}
+        assert len(running) >= 5  # its redis-server, agent, data server, fork server, worker
         with cf.ProcessPoolExecutor(1) as pool:  # its children end: they stop nothing of ours
             assert list(pool.map(abs, [-1])) == [1]
         assert ex.submit(pow, 3, 2).result(60) == 9
@@ -399,3 +402,16 @@ def test_cluster_run_returns_the_result_and_the_summary(local_cluster: Path, tmp
     with pytest.raises(cluster.ClusterError, match="no option 'sead'"):
         cluster.run("jobs/monte_carlo_pi.py", sead=3)
 
+
+
+def test_workers_forked_from_one_process_draw_different_random_numbers(tmp_path: Path):
+    """Workers forked by the fork server would share its numpy random state (the same
+    "random" numbers on every worker); each draws its own, as a fresh process would."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    with Executor(cores=2, directory=SAMPLES) as ex:
+        first = ex.submit(calls.meet_and_draw, a, b)
+        wait_for(lambda: Path(a).exists(), 60, "the first call to start on a worker")
+        second = ex.submit(calls.meet_and_draw, b, a)  # the first's worker is busy
+        (pid1, draw1), (pid2, draw2) = first.result(60), second.result(60)
+    assert pid1 != pid2
+    assert draw1 != draw2

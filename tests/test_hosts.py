@@ -240,11 +240,18 @@ def scatter(params):
     for i in range(int(params.get("units", 8))):
         yield {"i": i}
 
+def agent_pid():
+    pid = os.getppid()  # the fork server that forked this worker, whose parent is the agent
+    if b"cluster.forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes():
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return pid
+
 def compute(unit):
     install = Path(sys.executable).parent.parent.parent  # install_dir/venv/bin/python
     refused = []
+    agent = agent_pid()
     for path in (install / "credentials.json", install / "redis" / "redis.conf",
-                 Path(f"/proc/{os.getppid()}/environ"), Path(f"/proc/{os.getppid()}/mem")):
+                 Path(f"/proc/{agent}/environ"), Path(f"/proc/{agent}/mem")):
         try:
             path.read_bytes()[:1]
         except FileNotFoundError:
@@ -282,8 +289,9 @@ def test_job_code_runs_as_a_user_that_cannot_read_the_secrets(site: Site, tmp_pa
                     if kind in " ".join(psutil.Process(pid).cmdline())
                     and not (kind == "cluster agent" and started_by_the_agent(pid))}
              for h in site.net.hosts[:1] for kind in ("redis-server", "cluster agent",
-                                                       "cluster.worker")}
+                                                       "cluster.forkserver", "cluster.worker")}
     assert users == {"redis-server": {"cluster-redis"}, "cluster agent": {"root"},
+                     "cluster.forkserver": {"cluster-worker"},
                      "cluster.worker": {"cluster-worker"}}, users
     home = site.net.hosts[0].install_dir
     assert (home / "redis").stat().st_mode & 0o777 == 0o700

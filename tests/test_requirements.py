@@ -259,3 +259,20 @@ def test_a_running_cluster_is_checked_through_its_agents_reports(local_cluster: 
     r = run_cli("submit", str(met), "--credentials", str(local_cluster), timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "12"
+
+
+def test_what_an_agent_reports_installed_reads_as_the_full_metadata_parse_does():
+    """``installed_here`` reads only the head of each metadata file; the answer is the one of
+    ``importlib.metadata``'s full parse, for every distribution of this interpreter."""
+    import importlib.metadata
+
+    from packaging.utils import canonicalize_name
+
+    from cluster.requirements import installed_here
+
+    full: dict[str, str] = {}
+    for dist in importlib.metadata.distributions():
+        if dist.metadata is not None and dist.metadata["Name"]:
+            full.setdefault(canonicalize_name(dist.metadata["Name"]), dist.version)
+    assert installed_here() == full
+    assert full["numpy"] and full["redis"]

@@ -44,7 +44,7 @@ def test_an_agent_rides_out_redis_refusing_writes(server: SmallRedis):
     agent = AgentProcess(server.creds, cores=2)
     try:
         wait_for(lambda: live_workers(server) == 2, 30, "two live workers")
-        workers = psutil.Process(agent.proc.pid).children()
+        workers = psutil.Process(agent.proc.pid).children(recursive=True)
         server.client.config_set("min-replicas-to-write", 1)  # every write: NOREPLICAS
         wait_for(lambda: "refuses writes" in agent.log.read_text(), 30,
                  "the agent to notice that Redis refuses writes")

@@ -228,7 +228,8 @@ class Roles:
             yield pid, role
             if role == "agent":
                 with contextlib.suppress(psutil.Error):
-                    yield from ((c.pid, "worker") for c in psutil.Process(pid).children())
+                    yield from ((c.pid, "worker")  # its fork server's children
+                                for c in psutil.Process(pid).children(recursive=True))
 
 
 @dataclass(frozen=True)

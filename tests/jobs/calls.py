@@ -67,3 +67,16 @@ def same(a, b):
     if isinstance(a, np.ndarray):
         return isinstance(b, np.ndarray) and a.dtype == b.dtype and bool((a == b).all())
     return type(a) is type(b) and a == b
+
+
+def meet_and_draw(mine, other, timeout=60.0):
+    """Say this call runs (file ``mine``), wait for the other call (file ``other``): the two
+    run at once, so on two workers. Then this worker's first draw from numpy's global
+    generator, and its pid."""
+    Path(mine).touch()
+    deadline = time.monotonic() + timeout
+    while not Path(other).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{other} never appeared")
+        time.sleep(0.01)
+    return os.getpid(), int(np.random.randint(2 ** 62))
