@@ -330,8 +330,24 @@ class Coordinator:
             self.rebuild()
             return
         queued = int(fields.get("scattered", 0))
+        if queued < self.sent:
+            self.queue_lost(queued)
+            return
         while self.unsent and queued - self.sent >= len(self.unsent[0]):
             self.sent += len(self.unsent.pop(0))
+
+    def queue_lost(self, queued: int) -> None:
+        """Redis came back without units it had confirmed queued (restarted from an older
+        state: a power cut under ``appendfsync everysec``, a snapshot, a replica promoted
+        before it had them): scatter again, queueing every unit from the first it lacks that
+        is not gathered yet. Those it had and lost with later writes (results, their
+        recording) come back through their workers or their leases."""
+        log.error("job=%s: Redis lost %d of the units it had queued (restarted from an older "
+                  "state?): queueing them again", self.jid, self.sent - queued)
+        self.unsent, self.backlog = [], []
+        self.tally.exhausted = self.total_saved = False
+        self.skip = self.sent = queued
+        self.units = self.scatter()
 
     @property
     def idle(self) -> bool:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,6 +65,17 @@ class AofRedis:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+    def crash_back_to(self, snapshot: Path) -> None:
+        """SIGKILL, then start again from ``snapshot`` (an RDB dump) alone: Redis comes back
+        without the writes it confirmed after the dump, as after a power cut that lost them."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+        shutil.rmtree(self.dir / "appendonlydir", ignore_errors=True)
+        shutil.copy(snapshot, self.dir / "dump.rdb")
+        self.conf.write_text(self.conf.read_text().replace("appendonly yes", "appendonly no"))
+        self.start()
 
 
 @pytest.fixture
@@ -184,6 +196,34 @@ def test_redis_restarted_mid_job_with_aof(cluster, tmp_path):
     code, err = finish(proc)
     assert code == 0, err
     assert output(tmp_path) == [i * i for i in range(40)]
+    assert_clean(aof)
+
+
+def test_units_redis_lost_with_its_last_writes_are_queued_again(cluster, tmp_path):
+    """Redis restarted from an older state (a power cut under appendfsync everysec, a replica
+    promoted before it had everything): units it had confirmed queued are gone, with the
+    results and recordings that followed. The coordinator notices (Redis's count of queued
+    units is behind its own) and queues them again; the output is the fault-free one."""
+    creds, aof, agent = cluster
+    log = tmp_path / "starts.log"
+    proc = submit(creds, tmp_path, *params(log, units=60))
+    wait_for_starts(log, 4)
+    jid = job_id(tmp_path)
+    with aof.client() as client:
+        client.save()
+        queued = int(client.hget(f"r:job:{jid}", "scattered"))
+    shutil.copy(aof.dir / "dump.rdb", tmp_path / "older.rdb")
+
+    def queued_now() -> int:
+        with aof.client() as client:
+            return int(client.hget(f"r:job:{jid}", "scattered"))
+
+    wait_for(lambda: queued_now() >= queued + 6, 60, "units queued after the snapshot")
+    aof.crash_back_to(tmp_path / "older.rdb")
+    code, err = finish(proc, timeout=120)
+    assert code == 0, err
+    assert re.search(r"Redis lost \d+ of the units it had queued", err), err
+    assert output(tmp_path) == [i * i for i in range(60)]
     assert_clean(aof)
 
 
