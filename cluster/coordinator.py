@@ -10,7 +10,9 @@ What it survives:
   batches it was sending are reconciled with the job's ``scattered`` counter, so none is queued
   twice or lost.
 - Redis losing its data (restarted without persistence, flushed): the job's hash is gone; the
-  job is registered again and every unit not yet gathered is queued again.
+  job is registered again and every unit not yet gathered is queued again. Redis losing its
+  last writes (back from an older state): the units it lost are queued again
+  (``scattering.py``, which holds the sending side).
 - Its own death: the job stays in Redis (``keep_s``) and a new coordinator resumes it
   (``resume.py``); a coordinator whose job was taken over is fenced and stops. Results leave
   Redis once gathered, so the new coordinator has the units whose results died with the old
@@ -27,15 +29,15 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import redis
 
 from . import codec, dataserver
 from .broker import Broker
-from .entries import Batch, Snapshot
+from .entries import Snapshot
 from .errors import (
     ClusterError,
     CodecError,
@@ -53,22 +55,18 @@ from .gathering import Gatherer
 from .heartbeat import Heartbeat
 from .jobfile import Job, user_traceback
 from .joblogs import Follower, save_local
-from .packing import Packer, Units
 from .plan import Batcher, Tally, speculation_threshold_ms
 from .progress import NoReporter, Reporter
 from .results import Deliver, Results, RunResult
 from .resume import Limits, Overlap, note, open_job, signed
+from .scattering import Scattering
 from .signing import Keyring
 from .watching import Watch
 
 log = logging.getLogger("cluster.coordinator")
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, RedisUnavailable)
-NO_UNIT = object()  # scatter has no unit now (``next_unit``)
-GATHERED = object()  # a unit that needs no queueing
 # writes the result: (value, job id, why it is not kept in Redis or None); ``OutputFailed``
 Write = Callable[[Any, str, str | None], None]
-# what a scatter yields when it has no unit now but may have more later (cluster.Executor)
-WAIT = object()
 
 
 @dataclass(frozen=True)
@@ -126,32 +124,25 @@ class Coordinator:
         self.tally = Tally()
         self.batcher = Batcher()
         self.results = Results(job.reduce, deliver)
-        self.waiting = False  # scatter has no unit now, but may have more (``WAIT``)
-        self.units: Iterator[Any] = iter(())
-        self.unsent: list[Batch] = []
-        self.backlog: Units = []  # scattered, not in a batch yet (``Packer``)
-        self.packer = Packer(self.sealer, self.batcher.max_bytes, self.encoded)
-        self.sent = 0  # units confirmed queued in Redis (its `scattered` counter)
-        self.skip = 0  # units the previous coordinator had queued already
+        self.sending = Scattering(job, params, self.tally, self.batcher, self.results,
+                                  self.sealer, options.max_result_bytes, self.user_error)
         self.snapshot: Snapshot | None = None  # resumed: recorded units at the takeover
-        self.reclaimed: set[int] = set()  # their results died with the previous coordinator
         self.recorded_before: int | None = None  # resumed: units recorded by earlier runs
         self.kept = False  # ended, but the job stays in Redis to be resumed
         self.gatherer = Gatherer(broker, self.results, self.tally, self.batcher,
                                  options.max_failed, lambda exc: self.user_error("reduce()", exc),
                                  clock, self.sealer,
-                                 units=lambda: max(self.tally.scattered, self.sent, self.skip),
+                                 units=lambda: max(self.tally.scattered, self.sending.sent,
+                                                   self.sending.skip),
                                  data=self.data)
         self.opened = False
         self.lost = False  # Redis lost the job: rebuild it before anything else
-        self.total_saved = False
         self.stats: dict[str, int] = {}
         self.started = 0.0
         self.next_maintenance = 0.0
         self.next_expiry = 0.0
         self.no_worker_since: float | None = None
         self.redis_down_since: float | None = None
-        self.total: int | None = None
         self.follower: Follower | None = None
         self.heartbeat = Heartbeat(broker, lambda: (self.jid, self.owner))
         self.final: bytes | None = None  # resumed: the result a previous run kept, encoded
@@ -165,7 +156,7 @@ class Coordinator:
             if self.final is None:
                 self.guarded(self.catch_up)
                 self.wait_for_workers()
-                self.units = self.scatter()
+                self.sending.start()
                 self.reporter.begin(self.jid, self.recorded_before, self.total)
                 while not self.tally.finished:
                     self.guarded(self.step)
@@ -184,7 +175,7 @@ class Coordinator:
         except ClusterError as exc:  # infrastructure: keep a started job for --resume
             if isinstance(exc, Fenced):
                 raise
-            resumable = self.kept = self.options.auto_resume and self.sent > 0
+            resumable = self.kept = self.options.auto_resume and self.sending.sent > 0
             self.close(purge=not resumable)
             if resumable:
                 exc.message += f" (job {self.jid} is kept in Redis: run the same command " \
@@ -250,8 +241,8 @@ class Coordinator:
         # (our own new id, which cannot be mistaken for the job we took over)
         self.jid, self.identity = opened.jid, opened.identity
         self.description = opened.description or {}
-        self.skip = self.sent = opened.scattered
-        self.total = opened.total or self.total
+        self.sending.skip = self.sending.sent = opened.scattered
+        self.sending.total = opened.total or self.sending.total
         self.snapshot = opened.snapshot
         self.final = opened.final
         self.gatherer.restart(self.jid, self.owner)
@@ -264,7 +255,7 @@ class Coordinator:
     def catch_up(self) -> None:
         """Resumed: results that died with the previous coordinator are queued again."""
         if self.snapshot is not None:
-            self.reclaimed = self.gatherer.catch_up(self.snapshot)
+            self.sending.reclaimed = self.gatherer.catch_up(self.snapshot)
             self.snapshot = None
             self.recorded_before = self.tally.done
 
@@ -279,20 +270,6 @@ class Coordinator:
                 raise NoWorkers(f"no worker appeared within {self.options.worker_timeout:g} s "
                                 f"(Redis at {self.broker.where})")
             time.sleep(0.05)
-
-    def scatter(self) -> Iterator[Any]:
-        """The job's units from the start (``next_unit`` skips those queued already)."""
-        try:
-            units = self.job.scatter(self.params)
-            if hasattr(units, "__len__"):
-                self.total = len(cast(Sized, units))
-            elif self.job.count is not None and self.total is None:
-                self.total = int(self.job.count(self.params))
-            iterator = iter(units)
-        except Exception as exc:  # noqa: BLE001 - the job's own failure
-            raise self.user_error("scatter()", exc) from None
-        self.tally.scattered = 0
-        return iterator
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -324,97 +301,26 @@ class Coordinator:
                 delay = min(delay * 2, 2.0)
 
     def resync(self) -> None:
-        """After an outage: which of the batches being sent did Redis take?"""
+        """After an outage: which of the batches being sent did Redis take, and did it lose
+        any it had taken (``Scattering.reconcile``)?"""
         fields = self.broker.job_fields(self.jid)
         if fields is None:
             self.rebuild()
             return
-        queued = int(fields.get("scattered", 0))
-        if queued < self.sent:
-            self.queue_lost(queued)
-            return
-        while self.unsent and queued - self.sent >= len(self.unsent[0]):
-            self.sent += len(self.unsent.pop(0))
-
-    def queue_lost(self, queued: int) -> None:
-        """Redis came back without units it had confirmed queued (restarted from an older
-        state: a power cut under ``appendfsync everysec``, a snapshot, a replica promoted
-        before it had them): scatter again, queueing every unit from the first it lacks that
-        is not gathered yet. Those it had and lost with later writes (results, their
-        recording) come back through their workers or their leases."""
-        log.error("job=%s: Redis lost %d of the units it had queued (restarted from an older "
-                  "state?): queueing them again", self.jid, self.sent - queued)
-        self.unsent, self.backlog = [], []
-        self.tally.exhausted = self.total_saved = False
-        self.skip = self.sent = queued
-        self.units = self.scatter()
+        self.sending.reconcile(int(fields.get("scattered", 0)))
 
     @property
     def idle(self) -> bool:
         """Every unit scattered so far is recorded (none queued, none waiting to be)."""
-        return self.tally.outstanding == 0 and not self.unsent and not self.backlog
+        return self.tally.outstanding == 0 and not self.sending.pending
+
+    @property
+    def total(self) -> int | None:
+        """How many units the job has, once known."""
+        return self.sending.total
 
     def fill(self) -> None:
-        """Queue whole batches while the window has room for one: a batch finishing frees
-        room for a whole batch to follow it, not for a sliver of one (batches would shrink
-        to the room each result frees, and per-batch costs be paid that much more often)."""
-        batch = self.batcher.size(self.watch.workers)
-        batches = self.tally.whole_batches(self.watch.workers, batch,
-                                           batch * self.batcher.result_bytes)
-        building = not self.unsent  # batches left over from an outage go first
-        self.waiting = False
-        while building and batches > 0 and (self.backlog or not self.tally.exhausted) \
-                and len(self.unsent) < 64 and not self.waiting:
-            batches -= 1
-            while len(self.backlog) < batch:
-                index, unit = self.next_unit()
-                if unit is NO_UNIT:
-                    break
-                if unit is not GATHERED:
-                    self.backlog.append((index, unit))
-            if self.backlog:
-                current, self.backlog = self.packer.batch(self.jid, self.backlog)
-                self.unsent.append(current)
-        if self.unsent:
-            self.broker.add_units(self.jid, self.owner, self.unsent)
-            self.sent += sum(len(b) for b in self.unsent)
-            self.unsent = []
-        if self.tally.exhausted and not self.total_saved:
-            self.broker.set_total(self.jid, self.tally.scattered)
-            self.total_saved = True
-
-    def next_unit(self) -> tuple[int, Any]:
-        """The next unit from scatter; ``GATHERED`` for one that needs no queueing (it is
-        gathered already, or queued by a previous coordinator); ``NO_UNIT`` when scatter has
-        none now. No I/O: building a batch must not be cut in half by a Redis error."""
-        index = self.tally.scattered
-        try:
-            unit = next(self.units)
-        except StopIteration:
-            self.tally.exhausted = True
-            self.total = index
-            return index, NO_UNIT
-        except Exception as exc:  # noqa: BLE001
-            raise self.user_error("scatter()", exc) from None
-        if unit is WAIT:
-            self.waiting = True
-            return index, NO_UNIT
-        self.tally.scattered += 1
-        if self.results.is_taken(index) or (index < self.skip and index not in self.reclaimed):
-            return index, GATHERED
-        return index, unit
-
-    def encoded(self, index: int, unit: Any) -> bytes:
-        """One unit encoded and sealed on its own (``Packer``)."""
-        try:
-            blob = codec.encode(unit)
-        except CodecError as exc:
-            raise JobFailed(f"unit {index} from scatter() {exc}") from None
-        if len(blob) > self.options.max_result_bytes:
-            raise JobFailed(f"unit {index} from scatter() is {len(blob) / 1e6:.1f} MB encoded, "
-                            f"more than the limit of {self.options.max_result_bytes / 1e6:g} MB "
-                            "(--max-result-size)")
-        return self.sealer.seal(blob, "unit", self.jid, index)
+        self.sending.fill(self.broker, self.jid, self.owner, self.watch.workers)
 
     def maintain(self) -> None:
         """Reissue what dead workers held; notice lost data, a takeover, no workers left."""
@@ -451,13 +357,10 @@ class Coordinator:
                   "unit not yet gathered", self.jid)
         note("rebuilt", self.jid, self.identity, self.job.path, self.broker.where)
         self.broker.ensure_group()
-        self.unsent, self.backlog = [], []
-        self.tally.exhausted = self.total_saved = False
-        self.reclaimed = set()
+        self.sending.reclaimed = set()
         self.open()
-        self.skip = self.sent = 0
         self.snapshot = None
-        self.units = self.scatter()
+        self.sending.start(skip=0)
         self.lost = False
 
     def deadline(self) -> float:

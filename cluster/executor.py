@@ -27,11 +27,12 @@ from typing import Any
 
 from . import progress, tasks, workdir
 from .broker import Broker
-from .coordinator import WAIT, Coordinator, RunOptions
+from .coordinator import Coordinator, RunOptions
 from .credentials import Credentials, named
 from .errors import UsageError
 from .jobfile import Job, load_source
 from .local import LocalCluster
+from .scattering import WAIT
 from .signing import Keyring
 from .tasks import RemoteTraceback, TaskFailed
 
