@@ -1,5 +1,6 @@
-"""The agent: one per host. Spawns one worker per CPU, pins it, restarts it when it dies, and
-renews the heartbeat and the workers' leases in Redis. It never runs job code, so a worker busy
+"""The agent: one per host. Starts one worker per CPU (forked by its fork server,
+``forkserver.py``, or spawned), pins it, restarts it when it dies, and renews the heartbeat
+and the workers' leases in Redis. It never runs job code, so a worker busy
 in numpy for minutes keeps its lease, while a stopped (SIGSTOP) or dead one loses it.
 
 Signals (deploy/ follows these):
