@@ -244,7 +244,7 @@ class Hosts:
             await self.commit(wid, work, values, time.perf_counter() - started)
 
     async def commit(self, wid: str, work: Any, values: dict[int, Any], seconds: float) -> None:
-        """RECORD as ``Delivery.record`` calls it, with results as ``Worker.seal_once`` seals
+        """RECORD as ``Delivery.record`` calls it, with results as ``Outbox.seal_once`` seals
         them (small: packed when more than one)."""
         results = [(i, codec.encode(v)) for i, v in values.items()]
         args: list[Any] = [GROUP, work.msgid, wid, f"{seconds:.6f}", work.jid, work.attempt]

@@ -12,9 +12,7 @@ carry over to the next.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -33,14 +31,14 @@ from .broker import Broker
 from .capture import Capture, is_ours
 from .context import enter_unit, leave_unit, running_job
 from .credentials import Credentials
-from .delivery import BLOB_THRESHOLD
-from .entries import PACKED, Commit, LogRecord, Outcome, Work, pack_results
+from .entries import LogRecord, Outcome, Work
 from .errors import CodecError, RedisFull, RedisUnavailable
 from .loading import LoadedJob, load_job
+from .outbox import Outbox
 from .packing import unpack
 from .proc import RECYCLE, die_with_parent
 from .signing import TAG, Forged, WorkerKeys
-from .spool import DIRECT, DIRECT_THRESHOLD, Spool
+from .spool import Spool
 from .workdir import Cache, Workspace, default_cache_dir
 
 log = logging.getLogger("cluster.worker")
@@ -67,10 +65,7 @@ class Worker:
                  parent: int | None = None, cache: Cache | None = None,
                  capture: Capture | None = None, spool: Spool | None = None) -> None:
         self.broker = broker
-        self.spool = spool  # the host's spool of large results (``dataserver``), if any
-        # the outcomes of the commit under way, and how they were sealed (``seal_once``)
-        self.sealed_for: tuple[tuple[str, list[Outcome]], tuple[list[Outcome], bytes]] | None \
-            = None
+        self.outbox = Outbox(keys.sealer, wid, spool)  # how its outcomes leave it
         self.capture = capture
         self.cache = cache or Cache(default_cache_dir())
         self.workspace: Workspace | None = None  # the job directory units now run in
@@ -208,7 +203,7 @@ class Worker:
         self.unrecorded = (work, seconds, outcomes)
         try:
             job = self.jobs.get(work.jid)
-            sealed, packed = self.seal_once(work, outcomes)
+            sealed, packed = self.outbox.seal_once(work, outcomes, self.unit_blob)
             answer = self.broker.record(work, self.wid, seconds, sealed,
                                         log_bound=job.max_log if job else 0, packed=packed)
         except RedisFull:
@@ -217,8 +212,8 @@ class Worker:
         self.unrecorded = None
         self.full_since = None
         self.successes += 1
-        self.drop_spooled(answer, sealed)
-        self.sealed_for = None
+        self.outbox.drop_spooled(answer, sealed)
+        self.outbox.forget()
         if answer.status == "NOBLOB":
             self.unrecorded = (work, seconds, outcomes)
             raise CommitAgain(f"job={work.jid}: a large result did not reach Redis")
@@ -229,62 +224,6 @@ class Worker:
             return
         log.debug("← job=%s units=%d %s recorded=%d duplicates=%d %.3fs", work.jid,
                   len(work.units), answer.status, answer.done, answer.dups, seconds)
-
-    def seal_once(self, work: Work, outcomes: list[Outcome]) -> tuple[list[Outcome], bytes]:
-        """The outcomes sealed, and the commit's small results packed and sealed together
-        (``entries.pack_results``); a retried commit of the same outcomes sends what the
-        first try sent (a result spooled once is not written again: the coordinator may have
-        taken it). Outcomes replaced (failed for a full Redis) drop what their first sealing
-        spooled."""
-        if self.sealed_for is not None:
-            (msgid, first), done = self.sealed_for
-            if msgid == work.msgid and first is outcomes:
-                return done
-            self.drop_spooled(Commit("STALE"), done[0])
-        small = [o.kind == "ok" and len(o.payload) < BLOB_THRESHOLD for o in outcomes]
-        packed = b""
-        if sum(small) > 1:
-            packed = self.sealer.seal(pack_results([
-                (o.index, o.digest, o.payload) for o, p in zip(outcomes, small, strict=True) if p]),
-                "results", work.jid, self.wid)
-        sealed = [dataclasses.replace(o, payload=PACKED, digest=b"") if packed and p
-                  else self.sealed(work, o) for o, p in zip(outcomes, small, strict=True)]
-        self.sealed_for = ((work.msgid, outcomes), (sealed, packed))
-        return sealed, packed
-
-    def sealed(self, work: Work, outcome: Outcome) -> Outcome:
-        """The outcome with its result and digest, or its error, signed for its job and unit
-        (a result and a digest also for this worker). A large result goes to the host's spool
-        when it fits, and the outcome names it (with its unit: queued again if the result is
-        lost with the host)."""
-        jid, index = work.jid, outcome.index
-        if outcome.kind == "ok":
-            digest = self.sealer.seal(outcome.digest, "digest", jid, index, self.wid)
-            context = ("result", jid, index, self.wid)
-            if self.spool is not None and work.spool and len(outcome.payload) >= DIRECT_THRESHOLD:
-                tag = self.sealer.tag(outcome.payload, context)
-                # named by entry and worker: a copy elsewhere never overwrites this one
-                token = hashlib.blake2b(f"{work.msgid} {self.wid}".encode(),
-                                        digest_size=8).hexdigest()
-                ref = self.spool.put(jid, index, token, [outcome.payload, tag])
-                if ref is not None:
-                    return dataclasses.replace(outcome, payload=ref, digest=digest,
-                                               unit=self.unit_blob(work, index))
-            return dataclasses.replace(
-                outcome, payload=self.sealer.seal(outcome.payload, *context), digest=digest)
-        return dataclasses.replace(outcome,
-                                   payload=self.sealer.seal(outcome.payload, "failure", jid, index))
-
-    def drop_spooled(self, answer: Commit, sealed: list[Outcome]) -> None:
-        """Delete this commit's spooled results that were not recorded: all of them when the
-        commit was stale or its job gone, else the duplicates RECORD names."""
-        if self.spool is None:
-            return
-        refs = [o.payload for o in sealed if o.kind == "ok" and o.payload[:1] == DIRECT]
-        gone = refs if answer.status in ("STALE", "GONE") else answer.dropped
-        for ref in gone:
-            with contextlib.suppress(OSError, ValueError):
-                self.spool.remove(ref)
 
     def when_full(self, work: Work, outcomes: list[Outcome]) -> list[Outcome]:
         """Redis is out of memory: retry the commit for a while (the coordinator frees memory
