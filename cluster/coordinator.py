@@ -132,8 +132,7 @@ class Coordinator:
         self.gatherer = Gatherer(broker, self.results, self.tally, self.batcher,
                                  options.max_failed, lambda exc: self.user_error("reduce()", exc),
                                  clock, self.sealer,
-                                 units=lambda: max(self.tally.scattered, self.sending.sent,
-                                                   self.sending.skip),
+                                 units=lambda: self.sending.known,
                                  data=self.data)
         self.opened = False
         self.lost = False  # Redis lost the job: rebuild it before anything else
@@ -241,8 +240,7 @@ class Coordinator:
         # (our own new id, which cannot be mistaken for the job we took over)
         self.jid, self.identity = opened.jid, opened.identity
         self.description = opened.description or {}
-        self.sending.skip = self.sending.sent = opened.scattered
-        self.sending.total = opened.total or self.sending.total
+        self.sending.opened(opened.scattered, opened.total)
         self.snapshot = opened.snapshot
         self.final = opened.final
         self.gatherer.restart(self.jid, self.owner)

@@ -59,6 +59,16 @@ class Scattering:
         self.total_saved = False
 
     @property
+    def known(self) -> int:
+        """Units known to exist: scattered here, or queued (by us or before us)."""
+        return max(self.tally.scattered, self.sent, self.skip)
+
+    def opened(self, queued: int, total: int | None) -> None:
+        """The job (re)opened with ``queued`` units in Redis already, and its total if known."""
+        self.skip = self.sent = queued
+        self.total = total or self.total
+
+    @property
     def pending(self) -> bool:
         """Units scattered and not queued yet."""
         return bool(self.unsent or self.backlog)
